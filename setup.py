@@ -1,0 +1,43 @@
+"""unimm: pretraining unified multimodal models (Transfusion, Chameleon, Janus) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="unimm",
+    version="0.1.0",
+    description="Pretrain unified multimodal models (Transfusion, Chameleon, Janus) with JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["unimm", "unimm.*"]),
+    install_requires=[
+        "absl-py>=2.1",
+        "array-record>=0.5",
+        "clu>=0.0.12",
+        "flax>=0.10",
+        "grain>=0.2.12",
+        "importlib-resources>=5.0",  # tensorflow-datasets needs it for builders defined in packages
+        "jax>=0.4.35",
+        "ml-collections>=0.1.1",
+        "msgpack>=1.0",
+        "numpy>=1.26",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "pillow>=10.0",
+        "pyarrow>=14.0",
+        "scikit-learn>=1.3",
+        "sentencepiece>=0.2",
+        "tensorboardX>=2.6",
+        "tensorflow-datasets>=4.9.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "tensorboard>=2.15"],
+    },
+    entry_points={
+        "console_scripts": [
+            "unimm=unimm.main:run",
+            "unimm-prepare=unimm.data.prepare:run",
+        ],
+    },
+)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded datasets (small configs) and a tokenizer, built once per session."""
+
+import os
+
+import pytest
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path: str, arg: str | None = None):
+  """A config file's `get_config(arg)`, loaded the way the CLI loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A data dir with shapes/small and digits prepared and both tokenizers trained."""
+  from unimm import main  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("data"))
+  for dataset in ("shapes", "digits"):
+    main.prepare(small_config(path, dataset))
+  return path
+
+
+def small_config(data_dir: str, dataset: str = "shapes"):
+  """The tiny config on a test data dir, shapes on its small builder config."""
+  config = load_config("configs/transfusion/tiny.py", dataset)
+  config.data.data_dir = data_dir
+  if dataset == "shapes":
+    config.data.sources.shapes.builder_config = "small"
+  return config
+
+
+@pytest.fixture
+def shapes_config(data_dir):
+  return small_config(data_dir, "shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes_tokenizer(data_dir):
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.load_tokenizer(small_config(data_dir, "shapes").data)
+
+
+def embedded_spec(name: str, builder_config: str = ""):
+  return {"kind": "tfds", "tfds_name": name, "builder_config": builder_config, "weight": 1.0}
+
+

@@ -1,0 +1,105 @@
+"""Layout: a `Document` becomes a row fragment (one document's part of a packed row).
+
+``BOS, text tokens, BOI, <one IMG slot per image token>, EOI, …, EOS``. An
+image–caption pair is laid out caption-first (text→image) with probability
+`caption_first_prob`, image-first (captioning) otherwise; a text→image caption
+is dropped with probability `caption_dropout` (the unconditional case for
+classifier-free guidance). An image followed by text gets `image_t_max =
+noise_limit_t` (the Transfusion paper's noise limiting, so captioning sees a
+recognisable image); otherwise `max_timestep`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from unimm.data import documents
+from unimm.data.tokenizer import SpecialIds, Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutOptions:
+  image_shape: tuple[int, int, int]  # H, W, C that every image must have
+  image_slots: int  # sequence slots per image (latent patches or codes)
+  caption_first_prob: float = 0.8
+  caption_dropout: float = 0.1
+  max_timestep: int = 1000
+  noise_limit_t: int = 500
+  image_token_weight: float = 0.0  # > 0 where image slots are predicted as tokens
+
+  @classmethod
+  def from_config(cls, data_config) -> "LayoutOptions":
+    d = data_config
+    return cls(
+        image_shape=(int(d.image_size), int(d.image_size), int(d.image_channels)),
+        image_slots=int(d.image_slots), caption_first_prob=float(d.caption_first_prob),
+        caption_dropout=float(d.caption_dropout), max_timestep=int(d.max_timestep),
+        noise_limit_t=int(d.noise_limit_t), image_token_weight=float(d.image_token_weight))
+
+
+def order_pair(doc: documents.Document, opts: LayoutOptions, rng: np.random.Generator) -> documents.Document:
+  """An image–caption pair in the order (and with the caption) this example trains on."""
+  if not doc.is_pair:
+    return doc
+  text = next(p for p in doc.parts if isinstance(p, documents.Text))
+  image = next(p for p in doc.parts if isinstance(p, documents.Image))
+  if rng.random() < opts.caption_first_prob:
+    if rng.random() < opts.caption_dropout:
+      return documents.Document((image,))
+    return documents.Document((text, image))
+  return documents.Document((image, text))
+
+
+def layout_document(doc: documents.Document, tokenizer: Tokenizer, opts: LayoutOptions,
+                    rng: np.random.Generator) -> dict | documents.Skipped:
+  """The fragment of `doc`: dict of tokens, image_ids (1..n), loss_weights, images, image_t_max."""
+  checked = documents.check_document(doc, opts.image_shape)
+  if isinstance(checked, documents.Skipped):
+    return checked
+  doc = order_pair(checked, opts, rng)
+  sp: SpecialIds = tokenizer.specials
+  tokens = [sp.bos]
+  image_ids = [0]
+  target_weights = [0.0]  # weight of predicting this token; BOS is never predicted
+  images, t_max = [], []
+  text_after = _text_follows(doc.parts)
+  for part, followed_by_text in zip(doc.parts, text_after):
+    if isinstance(part, documents.Text):
+      ids = tokenizer.encode(part.text)
+      tokens += ids
+      image_ids += [0] * len(ids)
+      target_weights += [part.loss_weight] * len(ids)
+    else:
+      k = len(images) + 1
+      images.append(part.pixels)
+      t_max.append(opts.noise_limit_t if followed_by_text else opts.max_timestep)
+      n = opts.image_slots
+      tokens += [sp.boi] + [sp.img] * n + [sp.eoi]
+      image_ids += [0] + [k] * n + [0]
+      # BOI is the text-level choice to start an image: trained like text.
+      target_weights += [1.0] + [opts.image_token_weight] * (n + 1)
+  tokens.append(sp.eos)
+  image_ids.append(0)
+  target_weights.append(1.0)
+  # loss_weights[t] weights the prediction of tokens[t+1] made at t.
+  loss_weights = np.zeros(len(tokens), np.float32)
+  loss_weights[:-1] = target_weights[1:]
+  image_h, image_w, channels = opts.image_shape
+  return {
+      "tokens": np.asarray(tokens, np.int32),
+      "image_ids": np.asarray(image_ids, np.int32),
+      "loss_weights": loss_weights,
+      "images": (np.stack(images) if images else np.zeros((0, image_h, image_w, channels), np.uint8)),
+      "image_t_max": np.asarray(t_max, np.int32),
+  }
+
+
+def _text_follows(parts) -> list[bool]:
+  """For each part: does a non-empty text part come after it?"""
+  out, seen = [], False
+  for part in reversed(parts):
+    out.append(seen)
+    seen |= isinstance(part, documents.Text) and bool(part.text)
+  return out[::-1]

@@ -1,0 +1,94 @@
+"""The packed example: the contract between the data pipeline and the models.
+
+A batch is a dict of numpy arrays with a leading batch axis B; per row:
+
+================  ==================  ===========================================================
+field             dtype / shape       meaning
+================  ==================  ===========================================================
+tokens            int32 [T]           text token ids; the IMG placeholder id at image slots
+segment_ids       int32 [T]           document of the pack (1, 2, …); 0 = padding
+positions         int32 [T]           position inside its document (RoPE), 0 at padding
+image_ids         int32 [T]           0 for text; k ≥ 1 for the row's k-th image (k-1 indexes `images`)
+loss_weights      float32 [T]         weight of the next-token target (tokens[t+1]) predicted at t:
+                                      0 on padding, on a document's last token and on masked
+                                      prompts; where the target or the position is an image
+                                      slot or EOI, the family's ``image_token_weight`` (0 for
+                                      continuous images, Transfusion; > 0 for image codes)
+images            uint8 [M, H, W, C]  the row's images in slot order, zeros where unused
+image_valid       bool [M]            which of `images` are real
+image_t_max       int32 [M]           diffusion noise limit per image (T_max, or the noise
+                                      limit when the image conditions later text); 0 if unused
+stats             {reason: int32}     records skipped since the previous row of this packer
+                                      (see `documents.SKIP_REASONS`); sum over batches for totals
+================  ==================  ===========================================================
+
+Images lie between BOI and EOI tokens, one slot per latent patch, raster order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ROW_FIELDS = ("tokens", "segment_ids", "positions", "image_ids", "loss_weights")
+IMAGE_FIELDS = ("images", "image_valid", "image_t_max")
+
+
+def attention_mask(segment_ids, image_ids, *, bidirectional_images: bool = True):
+  """Which keys each query may attend to: bool [..., T(query), T(key)].
+
+  ``allowed(q, k) = seg[q] == seg[k] != 0 and (k <= q or img[q] == img[k] != 0)``:
+  causal, no attention across packed documents or from/to padding, and (when
+  `bidirectional_images`, the Transfusion rule) full attention inside each image.
+  Works on numpy and jax arrays alike; this is the reference every attention
+  kernel is tested against.
+  """
+  xp = _array_module(segment_ids)
+  seg_q, seg_k = segment_ids[..., :, None], segment_ids[..., None, :]
+  length = segment_ids.shape[-1]
+  idx = xp.arange(length)
+  causal = idx[None, :] <= idx[:, None]
+  allowed = causal
+  if bidirectional_images:
+    img_q, img_k = image_ids[..., :, None], image_ids[..., None, :]
+    allowed = causal | ((img_q == img_k) & (img_q != 0))
+  return (seg_q == seg_k) & (seg_q != 0) & allowed
+
+
+def _array_module(x):
+  if isinstance(x, np.ndarray):
+    return np
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp
+
+
+def check_row(row: dict, *, boi: int, eoi: int, img: int) -> None:
+  """Asserts the invariants of one packed row (no batch axis); raises AssertionError.
+
+  Used by tests and by `--mode=inspect`; cheap enough to run on samples.
+  """
+  seg, pos, iid = row["segment_ids"], row["positions"], row["image_ids"]
+  tok, lw = row["tokens"], row["loss_weights"]
+  length = seg.shape[0]
+  assert np.all(np.diff(seg[seg > 0]) >= 0), "segments out of order"
+  assert np.all(seg[np.argmax(seg == 0):] == 0) if (seg == 0).any() else True, "padding inside the row"
+  for s in np.unique(seg[seg > 0]):
+    where = np.nonzero(seg == s)[0]
+    assert np.array_equal(where, np.arange(where[0], where[-1] + 1)), f"segment {s} not contiguous"
+    assert np.array_equal(pos[where], np.arange(len(where))), f"positions of segment {s} do not restart at 0"
+    assert lw[where[-1]] == 0, f"segment {s}'s last token predicts the next document"
+  assert np.all(lw[seg == 0] == 0), "loss weight on padding"
+  num_images = int(row["image_valid"].sum())
+  assert np.all(row["image_valid"][:num_images]) and not np.any(row["image_valid"][num_images:]), \
+      "valid images not first"
+  for k in range(1, num_images + 1):
+    where = np.nonzero(iid == k)[0]
+    assert len(where) > 0, f"image {k} has no slots"
+    first, last = where[0], where[-1]
+    assert np.array_equal(where, np.arange(first, last + 1)), f"image {k}'s slots not contiguous"
+    assert first > 0 and tok[first - 1] == boi, f"image {k} not after BOI"
+    assert last + 1 < length and tok[last + 1] == eoi, f"image {k} not before EOI"
+    assert np.all(tok[where] == img), f"image {k}'s slots hold text tokens"
+    assert len(np.unique(seg[first - 1:last + 2])) == 1, f"image {k} crosses documents"
+    assert row["image_t_max"][k - 1] > 0, f"image {k} has no noise limit"
+  assert iid.max(initial=0) == num_images, "image ids and image_valid disagree"
+  assert not np.any(row["images"][num_images:]), "unused image slots are not zero"

@@ -1,0 +1,124 @@
+"""The text tokenizer: sentencepiece plus unimm's special tokens.
+
+A tokenizer is a sentencepiece model file. unimm trains one offline from a
+dataset's text (`train_tokenizer`), or loads an existing one (e.g. Llama's).
+Special tokens PAD, BOS, EOS, BOI, EOI, IMG (the placeholder at image slots)
+and `NUM_RESERVED` reserved ones are taken from the model when it defines them
+(as control symbols, so raw text can never produce them) and otherwise appended
+after its vocabulary. `vocab_size` counts both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Iterable
+
+import sentencepiece as spm
+
+BOI, EOI, IMG = "<boi>", "<eoi>", "<img>"
+NUM_RESERVED = 16  # room for later families (e.g. a "written image" marker) without retraining
+RESERVED = tuple(f"<reserved_{i}>" for i in range(NUM_RESERVED))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  pad: int
+  bos: int
+  eos: int
+  boi: int
+  eoi: int
+  img: int
+  reserved: tuple[int, ...]
+
+
+class Tokenizer:
+  """A picklable sentencepiece tokenizer (grain workers receive copies)."""
+
+  def __init__(self, model_proto: bytes):
+    self._proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    self.specials, self.vocab_size = self._assign_specials()
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"No tokenizer at {path!r}. Train one with `python -m unimm.main --mode=prepare "
+          "--config=...` or point config.data.tokenizer.path at an existing sentencepiece model.")
+    with open(path, "rb") as f:
+      return cls(f.read())
+
+  def __getstate__(self):
+    return {"proto": self._proto}
+
+  def __setstate__(self, state):
+    self.__init__(state["proto"])
+
+  def _assign_specials(self) -> tuple[SpecialIds, int]:
+    sp = self._sp
+    size = sp.get_piece_size()
+    next_free = size
+
+    def find_or_append(piece: str, builtin_id: int = -1) -> int:
+      nonlocal next_free
+      if builtin_id >= 0:
+        return builtin_id
+      pid = sp.piece_to_id(piece)
+      if pid != sp.unk_id() and sp.id_to_piece(pid) == piece:
+        return pid
+      next_free += 1
+      return next_free - 1
+
+    pad = find_or_append("<pad>", sp.pad_id())
+    bos = find_or_append("<s>", sp.bos_id())
+    eos = find_or_append("</s>", sp.eos_id())
+    ids = SpecialIds(
+        pad=pad, bos=bos, eos=eos,
+        boi=find_or_append(BOI), eoi=find_or_append(EOI), img=find_or_append(IMG),
+        reserved=tuple(find_or_append(r) for r in RESERVED))
+    return ids, next_free
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; special tokens are dropped except BOI/EOI/IMG, shown by name."""
+    s = self.specials
+    names = {s.boi: BOI, s.eoi: EOI, s.img: IMG}
+    out, run = [], []
+    for i in map(int, ids):
+      if i in names or i >= self._sp.get_piece_size():
+        if run:
+          out.append(self._sp.decode(run))
+          run = []
+        if i in names:
+          out.append(names[i])
+      elif i not in (s.pad, s.bos, s.eos):
+        run.append(i)
+    if run:
+      out.append(self._sp.decode(run))
+    return " ".join(o for o in out if o)
+
+
+def train_tokenizer(texts: Iterable[str], path: str, *, vocab_size: int,
+                    model_type: str = "bpe") -> Tokenizer:
+  """Trains a sentencepiece model on `texts` offline and writes it to `path`.
+
+  Specials are control symbols: they have ids but raw text never encodes to them.
+  `hard_vocab_limit=False` lets a small corpus (the embedded datasets' captions)
+  end with fewer pieces than asked instead of failing.
+  """
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+      model_type=model_type, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+      control_symbols=[BOI, EOI, IMG, *RESERVED], hard_vocab_limit=False,
+      character_coverage=1.0, byte_fallback=False, minloglevel=2)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(buf.getvalue())
+  os.replace(tmp, path)  # a crash mid-write never leaves a half model behind
+  return Tokenizer(buf.getvalue())
