@@ -9,7 +9,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["unimm", "unimm.*"]),
+    packages=setuptools.find_packages(include=["unimm", "unimm.*", "configs", "configs.*"]),
     install_requires=[
         "absl-py>=2.1",
         "array-record>=0.5",

@@ -22,7 +22,7 @@ def test_inspect_mode_prints_checked_rows(data_dir, tmp_path):
   assert summary["fill_ratio"] > 0.85 and summary["documents_per_row"] > 5
   assert "doc 1 (" in out.stdout and "[image 1: 64 slots" in out.stdout
   grid = Image.open(summary["images_png"])
-  assert grid.size[0] == 8 * 64  # 8 images a row, 32 px upscaled ×2
+  assert grid.size[0] == 8 * 64 + 7 * 2  # 8 images a row, 32 px upscaled ×2, 2 px gaps
 
 
 def test_bad_override_fails_with_a_clear_message(tmp_path):

@@ -4,6 +4,8 @@
     unimm --config=... --workdir=...                # the same, as a console script
 
 Modes:
+  train     (default) prepare, then train the config's model in the workdir;
+            re-running the same command resumes from the latest checkpoint.
   prepare   write the config's embedded datasets (TFDS → ArrayRecord) and train
             its tokenizer if the tokenizer file does not exist yet.
   inspect   prepare, then pack a few training batches and show them: decoded
@@ -24,7 +26,7 @@ import numpy as np
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (FILE[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-_MODE = flags.DEFINE_enum("mode", "inspect", ["prepare", "inspect"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect"], "What to do.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "inspect: batches to pack and measure.")
 _SHOW_ROWS = flags.DEFINE_integer("show_rows", 2, "inspect: rows to print.")
 
@@ -55,6 +57,7 @@ def prepare(config) -> None:
 
 def inspect(config, workdir: str) -> dict:
   """Packs a few batches; prints and checks them; returns the summary it prints."""
+  from unimm import imaging  # pylint: disable=g-import-not-at-top
   from unimm.data import documents, packed, pipeline  # pylint: disable=g-import-not-at-top
   prepare(config)
   tok = pipeline.load_tokenizer(config.data)
@@ -83,7 +86,7 @@ def inspect(config, workdir: str) -> dict:
   }
   os.makedirs(workdir, exist_ok=True)
   image_path = os.path.join(workdir, "packed_images.png")
-  save_image_grid(first["images"][first["image_valid"]], image_path)
+  imaging.save_image_grid(first["images"][first["image_valid"]], image_path)
   summary["images_png"] = image_path
   print(json.dumps(summary, indent=1))
   return summary
@@ -116,20 +119,9 @@ def describe_row(row: dict, tok) -> list[str]:
   return lines
 
 
-def save_image_grid(images: np.ndarray, path: str, columns: int = 8) -> None:
-  """uint8 [N, H, W, C] images as one PNG grid (nearest-neighbour upscaled to ≥ 64 px)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if len(images) == 0:
-    return
-  n, h, w, c = images.shape
-  scale = max(1, 64 // max(h, w))
-  rows = -(-n // columns)
-  grid = np.zeros((rows * h, min(n, columns) * w, c), np.uint8)
-  for i, im in enumerate(images):
-    r, col = divmod(i, columns)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
-  grid = grid.repeat(scale, 0).repeat(scale, 1)
-  Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+def jax_process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
 
 
 def main(argv):
@@ -141,8 +133,15 @@ def main(argv):
     prepare(config)
     return
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required for --mode=inspect")
-  inspect(config, _WORKDIR.value)
+    raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")
+  if _MODE.value == "inspect":
+    inspect(config, _WORKDIR.value)
+    return
+  from unimm.train import loop  # pylint: disable=g-import-not-at-top
+  if jax_process_index() == 0:
+    prepare(config)
+  result = loop.train(config, _WORKDIR.value)
+  print(json.dumps(result))
 
 
 def run():

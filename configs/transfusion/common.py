@@ -1,0 +1,101 @@
+"""What every Transfusion config shares; each size file changes only what differs.
+
+Every key is listed here with a comment, so `--config.x.y=…` overrides are
+discoverable in one place.
+"""
+
+import ml_collections as mlc
+
+from unimm.data import sources
+
+
+def base_config() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.seed = 0
+
+  # -- model --------------------------------------------------------------------
+  m = c.model = mlc.ConfigDict()
+  m.family = "transfusion"
+  m.vocab_size = 0  # 0: the tokenizer's size
+  m.backbone = mlc.ConfigDict(dict(
+      num_layers=16, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
+      rope_theta=10000.0, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch", scan=True,
+      bidirectional_images=True, attention="auto"))
+  m.patch_kind = "linear"  # linear | unet (the paper's U-Net down/up blocks)
+  m.patch_size = mlc.FieldReference(2)  # latent patch side (k×k latent pixels per slot)
+  m.unet_channels = (128, 256, 512)  # U-Net widths per level (log2(patch_size)+1 used)
+  m.unet_blocks = 1
+  m.autoencoder = mlc.ConfigDict(dict(
+      kind="identity", downsample=mlc.FieldReference(1), latent_channels=8, channels=64,
+      channel_mults=(1, 2, 2), blocks_per_level=1, scale=1.0, checkpoint=""))
+  m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
+  m.num_timesteps = 1000
+  m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)
+
+  # -- data (see unimm/data/pipeline.py) -----------------------------------------
+  d = c.data = mlc.ConfigDict()
+  d.data_dir = sources.default_data_dir()
+  d.sources = mlc.ConfigDict()
+  d.tokenizer = mlc.ConfigDict(dict(path="", vocab_size=128, model_type="bpe", train_documents=20_000))
+  d.image_size = mlc.FieldReference(256)
+  d.image_channels = 3
+  grid = d.get_ref("image_size") // (m.get_ref("patch_size") * m.autoencoder.get_ref("downsample"))
+  d.image_slots = grid * grid  # sequence slots per image: one per latent patch
+  d.seq_len = 4096
+  d.batch_size = 256  # global, split over processes
+  d.max_images_per_row = 8
+  d.caption_first_prob = 0.8
+  d.caption_dropout = 0.1
+  d.max_timestep = m.get_ref("num_timesteps")
+  d.noise_limit_t = 500
+  d.image_token_weight = 0.0  # continuous images: no token loss on image slots
+  d.packing_bins = 16
+  d.read_threads = 1  # 0–1 suit 2 cores; raise on real hosts
+  d.read_prefetch = 16
+  d.worker_count = 0  # grain worker processes; 0 = in the main process
+
+  # -- parallelism ------------------------------------------------------------------
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))  # -1: the rest of the devices
+  c.sharding = mlc.ConfigDict()
+  c.sharding.rules = "default"  # a name in unimm/parallel/sharding.py, or a list of (logical, mesh axes)
+
+  # -- training (the paper's recipe) -----------------------------------------------
+  t = c.train = mlc.ConfigDict()
+  t.num_steps = 250_000
+  t.learning_rate = 3e-4
+  t.warmup_steps = 4000
+  t.final_learning_rate = 1.5e-5  # cosine decay to this
+  t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
+  t.weight_decay = 0.1
+  t.grad_clip = 1.0
+  t.grad_accum_steps = 1
+  t.skip_nonfinite = False  # True: skip an update whose loss/grads are not finite; False: stop the run
+  t.log_every = 50
+  t.checkpoint_every = 1000
+  t.keep_checkpoints = 3
+  t.async_checkpoints = True
+  t.sample_every = 5000  # sample grid PNG + TensorBoard; 0 = never
+  t.sample_prompts = 8
+  t.sample_steps = 50
+  t.sample_guidance = 3.0
+  return c
+
+
+def embedded_data(c: mlc.ConfigDict, dataset: str) -> None:
+  """Points the config at an embedded dataset (shapes 32×32 RGB, digits 8×8 gray)."""
+  d = c.data
+  d.sources = mlc.ConfigDict({dataset: {"kind": "tfds", "tfds_name": dataset, "builder_config": "", "weight": 1.0}})
+  d.tokenizer.path = "{data_dir}/tokenizers/" + dataset + "_bpe128.model"
+  d.tokenizer.vocab_size = 128
+  d.image_size = 32 if dataset == "shapes" else 8
+  d.image_channels = 3 if dataset == "shapes" else 1
+
+
+def paper_size(c: mlc.ConfigDict, layers: int, dim: int, heads: int) -> mlc.ConfigDict:
+  """A Table 2 size: Llama-2 tokenizer (32k), 4096 tokens, latent 32×32×8 (256 px, VAE /8), patch 2."""
+  c.model.backbone.update(num_layers=layers, dim=dim, num_heads=heads)
+  c.model.vocab_size = 32_000
+  c.model.autoencoder.update(kind="kl_vae", downsample=8, latent_channels=8, channel_mults=(1, 2, 4, 4))
+  c.model.patch_size = 2
+  c.data.image_size = 256
+  return c

@@ -1,0 +1,66 @@
+"""Run as a script (8 fake CPU devices): one train step on a data×fsdp×tensor mesh vs one device.
+
+    python tests/sharded_step_check.py DATA_DIR  → prints JSON
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import small_config  # pylint: disable=wrong-import-position
+from unimm.data import pipeline  # pylint: disable=wrong-import-position
+from unimm.parallel import sharding  # pylint: disable=wrong-import-position
+from unimm.train import loop  # pylint: disable=wrong-import-position
+
+
+def run(config, mesh_sizes, devices, batch):
+  metrics2 = None
+  config.mesh.update(mesh_sizes)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  setup = loop.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size)
+  state = setup.init(jax.random.key(0))
+  init = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  specs = {jax.tree_util.keystr(p): str(x.sharding.spec)
+           for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  # Step 0 has learning rate 0 (warm-up); steps 1 and 2 move the parameters.
+  for _ in range(3):
+    state, metrics = setup.step(state, sharding.global_batch(batch, mesh), jax.random.key(1))
+    metrics = jax.device_get(metrics)  # block each step (fake devices)
+    if metrics2 is None:
+      metrics2 = metrics
+  params = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+            for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  update = max(float(np.abs(params[k] - init[k]).max()) for k in params)
+  return metrics, metrics2, params, specs, update
+
+
+def main():
+  config = small_config(sys.argv[1], "shapes")
+  config.model.backbone.update(num_layers=2, dim=32, num_heads=4, mlp_hidden=64, scan=True, remat="full")
+  config.data.batch_size = 8
+  config.train.update(learning_rate=1e-2, warmup_steps=1)
+  config.train.grad_accum_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+  batch = next(pipeline.build_pipeline(config, "train"))
+  batch.pop("stats")
+  m1, m1b, p1, _, update = run(config, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1], batch)
+  m8, m8b, p8, specs, _ = run(config, dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices(), batch)
+  out = {
+      "metrics_1": {k: float(v) for k, v in m1.items()}, "metrics_8": {k: float(v) for k, v in m8.items()},
+      "metrics2_1": {k: float(v) for k, v in m1b.items()}, "metrics2_8": {k: float(v) for k, v in m8b.items()},
+      "max_param_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),
+      "max_update": update,
+      "specs": specs, "devices": jax.device_count(),
+  }
+  print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

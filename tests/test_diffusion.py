@@ -1,0 +1,90 @@
+"""Diffusion schedule, noising, loss and samplers against float64 NumPy references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm import diffusion
+
+
+def numpy_cosine_alphas_cumprod(T=1000, s=0.008):
+  """Nichol & Dhariwal's schedule, written out step by step in float64."""
+  out, prod = [], 1.0
+  f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+  for t in range(T):
+    beta = min(1 - f(t + 1) / f(t), 0.999)
+    prod *= 1 - beta
+    out.append(prod)
+  return np.array(out)
+
+
+def test_cosine_schedule_matches_reference():
+  want = numpy_cosine_alphas_cumprod()
+  got = diffusion.cosine_alphas_cumprod(1000)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+  sched = diffusion.Schedule.cosine(1000)
+  np.testing.assert_allclose(np.asarray(sched.alphas_cumprod), want, rtol=1e-6, atol=1e-9)
+  assert want[0] > 0.9999 and want[-1] < 1e-4 and np.all(np.diff(want) < 0)
+
+
+def test_noising_and_loss_match_reference():
+  rng = np.random.default_rng(0)
+  sched = diffusion.Schedule.cosine(1000)
+  abar = numpy_cosine_alphas_cumprod()
+  x0 = rng.normal(size=(2, 3, 4, 4, 2))
+  noise = rng.normal(size=x0.shape)
+  t = rng.integers(0, 1000, size=(2, 3))
+  got = diffusion.add_noise(sched, jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32), jnp.asarray(t))
+  want = np.sqrt(abar[t])[..., None, None, None] * x0 + np.sqrt(1 - abar[t])[..., None, None, None] * noise
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  pred = rng.normal(size=x0.shape)
+  valid = np.array([[1, 1, 0], [1, 0, 0]], bool)
+  per_image = ((pred - noise) ** 2).mean(axis=(2, 3, 4))
+  want_loss = per_image[valid].mean()
+  got_loss = diffusion.epsilon_loss(jnp.asarray(pred), jnp.asarray(noise), jnp.asarray(valid))
+  np.testing.assert_allclose(float(got_loss), want_loss, rtol=1e-5)
+
+
+def test_timesteps_respect_each_images_limit():
+  t_max = jnp.array([[1000, 500, 0], [1, 1000, 500]] * 500)
+  t = np.asarray(diffusion.sample_timesteps(jax.random.key(0), t_max))
+  tm = np.asarray(t_max)
+  assert np.all(t >= 0) and np.all(t < np.maximum(tm, 1))
+  assert t[tm == 500].max() > 450 and t[tm == 1000].max() > 950  # covers the range
+
+
+def test_samplers_with_the_true_noise_recover_x0():
+  sched = diffusion.Schedule.cosine(1000)
+  rng = np.random.default_rng(1)
+  x0 = jnp.asarray(rng.uniform(-0.9, 0.9, size=(3, 4, 4, 1)), jnp.float32)
+  eps = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
+  t = jnp.array([999, 500, 10])
+  xt = diffusion.add_noise(sched, x0, eps, t)
+  out = diffusion.ddim_step(sched, xt, eps, t, jnp.array([-1, -1, -1]))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-3)
+
+
+def test_ddpm_step_is_the_posterior():
+  """One unit step: mean and variance of q(x_{t-1} | x_t, x0) in float64."""
+  sched = diffusion.Schedule.cosine(1000)
+  abar = numpy_cosine_alphas_cumprod()
+  rng = np.random.default_rng(2)
+  x0 = rng.uniform(-0.5, 0.5, size=(1, 2, 2, 1))
+  eps = rng.normal(size=x0.shape)
+  t = 400
+  xt = np.sqrt(abar[t]) * x0 + np.sqrt(1 - abar[t]) * eps
+  beta = 1 - abar[t] / abar[t - 1]
+  mean = np.sqrt(abar[t - 1]) * beta / (1 - abar[t]) * x0 + np.sqrt(1 - beta) * (1 - abar[t - 1]) / (1 - abar[t]) * xt
+  var = beta * (1 - abar[t - 1]) / (1 - abar[t])
+  key = jax.random.key(3)
+  z = np.asarray(jax.random.normal(key, x0.shape, jnp.float32))
+  got = diffusion.ddpm_step(sched, key, jnp.asarray(xt, jnp.float32), jnp.asarray(eps, jnp.float32),
+                            jnp.array([t]), jnp.array([t - 1]))
+  np.testing.assert_allclose(np.asarray(got), mean + np.sqrt(var) * z, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance():
+  c, u = jnp.array([1.0, 2.0]), jnp.array([0.5, 0.0])
+  np.testing.assert_allclose(np.asarray(diffusion.guide(c, u, 3.0)), [2.0, 6.0])

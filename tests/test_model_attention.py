@@ -1,0 +1,119 @@
+"""The backbone obeys the attention rule: checked through the whole Transfusion model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimm import diffusion
+from unimm.models import attention, autoencoders, backbone, transfusion
+from test_attention_mask import random_row
+
+SLOTS = 4  # an 8×8×1 latent in 4×4 patches
+
+
+def tiny_model(bidirectional_images=True, patch_kind="linear"):
+  cfg = backbone.BackboneConfig(num_layers=2, dim=32, num_heads=4, dtype="float32", remat="none",
+                                bidirectional_images=bidirectional_images, attention="xla")
+  return transfusion.TransfusionModel(vocab_size=50, backbone=cfg, latent_shape=(8, 8, 1), max_images=2,
+                                      patch_kind=patch_kind, patch_size=4, unet_channels=(8, 16, 16))
+
+
+def packed_example():
+  """Row of 24: doc 1 = 3 text, BOI, image 1 (4 slots), EOI, 3 text; doc 2 = 6 text; padding."""
+  T = 24
+  seg = np.zeros(T, np.int32)
+  seg[:13] = 1
+  seg[13:19] = 2
+  img = np.zeros(T, np.int32)
+  img[4:8] = 1
+  pos = np.zeros(T, np.int32)
+  pos[:13] = np.arange(13)
+  pos[13:19] = np.arange(6)
+  tokens = np.random.default_rng(0).integers(5, 50, T).astype(np.int32)
+  return tuple(jnp.asarray(x)[None] for x in (tokens, pos, seg, img))
+
+
+def run(model, params, tokens, pos, seg, img, latents):
+  return model.apply({"params": params}, tokens, pos, seg, img, latents, jnp.array([[300, 0]]))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = tiny_model()
+  tokens, pos, seg, img = packed_example()
+  latents = jax.random.normal(jax.random.key(1), (1, 2, 8, 8, 1))
+  params = model.init(jax.random.key(0), tokens, pos, seg, img, latents, jnp.zeros((1, 2), jnp.int32))["params"]
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)  # no zero layers
+  return model, params, (tokens, pos, seg, img), latents
+
+
+def test_future_text_and_other_documents_change_nothing_before(setup):
+  model, params, (tokens, pos, seg, img), latents = setup
+  base_logits, base_eps = run(model, params, tokens, pos, seg, img, latents)
+  changed = tokens.at[0, 10].set((tokens[0, 10] + 7) % 50)  # a text token after the image
+  logits, eps = run(model, params, changed, pos, seg, img, latents)
+  np.testing.assert_allclose(logits[0, :10], base_logits[0, :10], atol=1e-5)
+  np.testing.assert_allclose(eps, base_eps, atol=1e-5)  # the image comes before it
+  assert np.abs(logits[0, 10:13] - base_logits[0, 10:13]).max() > 1e-3
+  other_doc = tokens.at[0, 15].set((tokens[0, 15] + 3) % 50)
+  logits, _ = run(model, params, other_doc, pos, seg, img, latents)
+  np.testing.assert_allclose(logits[0, :13], base_logits[0, :13], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 13:15], base_logits[0, 13:15], atol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_later_patch_reaches_earlier_patch_only_when_bidirectional(setup, bidirectional):
+  _, params, (tokens, pos, seg, img), latents = setup
+  model = tiny_model(bidirectional)
+  base_logits, base_eps = run(model, params, tokens, pos, seg, img, latents)
+  changed = latents.at[0, 0, 4:, 4:].add(1.0)  # the last (bottom-right) 4×4 patch of image 1
+  logits, eps = run(model, params, tokens, pos, seg, img, changed)
+  first_patch = np.abs(eps[0, 0, :4, :4] - base_eps[0, 0, :4, :4]).max()
+  before_image = np.abs(logits[0, :4] - base_logits[0, :4]).max()
+  assert before_image < 1e-5  # text before the image never sees it
+  if bidirectional:
+    assert first_patch > 1e-4
+  else:
+    assert first_patch < 1e-6
+
+
+def test_attend_matches_reference_on_random_packs():
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    rows = [random_row(rng, 40) for _ in range(2)]
+    seg = jnp.asarray(np.stack([r[0] for r in rows]))
+    img = jnp.asarray(np.stack([r[1] for r in rows]))
+    q = jnp.asarray(rng.normal(size=(2, 40, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 40, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 40, 2, 8)), jnp.float32)
+    got = attention.attend(q, k, v, seg, img, implementation="xla")
+    want = attention.reference_attention(q, k, v, seg, img)
+    real = np.asarray(seg) > 0  # padding rows are excluded from losses
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+
+
+def test_patch_layers_and_vae_shapes():
+  lat = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
+  np.testing.assert_array_equal(
+      transfusion.patches.unpatchify(transfusion.patches.patchify(lat.reshape(6, 8, 8, 4), 2), 2, 8, 8, 4),
+      lat.reshape(6, 8, 8, 4))
+  for kind in ("linear", "unet"):
+    model = tiny_model(patch_kind=kind)
+    tokens, pos, seg, img = packed_example()
+    latents = jnp.zeros((1, 2, 8, 8, 1))
+    params = model.init(jax.random.key(0), tokens, pos, seg, img, latents, jnp.zeros((1, 2), jnp.int32))["params"]
+    logits, eps = model.apply({"params": params}, tokens, pos, seg, img, latents, jnp.zeros((1, 2), jnp.int32))
+    assert logits.shape == (1, 24, 50) and eps.shape == (1, 2, 8, 8, 1)
+  cfg = autoencoders.AutoencoderConfig(kind="kl_vae", downsample=4, latent_channels=8, channels=16,
+                                       channel_mults=(1, 2, 2))
+  vae = autoencoders.KLVAE(cfg, 3)
+  images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  params = vae.init(jax.random.key(0), images, jax.random.key(1))["params"]
+  z = vae.apply({"params": params}, images, method=vae.encode)
+  assert z.shape == (2, 8, 8, 8) and cfg.latent_shape((32, 32, 3)) == (8, 8, 8)
+  assert vae.apply({"params": params}, z, method=vae.decode).shape == (2, 32, 32, 3)
+
+
+def test_schedule_used_by_the_task():
+  assert diffusion.Schedule.cosine(1000).num_timesteps == 1000

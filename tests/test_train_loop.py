@@ -1,0 +1,112 @@
+"""The trainer end to end (subprocesses, like a user): resume after a kill or SIGTERM, NaN guard, samples."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def command(data_dir, workdir, *overrides):
+  return [sys.executable, "-m", "unimm.main", "--config=configs/transfusion/tiny.py", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small",
+          "--config.model.backbone.num_layers=1", "--config.model.backbone.dim=32",
+          "--config.model.backbone.num_heads=2", "--config.model.backbone.mlp_hidden=64",
+          "--config.data.batch_size=4", "--config.train.num_steps=12", "--config.train.checkpoint_every=4",
+          "--config.train.log_every=1", "--config.train.sample_every=0", "--config.train.warmup_steps=2",
+          *overrides]
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: (r["loss"], r["lm_loss"], r["diffusion_loss"]) for r in rows}
+
+
+def run(cmd, timeout=300):
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  return out
+
+
+def wait_for_step(workdir, step, proc, timeout=240):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"the run ended early: {proc.stderr.read()[-3000:]}")
+    if os.path.exists(path) and any(json.loads(l)["step"] >= step for l in open(path) if l.strip()):
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"step {step} never logged")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  out = run(command(data_dir, workdir, "--config.train.sample_every=12", "--config.train.sample_steps=3",
+                    "--config.train.sample_prompts=3"))
+  assert out.returncode == 0, out.stderr[-4000:]
+  return workdir
+
+
+def test_uninterrupted_run_logs_learns_and_samples(uninterrupted):
+  got = losses(uninterrupted)
+  assert sorted(got) == list(range(1, 13))
+  assert got[12][0] < got[1][0]  # the loss falls
+  final = json.load(open(os.path.join(uninterrupted, "final_metrics.json")))
+  assert final["step"] == 12 and final["tokens_per_s"] > 0 and final["model_flops_per_s_per_device"] > 0
+  assert "skipped_records/corrupt" in final
+  assert os.path.exists(os.path.join(uninterrupted, "samples", "step_0000012.png"))
+  assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
+  assert json.load(open(os.path.join(uninterrupted, "config.json")))["train"]["num_steps"] == 12
+
+
+def test_kill_and_resume_gives_the_same_losses(data_dir, tmp_path, uninterrupted):
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen(command(data_dir, workdir), cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  wait_for_step(workdir, 7, proc)
+  proc.kill()  # SIGKILL: no chance to save
+  proc.wait()
+  assert losses(workdir).keys() >= set(range(1, 8))
+  out = run(command(data_dir, workdir))
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "Resumed from step" in out.stderr
+  assert losses(workdir) == losses(uninterrupted)
+
+
+def test_sigterm_saves_and_resumes(data_dir, tmp_path, uninterrupted):
+  workdir = str(tmp_path / "preempted")
+  proc = subprocess.Popen(command(data_dir, workdir), cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  wait_for_step(workdir, 5, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  preempted_at = max(steps)
+  assert 5 <= preempted_at < 12 and "SIGTERM" in err
+  out = run(command(data_dir, workdir))
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert f"Resumed from step {preempted_at}" in out.stderr
+  assert losses(workdir) == losses(uninterrupted)
+
+
+def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
+  out = run(command(data_dir, str(tmp_path / "nan"), "--config.train.learning_rate=1e38",
+                    "--config.train.grad_clip=0", "--config.train.warmup_steps=1"))
+  assert out.returncode != 0
+  assert "non-finite loss or gradient at step" in out.stderr
+  out = run(command(data_dir, str(tmp_path / "skip"), "--config.train.learning_rate=1e38",
+                    "--config.train.grad_clip=0", "--config.train.warmup_steps=1",
+                    "--config.train.skip_nonfinite=True"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  final = json.load(open(tmp_path / "skip" / "final_metrics.json"))
+  assert final["skipped_updates"] == 1.0

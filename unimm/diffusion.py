@@ -1,0 +1,104 @@
+"""Gaussian diffusion as Transfusion trains it: DDPM, cosine schedule, ε-prediction.
+
+Discrete timesteps t ∈ {0, …, T-1} (T = 1000). The cosine schedule is Nichol &
+Dhariwal's: ᾱ(t) = f(t)/f(0), f(t) = cos²(((t/T) + s)/(1 + s)·π/2), s = 0.008,
+with β clipped at 0.999. Noising: x_t = √ᾱ_t·x₀ + √(1-ᾱ_t)·ε; the model predicts
+ε; the loss is the mean squared error per image, averaged over real images.
+Samplers (DDPM ancestral and DDIM) step from x_t to an earlier timestep given
+the model's ε; classifier-free guidance mixes conditional and unconditional ε.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cosine_alphas_cumprod(num_timesteps: int = 1000, s: float = 0.008) -> np.ndarray:
+  """ᾱ_t for t = 0..T-1 (float64)."""
+  def f(t):
+    return np.cos((t / num_timesteps + s) / (1 + s) * np.pi / 2) ** 2
+  t = np.arange(num_timesteps + 1, dtype=np.float64)
+  betas = np.minimum(1 - f(t[1:]) / f(t[:-1]), 0.999)
+  return np.cumprod(1 - betas)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  alphas_cumprod: jnp.ndarray  # [T] float32
+
+  @classmethod
+  def cosine(cls, num_timesteps: int = 1000) -> "Schedule":
+    return cls(jnp.asarray(cosine_alphas_cumprod(num_timesteps), jnp.float32))
+
+  @property
+  def num_timesteps(self) -> int:
+    return int(self.alphas_cumprod.shape[0])
+
+
+def sample_timesteps(rng, t_max):
+  """t ~ U{0, …, t_max-1} per image; t_max [...] int (≥ 1 where the image is real)."""
+  u = jax.random.uniform(rng, jnp.shape(t_max))
+  return jnp.minimum(jnp.floor(u * jnp.maximum(t_max, 1)).astype(jnp.int32), jnp.maximum(t_max, 1) - 1)
+
+
+def _bcast(values, x):
+  return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
+
+
+def add_noise(schedule: Schedule, x0, noise, t):
+  """x_t for clean x0 [..., *latent], noise like x0, integer t [...]."""
+  a = schedule.alphas_cumprod[t]
+  return _bcast(jnp.sqrt(a), x0) * x0 + _bcast(jnp.sqrt(1 - a), x0) * noise
+
+
+def epsilon_loss(eps_pred, noise, valid):
+  """Mean over real images of each image's mean squared ε error; eps [B, M, ...], valid [B, M]."""
+  per_image = jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)),
+                       axis=tuple(range(2, noise.ndim)))
+  valid = valid.astype(jnp.float32)
+  return jnp.sum(per_image * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def predict_x0(schedule: Schedule, x_t, eps, t):
+  a = _bcast(schedule.alphas_cumprod[t], x_t)
+  return (x_t - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+
+
+def ddim_step(schedule: Schedule, x_t, eps, t, t_prev, *, clip: float | None = 1.0):
+  """Deterministic DDIM (η = 0) from t to t_prev (t_prev = -1 means to x₀)."""
+  x0 = predict_x0(schedule, x_t, eps, t)
+  if clip is not None:
+    x0 = jnp.clip(x0, -clip, clip)
+    eps = (x_t - _bcast(jnp.sqrt(schedule.alphas_cumprod[t]), x_t) * x0) / _bcast(
+        jnp.sqrt(1 - schedule.alphas_cumprod[t]), x_t)
+  a_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+  a_prev = _bcast(a_prev, x_t)
+  return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
+
+
+def ddpm_step(schedule: Schedule, rng, x_t, eps, t, t_prev, *, clip: float | None = 1.0):
+  """Ancestral DDPM step from t to t_prev (posterior q(x_prev | x_t, x₀̂)), with skipped steps allowed."""
+  a_t = _bcast(schedule.alphas_cumprod[t], x_t)
+  a_prev = _bcast(jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0), x_t)
+  x0 = predict_x0(schedule, x_t, eps, t)
+  if clip is not None:
+    x0 = jnp.clip(x0, -clip, clip)
+  beta = 1 - a_t / a_prev  # the effective β across the (possibly strided) step
+  mean = (jnp.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (jnp.sqrt(a_t / a_prev) * (1 - a_prev) / (1 - a_t)) * x_t
+  var = beta * (1 - a_prev) / (1 - a_t)
+  noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
+  return mean + jnp.where(_bcast(t_prev >= 0, x_t), jnp.sqrt(var), 0.0) * noise
+
+
+def timestep_sequence(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """Evenly spaced timesteps from T-1 down to 0 (num_steps of them)."""
+  return np.linspace(num_timesteps - 1, 0, num_steps).round().astype(np.int32)
+
+
+def guide(eps_cond, eps_uncond, scale: float):
+  """Classifier-free guidance: ε_u + s·(ε_c − ε_u)."""
+  return eps_uncond + scale * (eps_cond - eps_uncond)

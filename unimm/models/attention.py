@@ -1,0 +1,56 @@
+"""Attention over packed rows: the one function every layer calls.
+
+The rule is DESIGN.md's (`unimm.data.packed.attention_mask`): causal, no
+attention across packed documents, and — for families that read images as a
+whole (Transfusion) — bidirectional inside each image. Kernels are chosen by
+`implementation`:
+
+* ``xla``: the reference; a dense boolean mask through XLA (any backend).
+* ``cudnn``: the same dense mask through cuDNN's fused attention (GPU).
+* ``auto``: cudnn on GPU, xla elsewhere.
+
+Faster kernels (in-kernel masks from the ids, block skipping) drop in here,
+tested against ``xla`` on random packs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from unimm.data.packed import attention_mask
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def resolve_implementation(implementation: str) -> str:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+  if implementation == "auto":
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  return implementation
+
+
+def attend(q, k, v, segment_ids, image_ids, *, bidirectional_images: bool = True,
+           implementation: str = "auto"):
+  """q [B, T, N, H], k/v [B, T, K, H] (K divides N) → [B, T, N, H].
+
+  Rows that may attend to nothing (padding) come out finite but meaningless;
+  losses exclude them through their zero weights.
+  """
+  impl = resolve_implementation(implementation)
+  mask = attention_mask(segment_ids, image_ids, bidirectional_images=bidirectional_images)[:, None]
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def reference_attention(q, k, v, segment_ids, image_ids, *, bidirectional_images: bool = True):
+  """Plain float32 softmax attention with the rule's mask, for tests."""
+  mask = attention_mask(segment_ids, image_ids, bidirectional_images=bidirectional_images)
+  groups = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k, groups, axis=2)
+  v = jnp.repeat(v, groups, axis=2)
+  logits = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) / q.shape[-1] ** 0.5
+  logits = jnp.where(mask[:, None], logits, -1e30)
+  return jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(logits, axis=-1), v.astype(jnp.float32))

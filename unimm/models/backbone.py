@@ -1,0 +1,144 @@
+"""The shared transformer: a Llama-style decoder over packed multimodal rows.
+
+RMSNorm, RoPE at the row's per-document positions, SwiGLU, optional QK-norm,
+grouped-query attention, no biases. Layers run under `nn.scan` (compile time
+flat in depth) with a configurable remat policy. It consumes embeddings, not
+token ids: each family decides what fills each slot (token embeddings, image
+patches, codes) and what its outputs mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimm.models import attention, layers
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    # Keep projections (no batch dims in their dot), recompute attention scores.
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+  num_layers: int
+  dim: int
+  num_heads: int
+  num_kv_heads: int = 0  # 0 = num_heads (plain multi-head attention)
+  head_dim: int = 0  # 0 = dim // num_heads
+  mlp_hidden: int = 0  # 0 = Llama's 8/3·dim rounded up to 256
+  qk_norm: bool = False
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  dtype: str = "bfloat16"  # compute dtype; params stay float32
+  remat: str = "dots_no_batch"
+  scan: bool = True
+  bidirectional_images: bool = True
+  attention: str = "auto"
+
+  @classmethod
+  def from_config(cls, cfg) -> "BackboneConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg.keys()) - fields
+    if unknown:
+      raise ValueError(f"unknown backbone keys {sorted(unknown)}; known: {sorted(fields)}")
+    return cls(**{k: cfg[k] for k in cfg.keys()})
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.dim // self.num_heads
+
+  @property
+  def hidden(self) -> int:
+    return self.mlp_hidden or layers.mlp_hidden(self.dim)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+class Attention(nn.Module):
+  cfg: BackboneConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, image_ids):
+    c = self.cfg
+    dt = c.compute_dtype
+    q = layers.DenseGeneral((c.num_heads, c.head_size), ("embed",), ("heads", "head_dim"), dtype=dt, name="q")(x)
+    k = layers.DenseGeneral((c.kv_heads, c.head_size), ("embed",), ("kv_heads", "head_dim"), dtype=dt, name="k")(x)
+    v = layers.DenseGeneral((c.kv_heads, c.head_size), ("embed",), ("kv_heads", "head_dim"), dtype=dt, name="v")(x)
+    if c.qk_norm:
+      q = layers.RMSNorm(c.norm_eps, dt, axis_name="head_dim", name="q_norm")(q)
+      k = layers.RMSNorm(c.norm_eps, dt, axis_name="head_dim", name="k_norm")(k)
+    q = layers.rope(q, positions, theta=c.rope_theta)
+    k = layers.rope(k, positions, theta=c.rope_theta)
+    q = layers.constrain(q, ("act_batch", "act_length", "act_heads", None))
+    k = layers.constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
+    v = layers.constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+    out = attention.attend(q, k, v, segment_ids, image_ids, bidirectional_images=c.bidirectional_images,
+                           implementation=c.attention)
+    out = layers.constrain(out, ("act_batch", "act_length", "act_heads", None))
+    return layers.DenseGeneral((c.dim,), ("heads", "head_dim"), ("embed",), num_in_axes=2, dtype=dt,
+                               name="o")(out)
+
+
+class DecoderLayer(nn.Module):
+  cfg: BackboneConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, image_ids):
+    c = self.cfg
+    dt = c.compute_dtype
+    h = layers.RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
+    x = x + Attention(c, name="attn")(h, positions, segment_ids, image_ids)
+    x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+    h = layers.RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
+    x = x + layers.SwiGLU(c.hidden, dt, name="mlp")(h)
+    return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+class _ScanLayer(DecoderLayer):
+  """A layer with scan's (carry, xs) → (carry, ys) signature."""
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, image_ids):  # pylint: disable=arguments-renamed
+    return super().__call__(x, positions, segment_ids, image_ids), None
+
+
+class Backbone(nn.Module):
+  """[B, T, D] embeddings → [B, T, D] final-normed hidden states."""
+
+  cfg: BackboneConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, image_ids):
+    c = self.cfg
+    if c.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat policy {c.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    x = layers.constrain(x.astype(c.compute_dtype), ("act_batch", "act_length", "act_embed"))
+    if c.scan:
+      layer = _ScanLayer
+      if c.remat != "none":
+        layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+      stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(c, name="layers")(x, positions, segment_ids, image_ids)
+    else:
+      layer = DecoderLayer
+      if c.remat != "none":
+        layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat])
+      for i in range(c.num_layers):
+        x = layer(c, name=f"layer_{i}")(x, positions, segment_ids, image_ids)
+    return layers.RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)

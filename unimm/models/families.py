@@ -1,0 +1,40 @@
+"""Model families by name: config → the task object the trainer drives.
+
+A task provides `init(rng, batch)`, `loss_terms(params, batch, rng)` (sums),
+`loss_counts(batch)`, `combine(sums, counts)`, `dummy_batch(...)` and, for
+families that generate images, `sample_images(...)`.
+"""
+
+from __future__ import annotations
+
+from unimm import diffusion
+from unimm.models import autoencoders, backbone, transfusion
+
+
+def transfusion_task(config, vocab_size: int, frozen_autoencoder=None) -> transfusion.TransfusionTask:
+  m, d = config.model, config.data
+  ae = autoencoders.AutoencoderConfig.from_config(m.autoencoder)
+  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  if ae.kind != "identity" and frozen_autoencoder is None and not ae.checkpoint:
+    raise ValueError("config.model.autoencoder.kind='kl_vae' needs config.model.autoencoder.checkpoint "
+                     "(train one with configs/vae/...) or frozen params passed in.")
+  model = transfusion.TransfusionModel(
+      vocab_size=int(m.vocab_size) or vocab_size,
+      backbone=backbone.BackboneConfig.from_config(m.backbone),
+      latent_shape=ae.latent_shape(image_shape),
+      max_images=int(d.max_images_per_row),
+      patch_kind=m.patch_kind, patch_size=int(m.patch_size),
+      unet_channels=tuple(m.unet_channels), unet_blocks=int(m.unet_blocks))
+  return transfusion.TransfusionTask(
+      model=model, autoencoder=ae, schedule=diffusion.Schedule.cosine(int(m.num_timesteps)),
+      diffusion_weight=float(m.diffusion_weight), z_loss=float(m.z_loss), frozen_autoencoder=frozen_autoencoder)
+
+
+FAMILIES = {"transfusion": transfusion_task}
+
+
+def build_task(config, vocab_size: int, **kwargs):
+  family = config.model.family
+  if family not in FAMILIES:
+    raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+  return FAMILIES[family](config, vocab_size, **kwargs)

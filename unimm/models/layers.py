@@ -1,0 +1,130 @@
+"""Shared building blocks: RMSNorm, dense layers with logical axes, RoPE, SwiGLU.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`)
+and large activations are constrained with `nn.with_logical_constraint`; the
+config's rules map those names onto the mesh (`unimm/parallel/sharding.py`).
+Parameters are float32; `dtype` is the compute dtype.
+
+Logical names used here (params / activations):
+  embed, mlp, heads, head_dim, vocab, layers   |   act_batch, act_length, act_embed,
+  act_heads, act_mlp, act_vocab
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+init_normal = nn.initializers.normal
+
+
+def constrain(x, names: Sequence[str | None]):
+  """`nn.with_logical_constraint` (a no-op outside a mesh with rules)."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+class DenseGeneral(nn.Module):
+  """A bias-free projection of the last `len(in_axes)` axes onto `features`, with logical names."""
+
+  features: tuple[int, ...]
+  in_names: tuple[str, ...]
+  out_names: tuple[str, ...]
+  num_in_axes: int = 1
+  dtype: Dtype = jnp.float32
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.num_in_axes:]
+    fan_in = 1
+    for d in in_shape:
+      fan_in *= d
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(init_normal(self.init_scale / fan_in ** 0.5), self.in_names + self.out_names),
+        (*in_shape, *self.features), jnp.float32)
+    lhs = tuple(range(x.ndim - self.num_in_axes, x.ndim))
+    rhs = tuple(range(self.num_in_axes))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((lhs, rhs), ((), ())))
+
+
+def rope(x, positions, *, theta: float = 10000.0):
+  """Rotary position embedding of x [B, T, N, H] at integer positions [B, T] (half-split layout)."""
+  head_dim = x.shape[-1]
+  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    gate = DenseGeneral((self.hidden,), ("embed",), ("mlp",), dtype=self.dtype, name="gate")(x)
+    up = DenseGeneral((self.hidden,), ("embed",), ("mlp",), dtype=self.dtype, name="up")(x)
+    h = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+    return DenseGeneral((dim,), ("mlp",), ("embed",), dtype=self.dtype, name="down")(h)
+
+
+def mlp_hidden(dim: int, multiple_of: int = 256) -> int:
+  """Llama's SwiGLU width: 8/3·dim rounded up to a multiple (keeps FLOPs ≈ a 4·dim MLP)."""
+  hidden = int(8 * dim / 3)
+  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class Embed(nn.Module):
+  num_embeddings: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids):
+    table = self.param("embedding", nn.with_logical_partitioning(init_normal(1.0), ("vocab", "embed")),
+                       (self.num_embeddings, self.features), jnp.float32)
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding of (integer or real) diffusion timesteps t [...] → [..., dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepMLP(nn.Module):
+  """Timestep → model-width vector (sinusoid, then a 2-layer MLP)."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+  frequency_dim: int = 256
+
+  @nn.compact
+  def __call__(self, t):
+    h = timestep_embedding(t, self.frequency_dim).astype(self.dtype)
+    h = DenseGeneral((self.features,), ("time_freq",), ("embed",), dtype=self.dtype, name="fc1")(h)
+    h = DenseGeneral((self.features,), ("embed_in",), ("embed",), dtype=self.dtype, name="fc2")(nn.silu(h))
+    return h

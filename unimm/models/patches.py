@@ -1,0 +1,146 @@
+"""Patch layers: latent images ↔ sequences of model vectors (Transfusion §3.2).
+
+* `LinearPatch`: each k×k latent patch is flattened and projected to the
+  model width; the inverse projection maps outputs back to patches.
+* `UNetPatch`: U-Net down blocks (residual conv blocks, GroupNorm, ×2
+  downsampling per level, timestep-conditioned) turn the latent into a grid of
+  model vectors; mirrored up blocks (with the down path's skip connections)
+  map the transformer's outputs back. Width and depth come from the config
+  (the paper's adds ~0.27B at its scale).
+
+Both take latents [B, M, h, w, c] and a timestep embedding [B, M, D] and give
+[B, M, P, D], P = (h/k)·(w/k) in raster order; `decode` returns [B, M, h, w, c].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from unimm.models import layers
+
+
+def patchify(x, k: int):
+  """[N, h, w, c] → [N, (h/k)(w/k), k·k·c], raster order."""
+  n, h, w, c = x.shape
+  if h % k or w % k:
+    raise ValueError(f"latent {h}x{w} does not divide into {k}x{k} patches")
+  x = x.reshape(n, h // k, k, w // k, k, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, (h // k) * (w // k), k * k * c)
+
+
+def unpatchify(x, k: int, h: int, w: int, c: int):
+  """Inverse of `patchify`."""
+  n = x.shape[0]
+  x = x.reshape(n, h // k, w // k, k, k, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, h, w, c)
+
+
+class LinearPatch(nn.Module):
+  patch_size: int
+  dim: int
+  latent_shape: tuple[int, int, int]  # h, w, c
+  dtype: str = "float32"
+
+  def setup(self):
+    k, (h, w, c) = self.patch_size, self.latent_shape
+    self.proj_in = layers.DenseGeneral((self.dim,), ("patch",), ("embed",), dtype=self.dtype)
+    self.proj_out = layers.DenseGeneral((k * k * c,), ("embed",), ("patch",), dtype=self.dtype, init_scale=0.0)
+
+  def encode(self, latents, t_emb):
+    b, m = latents.shape[:2]
+    x = patchify(latents.reshape(b * m, *latents.shape[2:]), self.patch_size)
+    x = self.proj_in(x).reshape(b, m, -1, self.dim)
+    return x + t_emb[:, :, None, :].astype(x.dtype), None
+
+  def decode(self, hidden, t_emb, aux):
+    del t_emb, aux
+    b, m, p, _ = hidden.shape
+    h, w, c = self.latent_shape
+    x = self.proj_out(hidden.reshape(b * m, p, self.dim))
+    return unpatchify(x, self.patch_size, h, w, c).reshape(b, m, h, w, c)
+
+
+class ResBlock(nn.Module):
+  """GroupNorm → SiLU → conv, twice, with a timestep shift; residual (1×1 conv if widths differ)."""
+
+  channels: int
+  groups: int = 8
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x, t_emb=None):
+    groups = min(self.groups, x.shape[-1], self.channels)
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(
+        nn.silu(nn.GroupNorm(groups, dtype=self.dtype, name="norm1")(x)))
+    if t_emb is not None:
+      h = h + nn.Dense(self.channels, dtype=self.dtype, name="time")(nn.silu(t_emb))[:, None, None, :]
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv2",
+                kernel_init=nn.initializers.zeros)(nn.silu(nn.GroupNorm(groups, dtype=self.dtype, name="norm2")(h)))
+    if x.shape[-1] != self.channels:
+      x = nn.Conv(self.channels, (1, 1), dtype=self.dtype, name="skip")(x)
+    return x + h
+
+
+class UNetPatch(nn.Module):
+  patch_size: int  # a power of two: one ×2 level per factor of 2
+  dim: int
+  latent_shape: tuple[int, int, int]
+  channels: Sequence[int] = (64, 128)  # width per level (len = log2(patch_size) + 1 entries used)
+  blocks_per_level: int = 1
+  dtype: str = "float32"
+
+  def _levels(self) -> int:
+    levels = int(round(math.log2(self.patch_size)))
+    if 2 ** levels != self.patch_size:
+      raise ValueError(f"UNetPatch needs a power-of-two patch size, got {self.patch_size}")
+    if len(self.channels) < levels + 1:
+      raise ValueError(f"UNetPatch with patch {self.patch_size} needs {levels + 1} channel widths, got {self.channels}")
+    return levels
+
+  def setup(self):
+    levels = self._levels()
+    ch = list(self.channels)[:levels + 1]
+    c = self.latent_shape[2]
+    self.stem = nn.Conv(ch[0], (3, 3), dtype=self.dtype)
+    self.down = [[ResBlock(ch[i], dtype=self.dtype) for _ in range(self.blocks_per_level)] for i in range(levels + 1)]
+    self.downsample = [nn.Conv(ch[i + 1], (3, 3), strides=(2, 2), dtype=self.dtype) for i in range(levels)]
+    self.to_model = nn.Dense(self.dim, dtype=self.dtype)
+    self.from_model = nn.Dense(ch[levels], dtype=self.dtype)
+    self.up = [[ResBlock(ch[i], dtype=self.dtype) for _ in range(self.blocks_per_level)] for i in range(levels + 1)]
+    self.upsample = [nn.ConvTranspose(ch[i], (2, 2), strides=(2, 2), dtype=self.dtype) for i in range(levels)]
+    self.out_norm = nn.GroupNorm(min(8, ch[0]), dtype=self.dtype)
+    self.out = nn.Conv(c, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros)
+
+  def encode(self, latents, t_emb):
+    b, m = latents.shape[:2]
+    te = t_emb.reshape(b * m, -1)
+    x = self.stem(latents.reshape(b * m, *latents.shape[2:]).astype(self.dtype))
+    skips = []
+    for i, blocks in enumerate(self.down):
+      for block in blocks:
+        x = block(x, te)
+      skips.append(x)
+      if i < len(self.downsample):
+        x = self.downsample[i](x)
+    n, gh, gw, _ = x.shape
+    x = self.to_model(x).reshape(b, m, gh * gw, self.dim)
+    return x + t_emb[:, :, None, :].astype(x.dtype), skips
+
+  def decode(self, hidden, t_emb, skips):
+    b, m, p, _ = hidden.shape
+    te = t_emb.reshape(b * m, -1)
+    h, w, _ = self.latent_shape
+    k = self.patch_size
+    x = self.from_model(hidden.reshape(b * m, h // k, w // k, self.dim))
+    for i in reversed(range(len(self.up))):
+      x = x + skips[i]
+      for block in self.up[i]:
+        x = block(x, te)
+      if i > 0:
+        x = self.upsample[i - 1](x)
+    x = self.out(nn.silu(self.out_norm(x)))
+    return x.reshape(b, m, *self.latent_shape)

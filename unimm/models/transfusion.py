@@ -1,0 +1,242 @@
+"""Transfusion (arXiv 2408.11039): next-token prediction on text, diffusion on images.
+
+One backbone reads a packed row in which image slots hold patch vectors of the
+*noised* image latent (plus a timestep embedding) and text slots hold token
+embeddings. The LM head's next-token loss covers text; the patch layer's
+inverse maps the image slots' outputs to a predicted noise ε, trained with the
+DDPM ε-loss. Loss = LM loss (mean over text targets) + λ · diffusion loss (mean
+over images), λ = 5.
+
+`TransfusionTask` is what the trainer needs from a family: `init`, `loss` and
+`sample_images`; the backbone, patch layers, autoencoder and diffusion are the
+shared parts it composes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm import diffusion
+from unimm.models import autoencoders, backbone, layers, patches
+
+
+def image_slot_index(image_ids):
+  """For each position, its index inside its image (0 at text): [B, T]."""
+  idx = jnp.arange(image_ids.shape[-1])
+  prev = jnp.pad(image_ids, ((0, 0), (1, 0)))[:, :-1]
+  starts = (image_ids > 0) & (image_ids != prev)
+  start_pos = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return jnp.where(image_ids > 0, idx - start_pos, 0)
+
+
+def image_first_positions(image_ids, max_images: int):
+  """Position of each image's first slot: [B, M] (0 where the image is absent)."""
+  onehot = image_ids[:, None, :] == jnp.arange(1, max_images + 1)[None, :, None]
+  return jnp.argmax(onehot, axis=-1)
+
+
+def place_patches(x, image_vectors, image_ids):
+  """Puts image_vectors [B, M, P, D] into the image slots of x [B, T, D]."""
+  b, m, p, d = image_vectors.shape
+  flat = image_vectors.reshape(b, m * p, d)
+  index = jnp.clip((image_ids - 1) * p + image_slot_index(image_ids), 0, m * p - 1)
+  gathered = jnp.take_along_axis(flat, index[..., None], axis=1)
+  return jnp.where((image_ids > 0)[..., None], gathered.astype(x.dtype), x)
+
+
+def gather_patches(h, image_ids, max_images: int, slots: int):
+  """The outputs at each image's slots: h [B, T, D] → [B, M, P, D]."""
+  b, t, d = h.shape
+  first = image_first_positions(image_ids, max_images)
+  pos = jnp.clip(first[:, :, None] + jnp.arange(slots), 0, t - 1).reshape(b, max_images * slots)
+  return jnp.take_along_axis(h, pos[..., None], axis=1).reshape(b, max_images, slots, d)
+
+
+class TransfusionModel(nn.Module):
+  vocab_size: int
+  backbone: backbone.BackboneConfig
+  latent_shape: tuple[int, int, int]
+  max_images: int
+  patch_kind: str = "linear"  # linear | unet
+  patch_size: int = 2
+  unet_channels: tuple[int, ...] = (64, 128, 256)
+  unet_blocks: int = 1
+
+  def setup(self):
+    c = self.backbone
+    dt = c.compute_dtype
+    self.embed = layers.Embed(self.vocab_size, c.dim, dtype=dt)
+    self.time = layers.TimestepMLP(c.dim, dtype=dt)
+    if self.patch_kind == "linear":
+      self.patch = patches.LinearPatch(self.patch_size, c.dim, self.latent_shape, dtype=dt)
+    elif self.patch_kind == "unet":
+      self.patch = patches.UNetPatch(self.patch_size, c.dim, self.latent_shape, channels=self.unet_channels,
+                                     blocks_per_level=self.unet_blocks, dtype=dt)
+    else:
+      raise ValueError(f"patch kind {self.patch_kind!r}; expected 'linear' or 'unet'")
+    self.decoder = backbone.Backbone(c)
+    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=dt)
+
+  @property
+  def slots(self) -> int:
+    h, w, _ = self.latent_shape
+    return (h // self.patch_size) * (w // self.patch_size)
+
+  def __call__(self, tokens, positions, segment_ids, image_ids, noisy_latents, timesteps):
+    """→ logits [B, T, V] (float32), predicted ε [B, M, h, w, c]."""
+    x = self.embed(tokens)
+    t_emb = self.time(timesteps)
+    image_vectors, aux = self.patch.encode(noisy_latents, t_emb)
+    x = place_patches(x, image_vectors, image_ids)
+    h = self.decoder(x, positions, segment_ids, image_ids)
+    logits = self.lm_head(h).astype(jnp.float32)
+    logits = layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    eps = self.patch.decode(gather_patches(h, image_ids, self.max_images, self.slots), t_emb, aux)
+    return logits, eps.astype(jnp.float32)
+
+
+def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
+  """Weighted sums over positions: (Σ w·CE, Σ w·z-term) with z = log Z (float32)."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  ce = log_z - target_logit
+  return jnp.sum(ce * weights), jnp.sum(z_loss * jnp.square(log_z) * weights)
+
+
+@dataclasses.dataclass
+class TransfusionTask:
+  """The Transfusion family for the trainer: params, loss, sampling."""
+
+  model: TransfusionModel
+  autoencoder: autoencoders.AutoencoderConfig
+  schedule: diffusion.Schedule
+  diffusion_weight: float = 5.0
+  z_loss: float = 0.0
+  frozen_autoencoder: Any = None  # kl_vae params, or None for identity
+
+  def __post_init__(self):
+    def eps_fn(params, rows, latents, t):
+      _, eps = self.model.apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
+                                rows["image_ids"], latents, t)
+      return eps
+    self._eps_fn = jax.jit(eps_fn)  # one compiled denoiser per task, reused across sampling calls
+
+  def dummy_batch(self, batch_size: int, seq_len: int, image_shape) -> dict:
+    m = self.model.max_images
+    return {
+        "tokens": jnp.zeros((batch_size, seq_len), jnp.int32),
+        "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32),
+        "positions": jnp.zeros((batch_size, seq_len), jnp.int32),
+        "image_ids": jnp.zeros((batch_size, seq_len), jnp.int32),
+        "loss_weights": jnp.zeros((batch_size, seq_len), jnp.float32),
+        "images": jnp.zeros((batch_size, m, *image_shape), jnp.uint8),
+        "image_valid": jnp.zeros((batch_size, m), bool),
+        "image_t_max": jnp.zeros((batch_size, m), jnp.int32),
+    }
+
+  def init(self, rng, batch: dict):
+    b, m = batch["images"].shape[:2]
+    latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32)
+    return self.model.init(rng, batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"],
+                           latents, jnp.zeros((b, m), jnp.int32))["params"]
+
+  def encode_images(self, images, rng=None):
+    """uint8 [B, M, H, W, C] → latents [B, M, h, w, c]."""
+    if self.autoencoder.kind == "identity":
+      return autoencoders.to_unit(images)
+    b, m = images.shape[:2]
+    vae = autoencoders.KLVAE(self.autoencoder, images.shape[-1])
+    z = vae.apply({"params": self.frozen_autoencoder}, images.reshape(b * m, *images.shape[2:]), rng,
+                  method=vae.encode)
+    return jax.lax.stop_gradient(z).reshape(b, m, *z.shape[1:])
+
+  def decode_latents(self, latents, image_channels: int):
+    """latents [N, h, w, c] → uint8 images."""
+    if self.autoencoder.kind == "identity":
+      return autoencoders.to_uint8(latents)
+    vae = autoencoders.KLVAE(self.autoencoder, image_channels)
+    return autoencoders.to_uint8(vae.apply({"params": self.frozen_autoencoder}, latents, method=vae.decode))
+
+  def loss_terms(self, params, batch: dict, rng) -> dict:
+    """Unnormalised sums: the trainer divides by counts over the whole (accumulated) batch."""
+    rng_t, rng_noise, rng_vae = jax.random.split(rng, 3)
+    latents = self.encode_images(batch["images"], rng_vae)
+    t = diffusion.sample_timesteps(rng_t, batch["image_t_max"])
+    noise = jax.random.normal(rng_noise, latents.shape, jnp.float32)
+    noisy = diffusion.add_noise(self.schedule, latents, noise, t)
+    logits, eps = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                   batch["image_ids"], noisy, t)
+    weights = batch["loss_weights"][:, :-1]
+    lm_sum, z_sum = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
+    per_image = jnp.mean(jnp.square(eps - noise), axis=tuple(range(2, noise.ndim)))
+    valid = batch["image_valid"].astype(jnp.float32)
+    return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}
+
+  @staticmethod
+  def loss_counts(batch: dict) -> dict:
+    return {"lm": jnp.sum(batch["loss_weights"][:, :-1]), "diffusion": jnp.sum(batch["image_valid"])}
+
+  def combine(self, sums: dict, counts: dict) -> tuple[jnp.ndarray, dict]:
+    """Total loss and its parts from sums and whole-batch counts."""
+    lm = sums["lm"] / jnp.maximum(counts["lm"], 1.0)
+    z = sums["z"] / jnp.maximum(counts["lm"], 1.0)
+    diff = sums["diffusion"] / jnp.maximum(counts["diffusion"], 1.0)
+    total = lm + z + self.diffusion_weight * diff
+    return total, {"lm_loss": lm, "diffusion_loss": diff, "z_loss": z}
+
+  def sample_images(self, params, prompts: np.ndarray, prompt_lengths: np.ndarray, rng, *, specials,
+                    num_steps: int = 50, guidance: float = 3.0, image_channels: int = 3, sampler: str = "ddim"):
+    """Images for caption prompts by re-running the whole row at every denoising step.
+
+    prompts [N, L] token ids (caption only, no BOS), prompt_lengths [N]. Conditional
+    and unconditional (empty caption) rows run as one batch. (The KV-cached
+    sampler that runs only the image slots lives in the inference package.)
+    """
+    rows = build_image_prompt_rows(prompts, prompt_lengths, self.model.slots, specials)
+    uncond = build_image_prompt_rows(np.zeros_like(prompts), np.zeros_like(prompt_lengths), self.model.slots,
+                                     specials, length=rows["tokens"].shape[1])
+    both = {k: jnp.concatenate([rows[k], uncond[k]]) for k in rows}
+    n = prompts.shape[0]
+    m = self.model.max_images
+    x = jax.random.normal(rng, (n, *self.model.latent_shape), jnp.float32)
+    steps = diffusion.timestep_sequence(self.schedule.num_timesteps, num_steps)
+    for i, t in enumerate(steps):
+      t_prev = steps[i + 1] if i + 1 < len(steps) else -1
+      latents = jnp.zeros((2 * n, m, *self.model.latent_shape)).at[:, 0].set(jnp.concatenate([x, x]))
+      tt = jnp.full((2 * n, m), t, jnp.int32)
+      eps = self._eps_fn(params, both, latents, tt)[:, 0]
+      eps = diffusion.guide(eps[:n], eps[n:], guidance)
+      tn = jnp.full((n,), t, jnp.int32)
+      tp = jnp.full((n,), t_prev, jnp.int32)
+      if sampler == "ddim":
+        x = diffusion.ddim_step(self.schedule, x, eps, tn, tp)
+      else:
+        rng, sub = jax.random.split(rng)
+        x = diffusion.ddpm_step(self.schedule, sub, x, eps, tn, tp)
+    return np.asarray(self.decode_latents(x, image_channels))
+
+
+def build_image_prompt_rows(prompts, lengths, slots: int, specials, length: int | None = None) -> dict:
+  """Rows `BOS caption BOI <slots> EOI` (one document each, padded) for text→image sampling."""
+  n = prompts.shape[0]
+  need = int(lengths.max(initial=0)) + slots + 3
+  length = length or need
+  tokens = np.full((n, length), specials.pad, np.int32)
+  segment_ids = np.zeros((n, length), np.int32)
+  positions = np.zeros((n, length), np.int32)
+  image_ids = np.zeros((n, length), np.int32)
+  for i in range(n):
+    L = int(lengths[i])
+    row = [specials.bos, *prompts[i, :L].tolist(), specials.boi] + [specials.img] * slots + [specials.eoi]
+    tokens[i, :len(row)] = row
+    segment_ids[i, :len(row)] = 1
+    positions[i, :len(row)] = np.arange(len(row))
+    image_ids[i, L + 2:L + 2 + slots] = 1
+  return {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(segment_ids),
+          "positions": jnp.asarray(positions), "image_ids": jnp.asarray(image_ids)}

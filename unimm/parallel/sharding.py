@@ -1,0 +1,94 @@
+"""The device mesh and the logical-axis rules that place parameters and activations on it.
+
+The mesh has axes ``('data', 'fsdp', 'tensor', 'sequence')``; a config gives
+their sizes (-1 = the rest of the devices). Modules name their axes logically
+(`unimm/models/layers.py`); a rule set maps each logical name to mesh axes:
+
+* data parallelism: the batch over ``data``;
+* FSDP (ZeRO-3): the batch also over ``fsdp``, and every parameter's ``embed``
+  axis split over ``fsdp`` (gathered per layer inside the scan);
+* tensor parallelism: attention heads, the MLP hidden axis and the vocabulary
+  over ``tensor``;
+* sequence: activations' length over ``sequence`` (long rows).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+BATCH_AXES = ("data", "fsdp")
+
+RULES = {
+    "default": (
+        # activations
+        ("act_batch", BATCH_AXES),
+        ("act_length", "sequence"),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+        # parameters
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+        ("patch", None),
+        ("time_freq", None),
+        ("embed_in", None),
+    ),
+}
+
+
+def logical_rules(sharding_config) -> tuple:
+  rules = sharding_config.rules
+  if isinstance(rules, str):
+    if rules not in RULES:
+      raise ValueError(f"unknown sharding rules {rules!r}; known: {sorted(RULES)} (or give a list of pairs)")
+    return RULES[rules]
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  fixed = int(np.prod([s for s in sizes if s != -1]))
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ValueError(f"{num_devices} devices do not divide by the fixed mesh axes {dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"there are {num_devices}; set one axis to -1")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = devices if devices is not None else jax.devices()
+  shape = mesh_shape(mesh_config, len(devices))
+  # Auto axes: the logical-rules style (constraints, not explicit types).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over data × fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def logical_shardings(abstract_boxed, mesh: Mesh, rules):
+  """Shardings for a pytree of boxed (logically partitioned) abstract values."""
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+  """This process's numpy batch → global jax arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)

@@ -1,0 +1,255 @@
+"""The training loop: sharded state, one jitted step, checkpoints, metrics, samples, preemption.
+
+    train(config, workdir)
+
+Re-running on the same workdir resumes from the latest complete checkpoint
+with the data iterator where it was and the per-step RNG folded from the step,
+so the continued loss curve equals an uninterrupted run's. SIGTERM saves a
+checkpoint at the current step and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import tqdm
+
+from unimm import imaging
+from unimm.data import documents, pipeline
+from unimm.models import families
+from unimm.parallel import sharding
+from unimm.train import checkpoint, metrics as metrics_lib, optimizer as optimizer_lib, step as step_lib
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop (and tests) need to run sharded steps."""
+
+  task: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state_sharding: Any
+  abstract_state: Any  # unboxed ShapeDtypeStructs carrying the shardings (for restore)
+  init: Callable  # rng → sharded TrainState
+  step: Callable  # (state, global batch, rng) → (state, metrics), jitted and donating
+  matmul_params: int
+  total_params: int
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  d = config.data
+  return int(d.image_size), int(d.image_size), int(d.image_channels)
+
+
+def build(config, mesh, vocab_size: int, frozen_autoencoder=None) -> Setup:
+  task = families.build_task(config, vocab_size, frozen_autoencoder=frozen_autoencoder)
+  rules = sharding.logical_rules(config.sharding)
+  optimizer = optimizer_lib.make_optimizer(config.train)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  init_batch = task.dummy_batch(1, int(config.data.seq_len), image_shape(config))
+
+  def init_boxed(rng, batch):  # the batch is an argument so tracing never sees constants
+    return step_lib.init_state(task, optimizer, rng, batch)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0), init_batch)
+    state_sharding = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(abstract_boxed), state_sharding)
+  init = jax.jit(lambda rng, batch: nn.meta.unbox(init_boxed(rng, batch)), out_shardings=state_sharding)
+  train_step = step_lib.make_train_step(task, optimizer, schedule,
+                                        grad_accum_steps=int(config.train.grad_accum_steps),
+                                        skip_nonfinite=bool(config.train.skip_nonfinite))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+  def run_step(state, batch, rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(state, batch, rng)
+
+  def run_init(rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return init(rng, init_batch)
+
+  params = abstract.params
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  embedding = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
+                  if "embedding" in jax.tree_util.keystr(path))
+  return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
+               init=run_init, step=run_step, matmul_params=total - embedding, total_params=total)
+
+
+def flops_per_token(setup: Setup, config) -> float:
+  """Model FLOPs per trained token: 6·N (N = parameters in matmuls, i.e. all but the
+  embedding table) + 6·L·D·T for attention scores and values (12·L·D·T halved
+  for the causal mask; T = the row length, an upper bound for packed rows)."""
+  b = config.model.backbone
+  return 6.0 * setup.matmul_params + 6.0 * b.num_layers * b.dim * int(config.data.seq_len)
+
+
+def load_frozen_autoencoder(config):
+  ae = config.model.autoencoder
+  if ae.kind == "identity":
+    return None
+  return checkpoint.Checkpointer(ae.checkpoint, async_save=False).restore_params()
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def sample_prompts(config, tokenizer, count: int) -> list[str]:
+  """Captions of the first `count` image–caption pairs of the validation split (deterministic)."""
+  from unimm.data import sources  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in sorted(config.data.sources.keys()):
+    spec = config.data.sources[name]
+    try:
+      ds = sources.open_source(spec, "validation", config.data.data_dir)
+    except FileNotFoundError:
+      continue
+    for i in range(len(ds)):
+      doc = ds[i]
+      if isinstance(doc, documents.Document) and doc.is_pair:
+        out.append(next(p.text for p in doc.parts if isinstance(p, documents.Text)))
+      if len(out) >= count:
+        return out
+  return out
+
+
+def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: str, writer) -> str | None:
+  """Samples images for validation captions; writes a PNG grid (and to TensorBoard)."""
+  prompts = sample_prompts(config, tokenizer, int(config.train.sample_prompts))
+  if not prompts or not hasattr(setup.task, "sample_images"):
+    return None
+  ids = [tokenizer.encode(p) for p in prompts]
+  width = max(len(x) for x in ids)
+  tokens = np.zeros((len(ids), width), np.int32)
+  for i, x in enumerate(ids):
+    tokens[i, :len(x)] = x
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    images = setup.task.sample_images(
+        state.params, tokens, np.array([len(x) for x in ids]), jax.random.key(int(config.seed) + 1),
+        specials=tokenizer.specials, num_steps=int(config.train.sample_steps),
+        guidance=float(config.train.sample_guidance), image_channels=int(config.data.image_channels))
+  if jax.process_index() != 0:
+    return None
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+  imaging.save_image_grid(images, path)
+  with open(path.replace(".png", ".txt"), "w") as f:
+    f.write("\n".join(prompts) + "\n")
+  writer.image(step, "samples", imaging.image_grid(images))
+  return path
+
+
+def train(config, workdir: str) -> dict:
+  """Trains until `config.train.num_steps` (or SIGTERM); returns the last logged metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+  lead = jax.process_index() == 0
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  tokenizer = pipeline.load_tokenizer(config.data)
+  mesh = sharding.make_mesh(config.mesh)
+  setup = build(config, mesh, tokenizer.vocab_size, load_frozen_autoencoder(config))
+  logging.info("Mesh %s; %d parameters (%d in matmuls).", dict(mesh.shape), setup.total_params, setup.matmul_params)
+
+  data = pipeline.build_pipeline(config, "train", jax.process_index(), jax.process_count())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints),
+                                 async_save=bool(t.async_checkpoints))
+  start = ckpt.latest_step()
+  if start is None:
+    state = setup.init(jax.random.key(int(config.seed)))
+    start = 0
+  else:
+    state = ckpt.restore(start, setup.abstract_state, data)
+    logging.info("Resumed from step %d.", start)
+  writer = metrics_lib.MetricWriter(workdir, enabled=lead, resume_step=start)
+  rng = jax.random.key(int(config.seed) + 17)
+  names = ("loss", "lm_loss", "diffusion_loss", "z_loss", "grad_norm", "learning_rate")
+  window = None
+  window_tokens, window_start = 0, time.perf_counter()
+  skipped = {r: 0 for r in documents.SKIP_REASONS}
+  flops_token = flops_per_token(setup, config)
+  last = {}
+  bar = tqdm.tqdm(total=int(t.num_steps), initial=start, disable=not lead, dynamic_ncols=True, desc="train")
+  step = start
+  with _Preemption() as preemption:
+    while step < int(t.num_steps):
+      local = next(data)
+      stats = local.pop("stats")
+      for r in skipped:
+        skipped[r] += int(np.sum(stats[r]))
+      window_tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+      state, m = setup.step(state, sharding.global_batch(local, mesh), rng)
+      m = jax.device_get(m)  # blocks every step: keeps queued collectives bounded
+      step += 1
+      if not m["finite"] and not t.skip_nonfinite:
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+            "no checkpoint was written for it. Lower the learning rate, check the data, or set "
+            "--config.train.skip_nonfinite=True to skip such updates.")
+      update = metrics_lib.averages(names).single_from_model_output(**{k: m[k] for k in names})
+      window = update if window is None else window.merge(update)
+      bar.update(1)
+      if step % int(t.log_every) == 0 or step == int(t.num_steps):
+        seconds = time.perf_counter() - window_start
+        last = {k: float(v) for k, v in window.compute().items()}
+        tokens_per_s = window_tokens / max(seconds, 1e-9)
+        last.update({
+            "tokens_per_s": tokens_per_s,
+            "model_flops_per_s_per_device": tokens_per_s * flops_token / jax.device_count(),
+            "skipped_updates": float(not m["finite"]),
+            **{f"skipped_records/{r}": float(c) for r, c in skipped.items()}})
+        writer.scalars(step, last)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", lm=f"{last['lm_loss']:.3f}",
+                        diff=f"{last['diffusion_loss']:.3f}")
+        window, window_tokens, window_start = None, 0, time.perf_counter()
+      if int(t.sample_every) and step % int(t.sample_every) == 0:
+        write_samples(setup, config, state, tokenizer, step, workdir, writer)
+      if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps) or preemption.requested:
+        ckpt.save(step, state, data)
+      if preemption.requested:
+        logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
+        break
+  bar.close()
+  ckpt.close()
+  writer.close()
+  if lead:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump({"step": step, **last}, f, indent=1)
+  return {"step": step, **last}
