@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from unimm import main as unimm_main  # pylint: disable=g-import-not-at-top
-from unimm.data import documents, pipeline, prepare, records, shapes, tokenizer  # pylint: disable=g-import-not-at-top
+from unimm.data import documents, paths, pipeline, prepare, records, shapes, tokenizer  # pylint: disable=g-import-not-at-top
 
 
 def load_tiny_config(data_dir: str):
@@ -104,7 +104,7 @@ def main():
   args = parser.parse_args()
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
 
-  config = load_tiny_config(args.data_dir or pipeline.sources.default_data_dir())
+  config = load_tiny_config(args.data_dir or paths.default_data_dir())
   unimm_main.prepare(config)
   results = {"shapes_T256": measure(config, args.batches)}
 

@@ -17,14 +17,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import small_config  # pylint: disable=wrong-import-position
 from unimm.data import pipeline  # pylint: disable=wrong-import-position
 from unimm.parallel import sharding  # pylint: disable=wrong-import-position
-from unimm.train import loop  # pylint: disable=wrong-import-position
+from unimm.train import setup as setup_lib  # pylint: disable=wrong-import-position
 
 
 def run(config, mesh_sizes, devices, batch):
   metrics2 = None
   config.mesh.update(mesh_sizes)
   mesh = sharding.make_mesh(config.mesh, devices)
-  setup = loop.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size)
+  setup = setup_lib.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size)
   state = setup.init(jax.random.key(0))
   init = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
           for p, x in jax.tree_util.tree_leaves_with_path(state.params)}

@@ -35,7 +35,7 @@ def packed_example():
 
 
 def run(model, params, tokens, pos, seg, img, latents):
-  return model.apply({"params": params}, tokens, pos, seg, img, latents, jnp.array([[300, 0]]))
+  return jax.jit(model.apply)({"params": params}, tokens, pos, seg, img, latents, jnp.array([[300, 0]]))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def setup():
   model = tiny_model()
   tokens, pos, seg, img = packed_example()
   latents = jax.random.normal(jax.random.key(1), (1, 2, 8, 8, 1))
-  params = model.init(jax.random.key(0), tokens, pos, seg, img, latents, jnp.zeros((1, 2), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), tokens, pos, seg, img, latents,
+                               jnp.zeros((1, 2), jnp.int32))["params"]
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)  # no zero layers
   return model, params, (tokens, pos, seg, img), latents
 
@@ -102,17 +103,20 @@ def test_patch_layers_and_vae_shapes():
     model = tiny_model(patch_kind=kind)
     tokens, pos, seg, img = packed_example()
     latents = jnp.zeros((1, 2, 8, 8, 1))
-    params = model.init(jax.random.key(0), tokens, pos, seg, img, latents, jnp.zeros((1, 2), jnp.int32))["params"]
-    logits, eps = model.apply({"params": params}, tokens, pos, seg, img, latents, jnp.zeros((1, 2), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(0), tokens, pos, seg, img, latents,
+                                 jnp.zeros((1, 2), jnp.int32))["params"]
+    logits, eps = jax.jit(model.apply)({"params": params}, tokens, pos, seg, img, latents,
+                                       jnp.zeros((1, 2), jnp.int32))
     assert logits.shape == (1, 24, 50) and eps.shape == (1, 2, 8, 8, 1)
   cfg = autoencoders.AutoencoderConfig(kind="kl_vae", downsample=4, latent_channels=8, channels=16,
                                        channel_mults=(1, 2, 2))
   vae = autoencoders.KLVAE(cfg, 3)
   images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
-  params = vae.init(jax.random.key(0), images, jax.random.key(1))["params"]
-  z = vae.apply({"params": params}, images, method=vae.encode)
+  params = jax.jit(vae.init)(jax.random.key(0), images, jax.random.key(1))["params"]
+  z = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))(params, images)
   assert z.shape == (2, 8, 8, 8) and cfg.latent_shape((32, 32, 3)) == (8, 8, 8)
-  assert vae.apply({"params": params}, z, method=vae.decode).shape == (2, 32, 32, 3)
+  decoded = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))(params, z)
+  assert decoded.shape == (2, 32, 32, 3)
 
 
 def test_schedule_used_by_the_task():

@@ -13,7 +13,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 

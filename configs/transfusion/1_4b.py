@@ -4,7 +4,7 @@ Needs a trained KL-VAE (config.model.autoencoder.checkpoint) and a real
 tokenizer and dataset; see configs/transfusion/common.py for every key.
 """
 
-from configs.transfusion import common
+from configs import common
 
 
 def get_config(arg=None):

@@ -2,20 +2,27 @@
 
     python -m unimm.main --config=configs/transfusion/tiny.py --workdir=/tmp/unimm_tiny
     python -m unimm.main --config=configs/transfusion/tiny.py:digits --workdir=/tmp/unimm_digits
+
+`:shapes_vae` diffuses in the latent space of a KL-VAE trained with
+configs/vae/shapes.py (pass --config.model.autoencoder.checkpoint=VAE_WORKDIR/checkpoints).
 """
 
-from configs.transfusion import common
+from configs import common
 
 
 def get_config(arg=None):
-  dataset = arg or "shapes"
-  if dataset not in ("shapes", "digits"):
-    raise ValueError(f"tiny.py takes ':shapes' or ':digits', got {arg!r}")
+  variant = arg or "shapes"
+  if variant not in ("shapes", "digits", "shapes_vae"):
+    raise ValueError(f"tiny.py takes ':shapes', ':digits' or ':shapes_vae', got {arg!r}")
+  dataset = "digits" if variant == "digits" else "shapes"
   c = common.base_config()
   # float32, no remat, no scan: what is fastest on a 2-core CPU (~0.65 s a step).
   c.model.backbone.update(num_layers=4, dim=128, num_heads=4, mlp_hidden=384, remat="none", scan=False,
                           dtype="float32", attention="xla")
   c.model.patch_size = 4 if dataset == "shapes" else 2
+  if variant == "shapes_vae":  # 32×32×3 → 16×16×8 latents, 2×2 patches: 64 slots as with pixels
+    c.model.autoencoder.update(kind="kl_vae", downsample=2, latent_channels=8, channels=32, channel_mults=(1, 2))
+    c.model.patch_size = 2
 
   common.embedded_data(c, dataset)
   c.data.seq_len = 256 if dataset == "shapes" else 128

@@ -15,7 +15,6 @@ Every record becomes a `Document`, or a `Skipped` marker when it cannot.
 from __future__ import annotations
 
 import glob
-import os
 from typing import Any, Callable
 
 import grain
@@ -25,10 +24,6 @@ import tensorflow_datasets as tfds
 from unimm.data import digits, documents, records, shapes
 
 EMBEDDED = {"shapes": shapes.Shapes, "digits": digits.Digits}
-
-
-def default_data_dir() -> str:
-  return os.environ.get("UNIMM_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "unimm", "data"))
 
 
 def _tfds_name(spec) -> str:

@@ -3,9 +3,11 @@
 * ``identity``: the latent is the image itself, scaled to [-1, 1] (the tiny demo).
 * ``kl_vae``: a convolutional KL-VAE (Rombach et al.): residual conv encoder with
   ×2 downsampling per level to a Gaussian posterior over `latent_channels`
-  (8, like Transfusion's), and a mirrored decoder. Trained by `vae_loss`
-  (reconstruction + a small KL) through the common trainer with its own config,
-  then used frozen (the family config names its checkpoint). Latents are
+  (8, like Transfusion's), and a mirrored decoder. Loss: reconstruction (L2 or
+  L1) + a small KL; own config (configs/vae/),
+  then used frozen (the family config names its checkpoint). `AutoencoderTask`
+  trains it through the common trainer on the images of packed rows (the
+  perceptual and adversarial terms of LDM's recipe are not implemented). Latents are
   multiplied by `scale` so the diffusion sees roughly unit variance.
 
 `encode(images uint8 [..., H, W, C], rng) → latents`, `decode(latents) → float
@@ -130,16 +132,40 @@ class KLVAE(nn.Module):
     return self.decoder(z), mean, logvar
 
 
-def vae_loss(recon, images, mean, logvar, *, kl_weight: float, valid=None, l1: bool = False):
-  """Per-pixel reconstruction error plus kl_weight · KL(q(z|x) ‖ N(0, I)) per latent element.
+@dataclasses.dataclass
+class AutoencoderTask:
+  """Training a KL-VAE through the common trainer, on the images of packed rows."""
 
-  Returns (total, reconstruction, kl), each averaged over the valid images.
-  """
-  target = to_unit(images)
-  err = jnp.abs(recon - target) if l1 else jnp.square(recon - target)
-  rec = jnp.mean(err, axis=(1, 2, 3))
-  kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
-  w = jnp.ones_like(rec) if valid is None else valid.astype(jnp.float32)
-  denom = jnp.maximum(w.sum(), 1.0)
-  rec, kl = (rec * w).sum() / denom, (kl * w).sum() / denom
-  return rec + kl_weight * kl, rec, kl
+  vae: KLVAE
+  kl_weight: float = 1e-6
+  l1: bool = False
+
+  def dummy_batch(self, batch_size: int, seq_len: int, image_shape) -> dict:
+    del seq_len
+    return {"images": jnp.zeros((batch_size, 1, *image_shape), jnp.uint8),
+            "image_valid": jnp.ones((batch_size, 1), bool)}
+
+  def init(self, rng, batch: dict):
+    images = batch["images"]
+    flat = images.reshape(-1, *images.shape[2:])
+    return self.vae.init(rng, flat, jax.random.key(0))["params"]
+
+  def loss_terms(self, params, batch: dict, rng) -> dict:
+    images = batch["images"]
+    flat = images.reshape(-1, *images.shape[2:])
+    valid = batch["image_valid"].reshape(-1).astype(jnp.float32)
+    recon, mean, logvar = self.vae.apply({"params": params}, flat, rng)
+    target = to_unit(flat)
+    err = jnp.abs(recon - target) if self.l1 else jnp.square(recon - target)
+    rec = jnp.mean(err, axis=(1, 2, 3))
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+    return {"reconstruction": jnp.sum(rec * valid), "kl": jnp.sum(kl * valid)}
+
+  @staticmethod
+  def loss_counts(batch: dict) -> dict:
+    return {"images": jnp.sum(batch["image_valid"])}
+
+  def combine(self, sums: dict, counts: dict):
+    n = jnp.maximum(counts["images"], 1.0)
+    rec, kl = sums["reconstruction"] / n, sums["kl"] / n
+    return rec + self.kl_weight * kl, {"reconstruction_loss": rec, "kl_loss": kl}

@@ -30,7 +30,18 @@ def transfusion_task(config, vocab_size: int, frozen_autoencoder=None) -> transf
       diffusion_weight=float(m.diffusion_weight), z_loss=float(m.z_loss), frozen_autoencoder=frozen_autoencoder)
 
 
-FAMILIES = {"transfusion": transfusion_task}
+def autoencoder_task(config, vocab_size: int, frozen_autoencoder=None) -> autoencoders.AutoencoderTask:
+  """Trains config.model.autoencoder (kind kl_vae) itself."""
+  del vocab_size, frozen_autoencoder
+  ae = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
+  if ae.kind != "kl_vae":
+    raise ValueError(f"family kl_vae trains config.model.autoencoder.kind='kl_vae', got {ae.kind!r}")
+  ae.latent_shape((int(config.data.image_size),) * 2 + (int(config.data.image_channels),))  # checks downsample
+  return autoencoders.AutoencoderTask(autoencoders.KLVAE(ae, int(config.data.image_channels)),
+                                      kl_weight=float(config.model.kl_weight), l1=bool(config.model.l1))
+
+
+FAMILIES = {"transfusion": transfusion_task, "kl_vae": autoencoder_task}
 
 
 def build_task(config, vocab_size: int, **kwargs):

@@ -18,7 +18,6 @@ import math
 from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from unimm.models import layers
 
@@ -46,7 +45,7 @@ class LinearPatch(nn.Module):
   dtype: str = "float32"
 
   def setup(self):
-    k, (h, w, c) = self.patch_size, self.latent_shape
+    k, c = self.patch_size, self.latent_shape[2]
     self.proj_in = layers.DenseGeneral((self.dim,), ("patch",), ("embed",), dtype=self.dtype)
     self.proj_out = layers.DenseGeneral((k * k * c,), ("embed",), ("patch",), dtype=self.dtype, init_scale=0.0)
 

@@ -10,100 +10,29 @@ checkpoint at the current step and returns.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
 import time
-from typing import Any, Callable
 
 from absl import logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import tqdm
 
 from unimm import imaging
 from unimm.data import documents, pipeline
-from unimm.models import families
 from unimm.parallel import sharding
-from unimm.train import checkpoint, metrics as metrics_lib, optimizer as optimizer_lib, step as step_lib
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything the loop (and tests) need to run sharded steps."""
-
-  task: Any
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  state_sharding: Any
-  abstract_state: Any  # unboxed ShapeDtypeStructs carrying the shardings (for restore)
-  init: Callable  # rng → sharded TrainState
-  step: Callable  # (state, global batch, rng) → (state, metrics), jitted and donating
-  matmul_params: int
-  total_params: int
-
-
-def image_shape(config) -> tuple[int, int, int]:
-  d = config.data
-  return int(d.image_size), int(d.image_size), int(d.image_channels)
-
-
-def build(config, mesh, vocab_size: int, frozen_autoencoder=None) -> Setup:
-  task = families.build_task(config, vocab_size, frozen_autoencoder=frozen_autoencoder)
-  rules = sharding.logical_rules(config.sharding)
-  optimizer = optimizer_lib.make_optimizer(config.train)
-  schedule = optimizer_lib.learning_rate_schedule(config.train)
-  init_batch = task.dummy_batch(1, int(config.data.seq_len), image_shape(config))
-
-  def init_boxed(rng, batch):  # the batch is an argument so tracing never sees constants
-    return step_lib.init_state(task, optimizer, rng, batch)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0), init_batch)
-    state_sharding = sharding.logical_shardings(abstract_boxed, mesh, rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(abstract_boxed), state_sharding)
-  init = jax.jit(lambda rng, batch: nn.meta.unbox(init_boxed(rng, batch)), out_shardings=state_sharding)
-  train_step = step_lib.make_train_step(task, optimizer, schedule,
-                                        grad_accum_steps=int(config.train.grad_accum_steps),
-                                        skip_nonfinite=bool(config.train.skip_nonfinite))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = sharding.batch_sharding(mesh)
-  jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
-                   out_shardings=(state_sharding, replicated), donate_argnums=0)
-
-  def run_step(state, batch, rng):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(state, batch, rng)
-
-  def run_init(rng):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return init(rng, init_batch)
-
-  params = abstract.params
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  embedding = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
-                  if "embedding" in jax.tree_util.keystr(path))
-  return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
-               init=run_init, step=run_step, matmul_params=total - embedding, total_params=total)
-
-
-def flops_per_token(setup: Setup, config) -> float:
-  """Model FLOPs per trained token: 6·N (N = parameters in matmuls, i.e. all but the
-  embedding table) + 6·L·D·T for attention scores and values (12·L·D·T halved
-  for the causal mask; T = the row length, an upper bound for packed rows)."""
-  b = config.model.backbone
-  return 6.0 * setup.matmul_params + 6.0 * b.num_layers * b.dim * int(config.data.seq_len)
+from unimm.train import checkpoint, metrics as metrics_lib
+from unimm.train.setup import Setup, build, flops_per_token
 
 
 def load_frozen_autoencoder(config):
+  """The frozen autoencoder's params a family encodes images with, if the config names one."""
   ae = config.model.autoencoder
-  if ae.kind == "identity":
-    return None
+  if ae.kind == "identity" or not ae.checkpoint:
+    return None  # families that need one say so (transfusion_task), the autoencoder family trains it
   return checkpoint.Checkpointer(ae.checkpoint, async_save=False).restore_params()
 
 
@@ -200,7 +129,6 @@ def train(config, workdir: str) -> dict:
     logging.info("Resumed from step %d.", start)
   writer = metrics_lib.MetricWriter(workdir, enabled=lead, resume_step=start)
   rng = jax.random.key(int(config.seed) + 17)
-  names = ("loss", "lm_loss", "diffusion_loss", "z_loss", "grad_norm", "learning_rate")
   window = None
   window_tokens, window_start = 0, time.perf_counter()
   skipped = {r: 0 for r in documents.SKIP_REASONS}
@@ -223,6 +151,7 @@ def train(config, workdir: str) -> dict:
             f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
             "no checkpoint was written for it. Lower the learning rate, check the data, or set "
             "--config.train.skip_nonfinite=True to skip such updates.")
+      names = sorted(k for k in m if k != "finite")
       update = metrics_lib.averages(names).single_from_model_output(**{k: m[k] for k in names})
       window = update if window is None else window.merge(update)
       bar.update(1)
@@ -236,8 +165,8 @@ def train(config, workdir: str) -> dict:
             "skipped_updates": float(not m["finite"]),
             **{f"skipped_records/{r}": float(c) for r, c in skipped.items()}})
         writer.scalars(step, last)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", lm=f"{last['lm_loss']:.3f}",
-                        diff=f"{last['diffusion_loss']:.3f}")
+        bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in last.items()
+                         if k == "loss" or (k.endswith("_loss") and v)})
         window, window_tokens, window_start = None, 0, time.perf_counter()
       if int(t.sample_every) and step % int(t.sample_every) == 0:
         write_samples(setup, config, state, tokenizer, step, workdir, writer)

@@ -1,4 +1,4 @@
-"""What every Transfusion config shares; each size file changes only what differs.
+"""What every config shares; each experiment file changes only what differs.
 
 Every key is listed here with a comment, so `--config.x.y=…` overrides are
 discoverable in one place.
@@ -6,7 +6,7 @@ discoverable in one place.
 
 import ml_collections as mlc
 
-from unimm.data import sources
+from unimm.data import paths
 
 
 def base_config() -> mlc.ConfigDict:
@@ -15,7 +15,7 @@ def base_config() -> mlc.ConfigDict:
 
   # -- model --------------------------------------------------------------------
   m = c.model = mlc.ConfigDict()
-  m.family = "transfusion"
+  m.family = "transfusion"  # transfusion | kl_vae (trains the autoencoder itself)
   m.vocab_size = 0  # 0: the tokenizer's size
   m.backbone = mlc.ConfigDict(dict(
       num_layers=16, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
@@ -31,10 +31,12 @@ def base_config() -> mlc.ConfigDict:
   m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
   m.num_timesteps = 1000
   m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)
+  m.kl_weight = 1e-6  # family kl_vae: weight of the KL term
+  m.l1 = False  # family kl_vae: L1 instead of L2 reconstruction
 
   # -- data (see unimm/data/pipeline.py) -----------------------------------------
   d = c.data = mlc.ConfigDict()
-  d.data_dir = sources.default_data_dir()
+  d.data_dir = paths.default_data_dir()
   d.sources = mlc.ConfigDict()
   d.tokenizer = mlc.ConfigDict(dict(path="", vocab_size=128, model_type="bpe", train_documents=20_000))
   d.image_size = mlc.FieldReference(256)

@@ -1,0 +1,157 @@
+"""Train-step speed for a config on whatever devices exist; prints JSON.
+
+    python bench/train_step.py --config=configs/transfusion/tiny.py [--batch=16] [--seq_len=256] [--steps=10]
+    python bench/train_step.py --config=configs/transfusion/370m.py --batch=8 --seq_len=2048 \\
+        --set model.backbone.attention=cudnn
+
+Batches are synthetic but shaped like real packed rows: documents of
+image–caption pairs and text-only documents packed to the row length, about
+half of the tokens image slots (the Transfusion paper's even split), so the
+benchmark needs no dataset. A KL-VAE is randomly initialised when the config
+names one (its encoder runs inside the step, as in training). Reported: step
+time (median), tokens/s, model FLOP/s per device (counting in
+`unimm.train.setup.flops_per_token`) and, on known accelerators, MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from unimm.models import autoencoders  # pylint: disable=wrong-import-position
+from unimm.parallel import sharding  # pylint: disable=wrong-import-position
+from unimm.train import setup as setup_lib  # pylint: disable=wrong-import-position
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12}
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def apply_override(config, assignment: str) -> None:
+  key, _, value = assignment.partition("=")
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  current = node[leaf]
+  if isinstance(current, bool):
+    node[leaf] = value.lower() in ("1", "true", "yes")
+  elif isinstance(current, (int, float)):
+    node[leaf] = type(current)(float(value)) if isinstance(current, int) else float(value)
+  else:
+    node[leaf] = value
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, seq_len: int, slots: int, max_images: int,
+                    image_shape, vocab: int) -> dict:
+  """Packed rows: image–caption pairs and text-only documents, ~half image slots."""
+  out = {k: np.zeros((batch, seq_len), np.int32) for k in ("tokens", "segment_ids", "positions", "image_ids")}
+  out["loss_weights"] = np.zeros((batch, seq_len), np.float32)
+  out["images"] = rng.integers(0, 256, (batch, max_images, *image_shape), dtype=np.uint8)
+  out["image_valid"] = np.zeros((batch, max_images), bool)
+  out["image_t_max"] = np.zeros((batch, max_images), np.int32)
+  for b in range(batch):
+    t, seg, k = 0, 0, 0
+    while True:
+      pair = rng.random() < 0.5 and k < max_images
+      n = int(rng.integers(8, 64)) + slots + 4 if pair else int(rng.integers(64, max(65, slots * 2)))
+      if t + n > seq_len:
+        break
+      seg += 1
+      out["tokens"][b, t:t + n] = rng.integers(0, vocab, n)
+      out["segment_ids"][b, t:t + n] = seg
+      out["positions"][b, t:t + n] = np.arange(n)
+      out["loss_weights"][b, t:t + n - 1] = 1.0
+      if pair:
+        k += 1
+        start = t + n - slots - 2
+        out["image_ids"][b, start:start + slots] = k
+        out["loss_weights"][b, start - 1:start + slots] = 0.0
+        out["image_valid"][b, k - 1] = True
+        out["image_t_max"][b, k - 1] = 1000
+      t += n
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="FILE[:arg]")
+  parser.add_argument("--batch", type=int, default=0, help="global rows per step (default: the config's)")
+  parser.add_argument("--seq_len", type=int, default=0, help="row length (default: the config's)")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--set", action="append", default=[], help="override, e.g. model.backbone.remat=full")
+  args = parser.parse_args()
+
+  config = load_config(args.config)
+  for assignment in args.set:
+    apply_override(config, assignment)
+  if args.batch:
+    config.data.batch_size = args.batch
+  if args.seq_len:
+    config.data.seq_len = args.seq_len
+  vocab = int(config.model.vocab_size) or 256
+  ae_cfg = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
+  image_shape = setup_lib.image_shape(config)
+  frozen = None
+  if ae_cfg.kind == "kl_vae":
+    vae = autoencoders.KLVAE(ae_cfg, image_shape[-1])
+    frozen = jax.jit(vae.init)(jax.random.key(0), np.zeros((1, *image_shape), np.uint8), jax.random.key(1))["params"]
+  mesh = sharding.make_mesh(config.mesh)
+  setup = setup_lib.build(config, mesh, vocab, frozen)
+  state = setup.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  host = synthetic_batch(rng, int(config.data.batch_size), int(config.data.seq_len), setup.task.model.slots,
+                         int(config.data.max_images_per_row), image_shape, vocab)
+  batch = sharding.global_batch(host, mesh)
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  state, m = setup.step(state, batch, key)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = setup.step(state, batch, key)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  tokens = int(config.data.batch_size) * int(config.data.seq_len)
+  flops = setup_lib.flops_per_token(setup, config) * tokens
+  device = jax.devices()[0]
+  peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
+  per_device = flops / step_s / jax.device_count()
+  result = {
+      "config": args.config, "overrides": args.set, "backend": jax.default_backend(),
+      "device_kind": device.device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
+      "params": setup.total_params, "matmul_params": setup.matmul_params,
+      "batch": int(config.data.batch_size), "seq_len": int(config.data.seq_len),
+      "image_slot_fraction": round(float((host["image_ids"] > 0).mean()), 3),
+      "dtype": config.model.backbone.dtype, "remat": config.model.backbone.remat,
+      "attention": config.model.backbone.attention,
+      "compile_s": round(compile_s, 1), "step_ms": round(step_s * 1e3, 2),
+      "step_ms_min": round(min(times) * 1e3, 2), "tokens_per_s": round(tokens / step_s),
+      "model_tflops_per_s_per_device": round(per_device / 1e12, 3),
+      "mfu": round(per_device / peak, 4) if peak and config.model.backbone.dtype == "bfloat16" else None,
+      "loss": float(m["loss"]),
+  }
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,87 @@
+"""The sharded train state and the one jitted step, built from a config on a mesh.
+
+Kept free of the data pipeline's imports so benchmarks and compile-only tools
+can build a step anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+
+from unimm.models import families
+from unimm.parallel import sharding
+from unimm.train import optimizer as optimizer_lib, step as step_lib
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop (and tests) need to run sharded steps."""
+
+  task: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state_sharding: Any
+  abstract_state: Any  # unboxed ShapeDtypeStructs carrying the shardings (for restore)
+  init: Callable  # rng → sharded TrainState
+  step: Callable  # (state, global batch, rng) → (state, metrics), jitted and donating
+  matmul_params: int
+  total_params: int
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  d = config.data
+  return int(d.image_size), int(d.image_size), int(d.image_channels)
+
+
+def build(config, mesh, vocab_size: int, frozen_autoencoder=None) -> Setup:
+  task = families.build_task(config, vocab_size, frozen_autoencoder=frozen_autoencoder)
+  rules = sharding.logical_rules(config.sharding)
+  optimizer = optimizer_lib.make_optimizer(config.train)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  init_batch = task.dummy_batch(1, int(config.data.seq_len), image_shape(config))
+
+  def init_boxed(rng, batch):  # the batch is an argument so tracing never sees constants
+    return step_lib.init_state(task, optimizer, rng, batch)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0), init_batch)
+    state_sharding = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(abstract_boxed), state_sharding)
+  init = jax.jit(lambda rng, batch: nn.meta.unbox(init_boxed(rng, batch)), out_shardings=state_sharding)
+  train_step = step_lib.make_train_step(task, optimizer, schedule,
+                                        grad_accum_steps=int(config.train.grad_accum_steps),
+                                        skip_nonfinite=bool(config.train.skip_nonfinite))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+  def run_step(state, batch, rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(state, batch, rng)
+
+  def run_init(rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return init(rng, init_batch)
+
+  params = abstract.params
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  embedding = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
+                  if "embedding" in jax.tree_util.keystr(path))
+  return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
+               init=run_init, step=run_step, matmul_params=total - embedding, total_params=total)
+
+
+def flops_per_token(setup: Setup, config) -> float:
+  """Model FLOPs per trained token: 6·N (N = parameters in matmuls, i.e. all but the
+  embedding table) + 6·L·D·T for attention scores and values (12·L·D·T halved
+  for the causal mask; T = the row length, an upper bound for packed rows)."""
+  b = config.model.backbone
+  return 6.0 * setup.matmul_params + 6.0 * b.num_layers * b.dim * int(config.data.seq_len)
