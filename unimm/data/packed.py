@@ -70,7 +70,8 @@ def check_row(row: dict, *, boi: int, eoi: int, img: int) -> None:
   tok, lw = row["tokens"], row["loss_weights"]
   length = seg.shape[0]
   assert np.all(np.diff(seg[seg > 0]) >= 0), "segments out of order"
-  assert np.all(seg[np.argmax(seg == 0):] == 0) if (seg == 0).any() else True, "padding inside the row"
+  padding = np.nonzero(seg == 0)[0]
+  assert len(padding) == 0 or np.all(seg[padding[0]:] == 0), "padding inside the row"
   for s in np.unique(seg[seg > 0]):
     where = np.nonzero(seg == s)[0]
     assert np.array_equal(where, np.arange(where[0], where[-1] + 1)), f"segment {s} not contiguous"

@@ -3,12 +3,12 @@
 * ``identity``: the latent is the image itself, scaled to [-1, 1] (the tiny demo).
 * ``kl_vae``: a convolutional KL-VAE (Rombach et al.): residual conv encoder with
   ×2 downsampling per level to a Gaussian posterior over `latent_channels`
-  (8, like Transfusion's), and a mirrored decoder. Loss: reconstruction (L2 or
-  L1) + a small KL; own config (configs/vae/),
-  then used frozen (the family config names its checkpoint). `AutoencoderTask`
-  trains it through the common trainer on the images of packed rows (the
-  perceptual and adversarial terms of LDM's recipe are not implemented). Latents are
-  multiplied by `scale` so the diffusion sees roughly unit variance.
+  (8, like Transfusion's), and a mirrored decoder. `AutoencoderTask` trains it
+  through the common trainer on the images of packed rows with its own config
+  (configs/vae/): reconstruction (L2 or L1) + a small KL; LDM's perceptual and
+  adversarial terms are not implemented. It is then used frozen: the family's
+  config names its checkpoint. Latents are multiplied by `scale` so the
+  diffusion sees roughly unit variance.
 
 `encode(images uint8 [..., H, W, C], rng) → latents`, `decode(latents) → float
 pixels in [-1, 1]`; `to_uint8` turns those into images.
@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unimm.models import layers
 from unimm.models.patches import ResBlock
 
 
@@ -72,15 +73,15 @@ class _Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.channels, (3, 3), name="stem")(x)
+    x = layers.conv(self.channels, name="stem")(x)
     for i, mult in enumerate(self.channel_mults):
       for j in range(self.blocks_per_level):
         x = ResBlock(self.channels * mult, name=f"down{i}_{j}")(x)
       if i < len(self.channel_mults) - 1:
-        x = nn.Conv(self.channels * mult, (3, 3), strides=(2, 2), name=f"downsample{i}")(x)
+        x = layers.conv(self.channels * mult, strides=(2, 2), name=f"downsample{i}")(x)
     x = ResBlock(self.channels * self.channel_mults[-1], name="mid")(x)
-    x = nn.silu(nn.GroupNorm(min(8, x.shape[-1]), name="out_norm")(x))
-    return nn.Conv(2 * self.latent_channels, (3, 3), name="out")(x)
+    x = nn.silu(layers.group_norm(x.shape[-1], name="out_norm")(x))
+    return layers.conv(2 * self.latent_channels, name="out")(x)
 
 
 class _Decoder(nn.Module):
@@ -91,15 +92,16 @@ class _Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z):
-    x = nn.Conv(self.channels * self.channel_mults[-1], (3, 3), name="stem")(z)
+    x = layers.conv(self.channels * self.channel_mults[-1], name="stem")(z)
     x = ResBlock(self.channels * self.channel_mults[-1], name="mid")(x)
     for i in reversed(range(len(self.channel_mults))):
       for j in range(self.blocks_per_level):
         x = ResBlock(self.channels * self.channel_mults[i], name=f"up{i}_{j}")(x)
       if i > 0:
-        x = nn.ConvTranspose(self.channels * self.channel_mults[i - 1], (2, 2), strides=(2, 2), name=f"upsample{i}")(x)
-    x = nn.silu(nn.GroupNorm(min(8, x.shape[-1]), name="out_norm")(x))
-    return nn.Conv(self.out_channels, (3, 3), name="out")(x)
+        x = layers.conv(self.channels * self.channel_mults[i - 1], (2, 2), strides=(2, 2), transpose=True,
+                        name=f"upsample{i}")(x)
+    x = nn.silu(layers.group_norm(x.shape[-1], name="out_norm")(x))
+    return layers.conv(self.out_channels, name="out")(x)
 
 
 class KLVAE(nn.Module):

@@ -128,3 +128,32 @@ class TimestepMLP(nn.Module):
     h = DenseGeneral((self.features,), ("time_freq",), ("embed",), dtype=self.dtype, name="fc1")(h)
     h = DenseGeneral((self.features,), ("embed_in",), ("embed",), dtype=self.dtype, name="fc2")(nn.silu(h))
     return h
+
+
+def _named(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def conv(features: int, kernel=(3, 3), *, strides=(1, 1), transpose: bool = False, zero_init: bool = False,
+         dtype: Dtype = jnp.float32, name: str | None = None):
+  """A biased (transposed) convolution whose params carry logical names (conv_in, conv_out)."""
+  init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  cls = nn.ConvTranspose if transpose else nn.Conv
+  return cls(features, tuple(kernel), strides=tuple(strides), dtype=dtype, name=name,
+             kernel_init=_named(init, (None, None, "conv_in", "conv_out")),
+             bias_init=_named(nn.initializers.zeros, ("conv_out",)))
+
+
+def group_norm(channels: int, groups: int = 8, *, dtype: Dtype = jnp.float32, name: str | None = None):
+  """GroupNorm with min(groups, channels) groups and named params."""
+  return nn.GroupNorm(min(groups, channels), dtype=dtype, name=name,
+                      scale_init=_named(nn.initializers.ones, ("conv_out",)),
+                      bias_init=_named(nn.initializers.zeros, ("conv_out",)))
+
+
+def dense(features: int, in_name: str = "embed_in", out_name: str = "conv_out", *, dtype: Dtype = jnp.float32,
+          name: str | None = None):
+  """A biased dense layer with named params (for conv stacks; the backbone uses DenseGeneral)."""
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=_named(nn.initializers.lecun_normal(), (in_name, out_name)),
+                  bias_init=_named(nn.initializers.zeros, (out_name,)))

@@ -72,15 +72,14 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, t_emb=None):
-    groups = min(self.groups, x.shape[-1], self.channels)
-    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(
-        nn.silu(nn.GroupNorm(groups, dtype=self.dtype, name="norm1")(x)))
+    h = layers.conv(self.channels, dtype=self.dtype, name="conv1")(
+        nn.silu(layers.group_norm(x.shape[-1], self.groups, dtype=self.dtype, name="norm1")(x)))
     if t_emb is not None:
-      h = h + nn.Dense(self.channels, dtype=self.dtype, name="time")(nn.silu(t_emb))[:, None, None, :]
-    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv2",
-                kernel_init=nn.initializers.zeros)(nn.silu(nn.GroupNorm(groups, dtype=self.dtype, name="norm2")(h)))
+      h = h + layers.dense(self.channels, dtype=self.dtype, name="time")(nn.silu(t_emb))[:, None, None, :]
+    h = layers.conv(self.channels, zero_init=True, dtype=self.dtype, name="conv2")(
+        nn.silu(layers.group_norm(self.channels, self.groups, dtype=self.dtype, name="norm2")(h)))
     if x.shape[-1] != self.channels:
-      x = nn.Conv(self.channels, (1, 1), dtype=self.dtype, name="skip")(x)
+      x = layers.conv(self.channels, (1, 1), dtype=self.dtype, name="skip")(x)
     return x + h
 
 
@@ -104,15 +103,16 @@ class UNetPatch(nn.Module):
     levels = self._levels()
     ch = list(self.channels)[:levels + 1]
     c = self.latent_shape[2]
-    self.stem = nn.Conv(ch[0], (3, 3), dtype=self.dtype)
+    self.stem = layers.conv(ch[0], dtype=self.dtype)
     self.down = [[ResBlock(ch[i], dtype=self.dtype) for _ in range(self.blocks_per_level)] for i in range(levels + 1)]
-    self.downsample = [nn.Conv(ch[i + 1], (3, 3), strides=(2, 2), dtype=self.dtype) for i in range(levels)]
-    self.to_model = nn.Dense(self.dim, dtype=self.dtype)
-    self.from_model = nn.Dense(ch[levels], dtype=self.dtype)
+    self.downsample = [layers.conv(ch[i + 1], strides=(2, 2), dtype=self.dtype) for i in range(levels)]
+    self.to_model = layers.dense(self.dim, "conv_in", "embed", dtype=self.dtype)
+    self.from_model = layers.dense(ch[levels], "embed", "conv_out", dtype=self.dtype)
     self.up = [[ResBlock(ch[i], dtype=self.dtype) for _ in range(self.blocks_per_level)] for i in range(levels + 1)]
-    self.upsample = [nn.ConvTranspose(ch[i], (2, 2), strides=(2, 2), dtype=self.dtype) for i in range(levels)]
-    self.out_norm = nn.GroupNorm(min(8, ch[0]), dtype=self.dtype)
-    self.out = nn.Conv(c, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros)
+    self.upsample = [layers.conv(ch[i], (2, 2), strides=(2, 2), transpose=True, dtype=self.dtype)
+                     for i in range(levels)]
+    self.out_norm = layers.group_norm(ch[0], dtype=self.dtype)
+    self.out = layers.conv(c, zero_init=True, dtype=self.dtype)
 
   def encode(self, latents, t_emb):
     b, m = latents.shape[:2]

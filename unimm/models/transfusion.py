@@ -195,8 +195,8 @@ class TransfusionTask:
     """Images for caption prompts by re-running the whole row at every denoising step.
 
     prompts [N, L] token ids (caption only, no BOS), prompt_lengths [N]. Conditional
-    and unconditional (empty caption) rows run as one batch. (The KV-cached
-    sampler that runs only the image slots lives in the inference package.)
+    and unconditional (empty caption) rows run as one batch. (A KV-cached
+    sampler that runs only the image slots is not built yet.)
     """
     rows = build_image_prompt_rows(prompts, prompt_lengths, self.model.slots, specials)
     uncond = build_image_prompt_rows(np.zeros_like(prompts), np.zeros_like(prompt_lengths), self.model.slots,

@@ -43,6 +43,8 @@ RULES = {
         ("patch", None),
         ("time_freq", None),
         ("embed_in", None),
+        ("conv_in", None),  # conv stacks (U-Net patch layers, VAE) are small: replicated
+        ("conv_out", None),
     ),
 }
 

@@ -151,7 +151,7 @@ def train(config, workdir: str) -> dict:
             f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
             "no checkpoint was written for it. Lower the learning rate, check the data, or set "
             "--config.train.skip_nonfinite=True to skip such updates.")
-      names = sorted(k for k in m if k != "finite")
+      names = tuple(sorted(k for k in m if k != "finite"))
       update = metrics_lib.averages(names).single_from_model_output(**{k: m[k] for k in names})
       window = update if window is None else window.merge(update)
       bar.update(1)

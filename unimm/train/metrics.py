@@ -6,6 +6,7 @@ holds steps from beyond the restored checkpoint (a killed run's tail).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -14,8 +15,9 @@ import flax
 import numpy as np
 
 
-def averages(names) -> type:
-  """A clu Collection averaging each named step output over a logging window."""
+@functools.lru_cache(maxsize=None)
+def averages(names: tuple[str, ...]) -> type:
+  """A clu Collection averaging each named step output over a logging window (one class per name set)."""
   return flax.struct.dataclass(type("WindowAverages", (clu_metrics.Collection,), {
       "__annotations__": {n: clu_metrics.Average.from_output(n) for n in names}}))
 
