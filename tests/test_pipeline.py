@@ -183,3 +183,13 @@ def test_mixture_weights(shapes_config, tmp_path):
   frac = without / (with_image + without)
   assert abs(frac - 0.75) < 0.05, frac
   assert tok.vocab_size > 0
+
+
+def test_prepare_splits_inputs_across_hosts(tmp_path):
+  for i in range(5):
+    write_jsonl(tmp_path / f"part{i}.jsonl", [{"parts": [{"text": f"doc {i} {j}"}]} for j in range(i + 1)])
+  pattern = str(tmp_path / "part*.jsonl")
+  a = prepare.prepare([pattern], str(tmp_path / "out"), host_index=0, host_count=2, workers=1)
+  b = prepare.prepare([pattern], str(tmp_path / "out"), host_index=1, host_count=2, workers=1)
+  assert (a["files"], b["files"]) == (3, 2) and a["written"] + b["written"] == 15
+  assert sorted(p.name for p in (tmp_path / "out").glob("*.array_record")) == [f"part{i}.array_record" for i in range(5)]

@@ -18,7 +18,8 @@ may drop the caption). ``loss_weight: 0`` masks a text part as a prompt.
 
 Each input file becomes one output shard ``<stem>.array_record`` (so shard
 count and parallelism follow the input files), written by a pool of worker
-processes while streaming: nothing is held whole in memory. Images are decoded,
+processes while streaming: nothing is held whole in memory. Several hosts split
+the files with ``--host_index=i --host_count=n`` (host i takes files i, i+n, …). Images are decoded,
 converted to the channel count, centre-cropped and resized to ``image_size``
 when given, and stored as PNG. A document that cannot be converted is skipped
 and counted by reason; ``<stem>.stats.json`` per shard and ``stats.json`` in the
@@ -47,6 +48,8 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the shards go.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Square output size in pixels; 0 keeps the size.")
 _CHANNELS = flags.DEFINE_enum("channels", "3", ["1", "3"], "Image channels to store (1 = grayscale).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes; 0 = one per core.")
+_HOST_INDEX = flags.DEFINE_integer("host_index", 0, "This host's index when several hosts split the inputs.")
+_HOST_COUNT = flags.DEFINE_integer("host_count", 1, "How many hosts split the inputs (files i::count each).")
 
 
 def iter_documents(path: str) -> Iterator[tuple[list[dict] | None, bool, str]]:
@@ -168,17 +171,21 @@ def convert_file(args: tuple[str, str, int, int]) -> dict:
 
 
 def prepare(inputs: list[str], output_dir: str, *, image_size: int = 0, channels: int = 3,
-            workers: int = 0) -> dict:
-  """Converts every input file (in parallel); returns the summed counts."""
+            workers: int = 0, host_index: int = 0, host_count: int = 1) -> dict:
+  """Converts this host's share of the input files (in parallel); returns the summed counts."""
   paths = sorted({p for pattern in inputs for p in glob.glob(pattern)})
   if not paths:
     raise FileNotFoundError(f"no input files match {inputs}")
+  if not 0 <= host_index < host_count:
+    raise ValueError(f"host_index={host_index} must lie in [0, host_count={host_count})")
   stems = [os.path.basename(p).rsplit(".", 1)[0] for p in paths]
   dupes = [s for s, n in collections.Counter(stems).items() if n > 1]
   if dupes:
     raise ValueError(f"input files share the names {dupes}; each becomes <name>.array_record, rename them")
   os.makedirs(output_dir, exist_ok=True)
-  jobs = [(p, output_dir, image_size, channels) for p in paths]
+  jobs = [(p, output_dir, image_size, channels) for p in paths[host_index::host_count]]
+  if not jobs:
+    return {"files": 0}
   workers = min(len(jobs), workers or os.cpu_count() or 1)
   if workers > 1:
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -189,7 +196,8 @@ def prepare(inputs: list[str], output_dir: str, *, image_size: int = 0, channels
   for stats in per_file:
     total.update({k: v for k, v in stats.items() if isinstance(v, int)})
   summary = {"files": len(per_file), **dict(sorted(total.items()))}
-  with open(os.path.join(output_dir, "stats.json"), "w") as f:
+  name = "stats.json" if host_count == 1 else f"stats-{host_index:05d}-of-{host_count:05d}.json"
+  with open(os.path.join(output_dir, name), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
 
@@ -199,7 +207,8 @@ def main(argv):
   if not _INPUTS.value or not _OUTPUT_DIR.value:
     raise app.UsageError("--inputs and --output_dir are required")
   summary = prepare(_INPUTS.value, _OUTPUT_DIR.value, image_size=_IMAGE_SIZE.value,
-                    channels=int(_CHANNELS.value), workers=_WORKERS.value)
+                    channels=int(_CHANNELS.value), workers=_WORKERS.value, host_index=_HOST_INDEX.value,
+                    host_count=_HOST_COUNT.value)
   logging.info("prepared: %s", summary)
   print(json.dumps(summary))
 
