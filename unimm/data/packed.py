@@ -33,24 +33,29 @@ ROW_FIELDS = ("tokens", "segment_ids", "positions", "image_ids", "loss_weights")
 IMAGE_FIELDS = ("images", "image_valid", "image_t_max")
 
 
-def attention_mask(segment_ids, image_ids, *, bidirectional_images: bool = True):
-  """Which keys each query may attend to: bool [..., T(query), T(key)].
+def attention_mask(segment_ids, image_ids, *, bidirectional_images: bool = True,
+                   key_segment_ids=None, key_image_ids=None, query_offset=0):
+  """Which keys each query may attend to: bool [..., T(query), S(key)].
 
   ``allowed(q, k) = seg[q] == seg[k] != 0 and (k <= q or img[q] == img[k] != 0)``:
   causal, no attention across packed documents or from/to padding, and (when
   `bidirectional_images`, the Transfusion rule) full attention inside each image.
   Works on numpy and jax arrays alike; this is the reference every attention
   kernel is tested against.
+
+  With a KV cache the keys are the cache's slots (`key_segment_ids`,
+  `key_image_ids`, [..., S]) and the queries sit at slots `query_offset + t`.
   """
   xp = _array_module(segment_ids)
-  seg_q, seg_k = segment_ids[..., :, None], segment_ids[..., None, :]
-  length = segment_ids.shape[-1]
-  idx = xp.arange(length)
-  causal = idx[None, :] <= idx[:, None]
-  allowed = causal
+  if key_segment_ids is None:
+    key_segment_ids, key_image_ids = segment_ids, image_ids
+  seg_q, seg_k = segment_ids[..., :, None], key_segment_ids[..., None, :]
+  q_index = query_offset + xp.arange(segment_ids.shape[-1])
+  k_index = xp.arange(key_segment_ids.shape[-1])
+  allowed = k_index[None, :] <= q_index[:, None]
   if bidirectional_images:
-    img_q, img_k = image_ids[..., :, None], image_ids[..., None, :]
-    allowed = causal | ((img_q == img_k) & (img_q != 0))
+    img_q, img_k = image_ids[..., :, None], key_image_ids[..., None, :]
+    allowed = allowed | ((img_q == img_k) & (img_q != 0))
   return (seg_q == seg_k) & (seg_q != 0) & allowed
 
 

@@ -32,14 +32,18 @@ def resolve_implementation(implementation: str) -> str:
 
 
 def attend(q, k, v, segment_ids, image_ids, *, bidirectional_images: bool = True,
-           implementation: str = "auto"):
-  """q [B, T, N, H], k/v [B, T, K, H] (K divides N) → [B, T, N, H].
+           implementation: str = "auto", key_segment_ids=None, key_image_ids=None, query_offset=0):
+  """q [B, T, N, H], k/v [B, S, K, H] (K divides N) → [B, T, N, H].
 
-  Rows that may attend to nothing (padding) come out finite but meaningless;
-  losses exclude them through their zero weights.
+  Without key ids, keys are the queries' own row (S = T, training). With a KV
+  cache, keys are the cache's S slots with their ids and the queries sit at
+  slots `query_offset + t`. Rows that may attend to nothing (padding) come out
+  finite but meaningless; losses exclude them through their zero weights.
   """
   impl = resolve_implementation(implementation)
-  mask = attention_mask(segment_ids, image_ids, bidirectional_images=bidirectional_images)[:, None]
+  mask = attention_mask(segment_ids, image_ids, bidirectional_images=bidirectional_images,
+                        key_segment_ids=key_segment_ids, key_image_ids=key_image_ids,
+                        query_offset=query_offset)[:, None]
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")

@@ -69,7 +69,17 @@ class BackboneConfig:
 
 
 class Attention(nn.Module):
+  """Self-attention over a packed row; with `decode`, over a KV cache.
+
+  The cache (collection ``cache``) holds keys, values and the slots' segment and
+  image ids for S slots, S being the length of the call that created it
+  (`init` with decode=True). Each later call writes its n inputs at the cache
+  index and attends to every filled slot by the same rule, so a prompt, an
+  image's slots or a single token can be fed in any chunking.
+  """
+
   cfg: BackboneConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, image_ids):
@@ -86,22 +96,45 @@ class Attention(nn.Module):
     q = layers.constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = layers.constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
     v = layers.constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+    cache_ids = {}
+    if self.decode:
+      k, v, cache_ids = self._update_cache(k, v, segment_ids, image_ids)
     out = attention.attend(q, k, v, segment_ids, image_ids, bidirectional_images=c.bidirectional_images,
-                           implementation=c.attention)
+                           implementation=c.attention, **cache_ids)
     out = layers.constrain(out, ("act_batch", "act_length", "act_heads", None))
     return layers.DenseGeneral((c.dim,), ("heads", "head_dim"), ("embed",), num_in_axes=2, dtype=dt,
                                name="o")(out)
 
 
+  def _update_cache(self, k, v, segment_ids, image_ids):
+    initialized = self.has_variable("cache", "key")
+    cache_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+    cache_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+    cache_seg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids.shape, jnp.int32)
+    cache_img = self.variable("cache", "image_ids", jnp.zeros, image_ids.shape, jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not initialized:  # the creating call only sizes the cache
+      return k, v, {}
+    i = index.value
+    cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, k.astype(cache_k.value.dtype), (0, i, 0, 0))
+    cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v.astype(cache_v.value.dtype), (0, i, 0, 0))
+    cache_seg.value = jax.lax.dynamic_update_slice(cache_seg.value, segment_ids.astype(jnp.int32), (0, i))
+    cache_img.value = jax.lax.dynamic_update_slice(cache_img.value, image_ids.astype(jnp.int32), (0, i))
+    index.value = i + k.shape[1]
+    return cache_k.value, cache_v.value, {
+        "key_segment_ids": cache_seg.value, "key_image_ids": cache_img.value, "query_offset": i}
+
+
 class DecoderLayer(nn.Module):
   cfg: BackboneConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, image_ids):
     c = self.cfg
     dt = c.compute_dtype
     h = layers.RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
-    x = x + Attention(c, name="attn")(h, positions, segment_ids, image_ids)
+    x = x + Attention(c, self.decode, name="attn")(h, positions, segment_ids, image_ids)
     x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
     h = layers.RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
     x = x + layers.SwiGLU(c.hidden, dt, name="mlp")(h)
@@ -117,9 +150,10 @@ class _ScanLayer(DecoderLayer):
 
 
 class Backbone(nn.Module):
-  """[B, T, D] embeddings → [B, T, D] final-normed hidden states."""
+  """[B, T, D] embeddings → [B, T, D] final-normed hidden states (`decode`: through a KV cache)."""
 
   cfg: BackboneConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, image_ids):
@@ -127,18 +161,20 @@ class Backbone(nn.Module):
     if c.remat not in REMAT_POLICIES:
       raise ValueError(f"remat policy {c.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     x = layers.constrain(x.astype(c.compute_dtype), ("act_batch", "act_length", "act_embed"))
+    remat = c.remat != "none" and not self.decode  # inference keeps no activations for a backward pass
     if c.scan:
       layer = _ScanLayer
-      if c.remat != "none":
+      if remat:
         layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-      stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(c, name="layers")(x, positions, segment_ids, image_ids)
+      x, _ = stack(c, self.decode, name="layers")(x, positions, segment_ids, image_ids)
     else:
       layer = DecoderLayer
-      if c.remat != "none":
+      if remat:
         layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat])
       for i in range(c.num_layers):
-        x = layer(c, name=f"layer_{i}")(x, positions, segment_ids, image_ids)
+        x = layer(c, self.decode, name=f"layer_{i}")(x, positions, segment_ids, image_ids)
     return layers.RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
