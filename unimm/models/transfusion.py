@@ -67,6 +67,7 @@ class TransfusionModel(nn.Module):
   patch_size: int = 2
   unet_channels: tuple[int, ...] = (64, 128, 256)
   unet_blocks: int = 1
+  decode: bool = False  # run the backbone through its KV cache (inference)
 
   def setup(self):
     c = self.backbone
@@ -80,7 +81,7 @@ class TransfusionModel(nn.Module):
                                      blocks_per_level=self.unet_blocks, dtype=dt)
     else:
       raise ValueError(f"patch kind {self.patch_kind!r}; expected 'linear' or 'unet'")
-    self.decoder = backbone.Backbone(c)
+    self.decoder = backbone.Backbone(c, decode=self.decode)
     self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=dt)
 
   @property
