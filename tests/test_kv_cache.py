@@ -2,7 +2,6 @@
 uncached outputs, for left-padded rows of different lengths."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

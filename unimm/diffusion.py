@@ -102,3 +102,27 @@ def timestep_sequence(num_timesteps: int, num_steps: int) -> np.ndarray:
 def guide(eps_cond, eps_uncond, scale: float):
   """Classifier-free guidance: ε_u + s·(ε_c − ε_u)."""
   return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, guidance: float = 1.0, sampler: str = "ddim",
+           rng=None):
+  """Denoises x [N, ...] from pure noise with classifier-free guidance.
+
+  `eps_fn(x2, t)` returns ε for the 2N rows [conditional; unconditional] at
+  integer timestep t (the same x for both halves); they are mixed by `guide`.
+  """
+  if sampler not in ("ddim", "ddpm"):
+    raise ValueError(f"sampler {sampler!r}; expected 'ddim' or 'ddpm'")
+  n = x.shape[0]
+  steps = timestep_sequence(schedule.num_timesteps, num_steps)
+  for i, t in enumerate(steps):
+    t_prev = int(steps[i + 1]) if i + 1 < len(steps) else -1
+    eps = eps_fn(jnp.concatenate([x, x]), int(t))
+    eps = guide(eps[:n], eps[n:], guidance)
+    tn, tp = jnp.full((n,), t, jnp.int32), jnp.full((n,), t_prev, jnp.int32)
+    if sampler == "ddim":
+      x = ddim_step(schedule, x, eps, tn, tp)
+    else:
+      rng, sub = jax.random.split(rng)
+      x = ddpm_step(schedule, sub, x, eps, tn, tp)
+  return x

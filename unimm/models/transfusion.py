@@ -196,30 +196,23 @@ class TransfusionTask:
     """Images for caption prompts by re-running the whole row at every denoising step.
 
     prompts [N, L] token ids (caption only, no BOS), prompt_lengths [N]. Conditional
-    and unconditional (empty caption) rows run as one batch. (A KV-cached
-    sampler that runs only the image slots is not built yet.)
+    and unconditional (empty caption) rows run as one batch. This is the
+    reference; `unimm.inference.images` runs only the image slots against a
+    KV cache of the prompt.
     """
     rows = build_image_prompt_rows(prompts, prompt_lengths, self.model.slots, specials)
     uncond = build_image_prompt_rows(np.zeros_like(prompts), np.zeros_like(prompt_lengths), self.model.slots,
                                      specials, length=rows["tokens"].shape[1])
     both = {k: jnp.concatenate([rows[k], uncond[k]]) for k in rows}
-    n = prompts.shape[0]
     m = self.model.max_images
-    x = jax.random.normal(rng, (n, *self.model.latent_shape), jnp.float32)
-    steps = diffusion.timestep_sequence(self.schedule.num_timesteps, num_steps)
-    for i, t in enumerate(steps):
-      t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-      latents = jnp.zeros((2 * n, m, *self.model.latent_shape)).at[:, 0].set(jnp.concatenate([x, x]))
-      tt = jnp.full((2 * n, m), t, jnp.int32)
-      eps = self._eps_fn(params, both, latents, tt)[:, 0]
-      eps = diffusion.guide(eps[:n], eps[n:], guidance)
-      tn = jnp.full((n,), t, jnp.int32)
-      tp = jnp.full((n,), t_prev, jnp.int32)
-      if sampler == "ddim":
-        x = diffusion.ddim_step(self.schedule, x, eps, tn, tp)
-      else:
-        rng, sub = jax.random.split(rng)
-        x = diffusion.ddpm_step(self.schedule, sub, x, eps, tn, tp)
+
+    def eps_fn(x2, t):
+      latents = jnp.zeros((x2.shape[0], m, *self.model.latent_shape)).at[:, 0].set(x2)
+      return self._eps_fn(params, both, latents, jnp.full((x2.shape[0], m), t, jnp.int32))[:, 0]
+
+    noise = jax.random.normal(rng, (prompts.shape[0], *self.model.latent_shape), jnp.float32)
+    x = diffusion.sample(self.schedule, eps_fn, noise, num_steps=num_steps, guidance=guidance, sampler=sampler,
+                         rng=jax.random.fold_in(rng, 1))
     return np.asarray(self.decode_latents(x, image_channels))
 
 
