@@ -1,9 +1,9 @@
 """Text generation with a KV cache: prefill the prompts once, then one token at a time.
 
-Prompts of different lengths are left-padded into one batch (padding has
-segment id 0, so the attention rule already ignores it) and each row keeps its
-own positions. Sampling: greedy (temperature 0), temperature, top-k, top-p.
-A row stops at EOS or after `max_new_tokens`; the loop ends when all rows have.
+Prompts (`unimm.inference.prompts`) may hold images, read clean. They are
+left-padded into one batch and each row keeps its own positions. Sampling:
+greedy (temperature 0), temperature, top-k, top-p. A row stops at EOS or after
+its token budget; the loop ends when every row has.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from unimm.inference import prompts as prompts_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,69 +43,59 @@ def sample_tokens(logits, rng, opts: SamplingOptions):
   return jax.random.categorical(rng, logits, axis=-1)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, multiple: int = 16):
-  """tokens, positions, segment_ids [B, P] with P rounded up to `multiple` (fewer compiled shapes)."""
-  longest = max(len(p) for p in prompts)
-  length = -(-longest // multiple) * multiple
-  tokens = np.full((len(prompts), length), pad_id, np.int32)
-  positions = np.zeros_like(tokens)
-  segments = np.zeros_like(tokens)
-  for i, p in enumerate(prompts):
-    tokens[i, length - len(p):] = p
-    positions[i, length - len(p):] = np.arange(len(p))
-    segments[i, length - len(p):] = 1
-  return tokens, positions, segments
+def empty_cache(model, batch: int, length: int):
+  """Zeros shaped like `model`'s KV cache (decode mode) for `batch` rows of `length` slots."""
+  ids = jnp.zeros((batch, length), jnp.int32)
+  latents = jnp.zeros((batch, model.max_images, *model.latent_shape), jnp.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids, ids, latents,
+                                             jnp.zeros((batch, model.max_images), jnp.int32)))["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 class TextGenerator:
-  """Greedy/sampled continuation of token prompts for a Transfusion-style model (KV-cached)."""
+  """Continues prompts for a Transfusion-style task (KV-cached)."""
 
-  def __init__(self, model, params, *, eos_id: int, pad_id: int):
-    self.model = dataclasses.replace(model, decode=True)
+  def __init__(self, task, params, specials):
+    self.task = task
+    self.model = dataclasses.replace(task.model, decode=True)
     self.params = params
-    self.eos_id, self.pad_id = eos_id, pad_id
-
-    def step(params, cache, tokens, positions, segments):
-      (logits, _), mutated = self.model.apply({"params": params, "cache": cache},
-                                              *self._inputs(tokens, positions, segments), mutable=["cache"])
-      return logits[:, -1], mutated["cache"]
-    self._jitted_step = jax.jit(step, donate_argnums=1)  # the cache is updated in place
-
-  def _inputs(self, tokens, positions, segments):
-    b = tokens.shape[0]
+    self.specials = specials
     m = self.model.max_images
-    latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32)
-    return tokens, positions, segments, jnp.zeros_like(tokens), latents, jnp.zeros((b, m), jnp.int32)
 
-  def empty_cache(self, batch: int, length: int):
-    shapes = jax.eval_shape(lambda: self.model.init(
-        jax.random.key(0), *self._inputs(*(jnp.zeros((batch, length), jnp.int32),) * 3)))["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    def step(params, cache, tokens, positions, segments, image_ids, latents):
+      t = jnp.zeros((tokens.shape[0], m), jnp.int32)  # images in a prompt are read clean
+      (logits, _), mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
+                                              image_ids, latents, t, mutable=["cache"])
+      return logits[:, -1], mutated["cache"]
+    self._step = jax.jit(step, donate_argnums=1)  # the cache is updated in place
 
-  def _step(self, cache, tokens, positions, segments):
-    return self._jitted_step(self.params, cache, tokens, positions, segments)
-
-  def generate(self, prompts: list[list[int]], *, max_new_tokens: int, rng=None,
+  def generate(self, prompts: list[prompts_lib.Prompt], *, max_new_tokens: int | list[int], rng=None,
                options: SamplingOptions = SamplingOptions()) -> list[list[int]]:
     """The generated ids of each prompt (EOS included when reached)."""
-    tokens, positions, segments = left_pad(prompts, self.pad_id)
     b = len(prompts)
-    cache = self.empty_cache(b, tokens.shape[1] + max_new_tokens)
-    logits, cache = self._step(cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+    budget = np.broadcast_to(np.asarray(max_new_tokens), (b,)).copy()
+    rows = prompts_lib.batch(prompts, pad_id=self.specials.pad, max_images=self.model.max_images,
+                             image_shape=self.task.image_shape)
+    cache = empty_cache(self.model, b, rows["tokens"].shape[1] + int(budget.max()))
+    latents = self.task.encode_images(jnp.asarray(rows["images"]))
+    logits, cache = self._step(self.params, cache, *(jnp.asarray(rows[k]) for k in
+                                                     ("tokens", "positions", "segment_ids", "image_ids")), latents)
+    no_images = jnp.zeros_like(latents)
     rng = jax.random.key(0) if rng is None else rng
     next_pos = np.array([len(p) for p in prompts], np.int32)
-    done = np.zeros(b, bool)
+    done = budget <= 0
     out: list[list[int]] = [[] for _ in range(b)]
-    for _ in range(max_new_tokens):
+    for _ in range(int(budget.max())):
       rng, sub = jax.random.split(rng)
       new = np.asarray(sample_tokens(logits, sub, options))
       for i in np.nonzero(~done)[0]:
         out[i].append(int(new[i]))
-      done |= new == self.eos_id
+      done |= (new == self.specials.eos) | (np.array([len(o) for o in out]) >= budget)
       if done.all():
         break
+      tokens = np.where(done, self.specials.pad, new)[:, None].astype(np.int32)
       seg = np.where(done, 0, 1).astype(np.int32)[:, None]
-      logits, cache = self._step(cache, jnp.asarray(np.where(done, self.pad_id, new)[:, None].astype(np.int32)),
-                                 jnp.asarray(next_pos[:, None]), jnp.asarray(seg))
+      logits, cache = self._step(self.params, cache, jnp.asarray(tokens), jnp.asarray(next_pos[:, None]),
+                                 jnp.asarray(seg), jnp.zeros((b, 1), jnp.int32), no_images)
       next_pos += 1
     return out

@@ -120,6 +120,7 @@ class TransfusionTask:
   diffusion_weight: float = 5.0
   z_loss: float = 0.0
   frozen_autoencoder: Any = None  # kl_vae params, or None for identity
+  image_shape: tuple[int, int, int] = (0, 0, 0)  # H, W, C of the pixels the autoencoder takes
 
   def __post_init__(self):
     def eps_fn(params, rows, latents, t):
