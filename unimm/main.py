@@ -11,6 +11,8 @@ Modes:
   inspect   prepare, then pack a few training batches and show them: decoded
             rows, invariant checks, fill ratio, skip counts, and the rows'
             images as a PNG in the workdir.
+  eval      evaluate the workdir's latest checkpoint on the embedded data
+            (text→image, captioning, perplexity); writes WORKDIR/eval.json.
   sample    run --prompts=FILE (JSON lines) with the workdir's latest
             checkpoint; write --out=DIR/manifest.jsonl and PNGs
             (see unimm/inference/requests.py for the contract).
@@ -29,14 +31,15 @@ import numpy as np
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (FILE[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval"], "What to do.")
+_EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 200, "eval: test examples per task.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "sample: JSON-lines requests.")
 _OUT = flags.DEFINE_string("out", None, "sample: output directory.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sample: text temperature (0 = greedy).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample: top-k (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus mass (1 = off).")
-_DIFFUSION_STEPS = flags.DEFINE_integer("diffusion_steps", 250, "sample: denoising steps (the paper: 250).")
-_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "sample: classifier-free guidance scale.")
+_DIFFUSION_STEPS = flags.DEFINE_integer("diffusion_steps", 250, "sample/eval: denoising steps (the paper: 250).")
+_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "sample/eval: classifier-free guidance scale.")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "sample: diffusion sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "inspect: batches to pack and measure.")
@@ -131,18 +134,40 @@ def describe_row(row: dict, tok) -> list[str]:
   return lines
 
 
+def load_trained(config, workdir: str):
+  """(task, params, tokenizer, step) from the workdir's latest complete checkpoint."""
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unimm.models import families  # pylint: disable=g-import-not-at-top
+  from unimm.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  tokenizer = pipeline.load_tokenizer(config.data)
+  task = families.build_task(config, tokenizer.vocab_size, frozen_autoencoder=loop.load_frozen_autoencoder(config))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise app.UsageError(f"no checkpoint in {workdir}/checkpoints: train first (--mode=train)")
+  return task, ckpt.restore_params(step), tokenizer, step
+
+
+def evaluate(config, workdir: str) -> dict:
+  """--mode=eval: metrics on the embedded data → WORKDIR/eval.json and TensorBoard."""
+  from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  task, params, tokenizer, step = load_trained(config, workdir)
+  results = evaluate_lib.evaluate(config, task, params, tokenizer, num_examples=_EVAL_EXAMPLES.value,
+                                  diffusion_steps=_DIFFUSION_STEPS.value, guidance=_GUIDANCE.value,
+                                  seed=_SEED.value)
+  path = evaluate_lib.write(results, workdir, step)
+  print(json.dumps(evaluate_lib.flatten(results), indent=1))
+  logging.info("Wrote %s.", path)
+  return results
+
+
 def sample(config, workdir: str) -> list[dict]:
   """--mode=sample: requests → manifest and PNGs, from the workdir's latest checkpoint."""
   if not _PROMPTS.value or not _OUT.value:
     raise app.UsageError("--mode=sample needs --prompts=FILE and --out=DIR")
   import jax  # pylint: disable=g-import-not-at-top
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   from unimm.inference import requests, text  # pylint: disable=g-import-not-at-top
-  from unimm.models import families  # pylint: disable=g-import-not-at-top
-  from unimm.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
-  tokenizer = pipeline.load_tokenizer(config.data)
-  task = families.build_task(config, tokenizer.vocab_size, frozen_autoencoder=loop.load_frozen_autoencoder(config))
-  params = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False).restore_params()
+  task, params, tokenizer, _ = load_trained(config, workdir)
   reqs = requests.parse_requests(_PROMPTS.value, task.image_shape)
   manifest = requests.run_requests(
       task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len), rng=jax.random.key(_SEED.value),
@@ -171,8 +196,8 @@ def main(argv):
   if _MODE.value == "inspect":
     inspect(config, _WORKDIR.value)
     return
-  if _MODE.value == "sample":
-    sample(config, _WORKDIR.value)
+  if _MODE.value in ("sample", "eval"):
+    (sample if _MODE.value == "sample" else evaluate)(config, _WORKDIR.value)
     return
   from unimm.train import loop  # pylint: disable=g-import-not-at-top
   if jax_process_index() == 0:
