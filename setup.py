@@ -32,7 +32,8 @@ setuptools.setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "tensorboard>=2.15"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "tensorboard>=2.15",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.0", "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
