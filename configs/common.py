@@ -80,6 +80,9 @@ def base_config() -> mlc.ConfigDict:
   t.sample_prompts = 8
   t.sample_steps = 50
   t.sample_guidance = 3.0
+  t.eval_every = 0  # run a small --mode=eval every N steps (metrics under eval/ in TensorBoard); 0 = never
+  t.eval_examples = 32
+  t.eval_diffusion_steps = 25
   return c
 
 

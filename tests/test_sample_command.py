@@ -1,7 +1,6 @@
 """`--mode=sample`: the manifest contract, PNGs at the dataset's resolution, bad requests isolated."""
 
 import json
-import os
 import subprocess
 import sys
 

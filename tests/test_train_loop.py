@@ -27,7 +27,7 @@ def command(data_dir, workdir, *overrides):
 def losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return {r["step"]: (r["loss"], r["lm_loss"], r["diffusion_loss"]) for r in rows}
+  return {r["step"]: (r["loss"], r["lm_loss"], r["diffusion_loss"]) for r in rows if "loss" in r}
 
 
 def run(cmd, timeout=300):
@@ -54,7 +54,8 @@ def wait_for_step(workdir, step, proc, timeout=240, checkpoint=None):
 def uninterrupted(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   out = run(command(data_dir, workdir, "--config.train.sample_every=12", "--config.train.sample_steps=3",
-                    "--config.train.sample_prompts=3"))
+                    "--config.train.sample_prompts=3", "--config.train.eval_every=12",
+                    "--config.train.eval_examples=3", "--config.train.eval_diffusion_steps=2"))
   assert out.returncode == 0, out.stderr[-4000:]
   return workdir
 
@@ -67,6 +68,9 @@ def test_uninterrupted_run_logs_learns_and_samples(uninterrupted):
   assert final["step"] == 12 and final["tokens_per_s"] > 0 and final["model_flops_per_s_per_device"] > 0
   assert "skipped_records/corrupt" in final
   assert os.path.exists(os.path.join(uninterrupted, "samples", "step_0000012.png"))
+  evals = [json.loads(l) for l in open(os.path.join(uninterrupted, "metrics.jsonl")) if "eval/" in l]
+  assert len(evals) == 1 and evals[0]["step"] == 12
+  assert 0 <= evals[0]["eval/shapes/text_to_image/accuracy"] <= 1 and evals[0]["eval/text/perplexity"] > 1
   assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
   assert json.load(open(os.path.join(uninterrupted, "config.json")))["train"]["num_steps"] == 12
 

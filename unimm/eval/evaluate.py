@@ -31,27 +31,39 @@ from unimm.data import digits, documents, shapes
 
 # -- scoring ------------------------------------------------------------------------------
 
+def _attribute_hits(want: dict, got: dict) -> np.ndarray:
+  """[named, position, colour, shape] counts over the objects `want` names (both: quadrant → Obj)."""
+  hits = np.zeros(4, np.int64)
+  for q, o in want.items():
+    found = got.get(q)
+    hits += (1, found is not None, found is not None and found.color == o.color,
+             found is not None and found.shape == o.shape)
+  return hits
+
+
+def _attribute_rates(hits: np.ndarray) -> dict:
+  named = max(int(hits[0]), 1)
+  return {"position_accuracy": hits[1] / named, "colour_accuracy": hits[2] / named, "shape_accuracy": hits[3] / named}
+
+
 def score_shapes_images(images: np.ndarray, captions: list[str]) -> dict:
   """Text→image accuracies of generated 32×32 RGB images against their captions."""
-  full = colour = shape = position = count = named = 0
+  full = count = 0
+  hits = np.zeros(4, np.int64)
   for image, text in zip(images, captions):
     want = {o.quadrant: o for o in shapes.parse_caption(text)}
     got = {o.quadrant: o for o in shapes.detect(image)}
     full += got == want
     count += len(got) == len(want)
-    for q, o in want.items():
-      named += 1
-      position += q in got
-      colour += q in got and got[q].color == o.color
-      shape += q in got and got[q].shape == o.shape
+    hits += _attribute_hits(want, got)
   n = max(len(captions), 1)
-  return {"accuracy": full / n, "count_accuracy": count / n, "colour_accuracy": colour / max(named, 1),
-          "shape_accuracy": shape / max(named, 1), "position_accuracy": position / max(named, 1)}
+  return {"accuracy": full / n, "count_accuracy": count / n, **_attribute_rates(hits)}
 
 
 def score_shapes_captions(texts: list[str], truths: list[str]) -> dict:
   """Image→text accuracies of generated captions against the true ones."""
-  exact = colour = shape = position = count = named = parsed_ok = 0
+  exact = count = parsed_ok = 0
+  hits = np.zeros(4, np.int64)
   for text, truth in zip(texts, truths):
     exact += text.strip() == truth
     want = {o.quadrant: o for o in shapes.parse_caption(truth)}
@@ -59,15 +71,9 @@ def score_shapes_captions(texts: list[str], truths: list[str]) -> dict:
     got = {o.quadrant: o for o in parsed} if parsed else {}
     parsed_ok += parsed is not None
     count += parsed is not None and len(got) == len(want)
-    for q, o in want.items():
-      named += 1
-      position += q in got
-      colour += q in got and got[q].color == o.color
-      shape += q in got and got[q].shape == o.shape
+    hits += _attribute_hits(want, got)
   n = max(len(truths), 1)
-  return {"exact_match": exact / n, "parsable": parsed_ok / n, "count_accuracy": count / n,
-          "colour_accuracy": colour / max(named, 1), "shape_accuracy": shape / max(named, 1),
-          "position_accuracy": position / max(named, 1)}
+  return {"exact_match": exact / n, "parsable": parsed_ok / n, "count_accuracy": count / n, **_attribute_rates(hits)}
 
 
 def digit_classifier(train_images: np.ndarray, train_labels: np.ndarray):

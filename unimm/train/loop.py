@@ -104,6 +104,19 @@ def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: st
   return path
 
 
+def run_eval(setup: Setup, config, state, tokenizer, step: int, writer) -> dict:
+  """A small evaluation during training, logged as eval/… so TensorBoard shows quality over time."""
+  from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  t = config.train
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    results = evaluate_lib.evaluate(config, setup.task, state.params, tokenizer,
+                                    num_examples=int(t.eval_examples),
+                                    diffusion_steps=int(t.eval_diffusion_steps), seed=int(config.seed), max_batches=4)
+  flat = {f"eval/{k}": v for k, v in evaluate_lib.flatten(results).items()}
+  writer.scalars(step, flat)
+  return flat
+
+
 def train(config, workdir: str) -> dict:
   """Trains until `config.train.num_steps` (or SIGTERM); returns the last logged metrics."""
   os.makedirs(workdir, exist_ok=True)
@@ -170,6 +183,8 @@ def train(config, workdir: str) -> dict:
         window, window_tokens, window_start = None, 0, time.perf_counter()
       if int(t.sample_every) and step % int(t.sample_every) == 0:
         write_samples(setup, config, state, tokenizer, step, workdir, writer)
+      if int(t.eval_every) and step % int(t.eval_every) == 0:
+        run_eval(setup, config, state, tokenizer, step, writer)
       if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps) or preemption.requested:
         ckpt.save(step, state, data)
       if preemption.requested:
