@@ -43,7 +43,8 @@ def _attribute_hits(want: dict, got: dict) -> np.ndarray:
 
 def _attribute_rates(hits: np.ndarray) -> dict:
   named = max(int(hits[0]), 1)
-  return {"position_accuracy": hits[1] / named, "colour_accuracy": hits[2] / named, "shape_accuracy": hits[3] / named}
+  return {"position_accuracy": float(hits[1] / named), "colour_accuracy": float(hits[2] / named),
+          "shape_accuracy": float(hits[3] / named)}
 
 
 def score_shapes_images(images: np.ndarray, captions: list[str]) -> dict:
