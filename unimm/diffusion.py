@@ -55,10 +55,15 @@ def add_noise(schedule: Schedule, x0, noise, t):
   return _bcast(jnp.sqrt(a), x0) * x0 + _bcast(jnp.sqrt(1 - a), x0) * noise
 
 
+def per_image_error(eps_pred, noise):
+  """Each image's mean squared ε error: eps [B, M, ...] → [B, M] (float32)."""
+  return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)),
+                  axis=tuple(range(2, noise.ndim)))
+
+
 def epsilon_loss(eps_pred, noise, valid):
-  """Mean over real images of each image's mean squared ε error; eps [B, M, ...], valid [B, M]."""
-  per_image = jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)),
-                       axis=tuple(range(2, noise.ndim)))
+  """Mean over real images of each image's mean squared ε error; valid [B, M]."""
+  per_image = per_image_error(eps_pred, noise)
   valid = valid.astype(jnp.float32)
   return jnp.sum(per_image * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 

@@ -176,7 +176,7 @@ class TransfusionTask:
                                    batch["image_ids"], noisy, t)
     weights = batch["loss_weights"][:, :-1]
     lm_sum, z_sum = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
-    per_image = jnp.mean(jnp.square(eps - noise), axis=tuple(range(2, noise.ndim)))
+    per_image = diffusion.per_image_error(eps, noise)
     valid = batch["image_valid"].astype(jnp.float32)
     return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -42,7 +41,7 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return jax.tree.map(lambda x: x, restored.state["params"])
+    return restored.state["params"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
