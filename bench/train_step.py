@@ -16,6 +16,7 @@ time (median), tokens/s, model FLOP/s per device (counting in
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -50,7 +51,9 @@ def apply_override(config, assignment: str) -> None:
   for p in parents:
     node = node[p]
   current = node[leaf]
-  if isinstance(current, bool):
+  if isinstance(current, (tuple, list)):
+    node[leaf] = tuple(ast.literal_eval(value))
+  elif isinstance(current, bool):
     node[leaf] = value.lower() in ("1", "true", "yes")
   elif isinstance(current, (int, float)):
     node[leaf] = type(current)(float(value)) if isinstance(current, int) else float(value)

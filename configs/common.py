@@ -30,6 +30,7 @@ def base_config() -> mlc.ConfigDict:
       channel_mults=(1, 2, 2), blocks_per_level=1, scale=1.0, checkpoint=""))
   m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
   m.num_timesteps = 1000
+  m.prediction = "epsilon"  # the patch head's output: epsilon (the paper) | v (well posed at high noise)
   m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)
   m.kl_weight = 1e-6  # family kl_vae: weight of the KL term
   m.l1 = False  # family kl_vae: L1 instead of L2 reconstruction
@@ -83,6 +84,8 @@ def base_config() -> mlc.ConfigDict:
   t.eval_every = 0  # run a small --mode=eval every N steps (metrics under eval/ in TensorBoard); 0 = never
   t.eval_examples = 32
   t.eval_diffusion_steps = 25
+  t.final_eval_examples = 0  # after training, evaluate on this many test examples and print it (0: don't)
+  t.final_eval_diffusion_steps = 50
   return c
 
 

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from unimm import diffusion
 
@@ -88,3 +89,27 @@ def test_ddpm_step_is_the_posterior():
 def test_guidance():
   c, u = jnp.array([1.0, 2.0]), jnp.array([0.5, 0.0])
   np.testing.assert_allclose(np.asarray(diffusion.guide(c, u, 3.0)), [2.0, 6.0])
+
+
+def test_v_prediction_target_and_epsilon_match_reference():
+  """v = √ᾱ·ε − √(1-ᾱ)·x₀ (float64 NumPy); to_epsilon inverts it at every t, incl. t = T-1."""
+  rng = np.random.default_rng(1)
+  sched = diffusion.Schedule.cosine(1000)
+  abar = numpy_cosine_alphas_cumprod()
+  x0 = rng.uniform(-1, 1, size=(3, 2, 4, 4, 3))
+  noise = rng.normal(size=x0.shape)
+  t = np.array([[0, 999], [500, 998], [1, 250]])
+  a = abar[t][..., None, None, None]
+  want_v = np.sqrt(a) * noise - np.sqrt(1 - a) * x0
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  got_v = diffusion.target(sched, "v", f32(x0), f32(noise), jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(got_v), want_v, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(diffusion.target(sched, "epsilon", f32(x0), f32(noise), t)), f32(noise))
+  x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+  got_eps = diffusion.to_epsilon(sched, "v", f32(want_v), f32(x_t), jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(got_eps), noise, atol=1e-5)
+  # At t = T-1 the x₀ an exact v implies is still exact (an ε-model's would divide by √ᾱ ≈ 0.006).
+  x0_hat = diffusion.predict_x0(sched, f32(x_t), got_eps, jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(x0_hat)[0, 1], x0[0, 1], atol=2e-3)
+  with pytest.raises(ValueError, match="expected one of"):
+    diffusion.target(sched, "x0", f32(x0), f32(noise), t)

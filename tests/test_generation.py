@@ -1,9 +1,15 @@
 """KV-cached generation equals recomputing the whole row every step (text, captions, images)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from unimm import diffusion
 from unimm.data import documents
@@ -124,3 +130,33 @@ def test_prompt_batch_is_left_padded():
   assert rows["positions"][1].tolist() == [0, 0, 1, 2, 3, 4, 5, 6]
   assert rows["image_ids"][1].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
   assert (rows["images"][1, 0] == 9).all() and not rows["images"][1, 1].any()
+
+
+@pytest.mark.slow
+def test_sharded_generation_equals_single_device():
+  """Text, mixed-modal and image generation on 8 fake devices (data × fsdp × tensor) = one device."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_generation_check.py")
+  out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  r = json.loads(out.stdout.split("RESULT ", 1)[1])
+  one, eight = r["one"], r["eight"]
+  assert r["devices"] == 8
+  assert one["plain"] == eight["plain"] and one["mixed_tokens"] == eight["mixed_tokens"]
+  assert sum(len(x) for x in one["mixed_images"]) >= 2  # the mixed path really drew images
+  for a, b in [(one["images"], eight["images"]), *zip(one["mixed_images"], eight["mixed_images"])]:
+    assert np.abs(np.asarray(a) - np.asarray(b)).max(initial=0) <= 1
+  up = next(v for k, v in eight["specs"].items() if "up" in k and "kernel" in k)
+  assert "fsdp" in up and "tensor" in up, up  # parameters placed by the training rules
+
+
+def test_guidance_scale_one_equals_conditional_sampling():
+  """CFG at s = 1 (conditional and unconditional rows in one batch) = sampling without the twins."""
+  task, params = tiny_task(perturb=True)
+  prompts = [prompt("1 2 3"), prompt("7")]
+  gen = images_lib.ImageGenerator(task, params, SPECIALS)
+  key = jax.random.key(3)
+  guided = gen.generate(prompts, key, num_steps=6, guidance=1.0)
+  conditional = gen.generate(prompts, key, num_steps=6, guidance=None)
+  assert np.abs(guided.astype(int) - conditional.astype(int)).max() <= 1
+  strong = gen.generate(prompts, key, num_steps=6, guidance=5.0)
+  assert np.abs(strong.astype(int) - conditional.astype(int)).max() > 10  # guidance is not a no-op

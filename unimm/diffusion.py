@@ -1,5 +1,11 @@
 """Gaussian diffusion as Transfusion trains it: DDPM, cosine schedule, ε-prediction.
 
+The model's output can also be v (Salimans & Ho 2022: v = √ᾱ·ε − √(1-ᾱ)·x₀),
+a departure from the paper behind `model.prediction`: at the top timesteps,
+where x_t is almost pure noise, an ε-model's x₀ estimate (x_t − √(1-ᾱ)ε)/√ᾱ
+divides by √ᾱ ≈ 0.006 and is garbage, while v stays well posed. Samplers work
+in ε; `to_epsilon` converts.
+
 Discrete timesteps t ∈ {0, …, T-1} (T = 1000). The cosine schedule is Nichol &
 Dhariwal's: ᾱ(t) = f(t)/f(0), f(t) = cos²(((t/T) + s)/(1 + s)·π/2), s = 0.008,
 with β clipped at 0.999. Noising: x_t = √ᾱ_t·x₀ + √(1-ᾱ_t)·ε; the model predicts
@@ -55,10 +61,35 @@ def add_noise(schedule: Schedule, x0, noise, t):
   return _bcast(jnp.sqrt(a), x0) * x0 + _bcast(jnp.sqrt(1 - a), x0) * noise
 
 
-def per_image_error(eps_pred, noise):
-  """Each image's mean squared ε error: eps [B, M, ...] → [B, M] (float32)."""
-  return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)),
-                  axis=tuple(range(2, noise.ndim)))
+PREDICTIONS = ("epsilon", "v")
+
+
+def check_prediction(prediction: str) -> str:
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"diffusion prediction {prediction!r}; expected one of {PREDICTIONS}")
+  return prediction
+
+
+def target(schedule: Schedule, prediction: str, x0, noise, t):
+  """What the model is trained to output for x_t = add_noise(x0, noise, t)."""
+  if check_prediction(prediction) == "epsilon":
+    return noise
+  a = _bcast(schedule.alphas_cumprod[t], x0)
+  return jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0
+
+
+def to_epsilon(schedule: Schedule, prediction: str, output, x_t, t):
+  """The ε implied by a model output at x_t, timestep t [...] (ε = √(1-ᾱ)·x_t + √ᾱ·v for v)."""
+  if check_prediction(prediction) == "epsilon":
+    return output
+  a = _bcast(schedule.alphas_cumprod[t], x_t)
+  return jnp.sqrt(1 - a) * x_t + jnp.sqrt(a) * output
+
+
+def per_image_error(pred, target_value):
+  """Each image's mean squared error: pred [B, M, ...] → [B, M] (float32)."""
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target_value.astype(jnp.float32)),
+                  axis=tuple(range(2, target_value.ndim)))
 
 
 def epsilon_loss(eps_pred, noise, valid):
@@ -109,12 +140,13 @@ def guide(eps_cond, eps_uncond, scale: float):
   return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, guidance: float = 1.0, sampler: str = "ddim",
+def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, guidance: float | None = 1.0, sampler: str = "ddim",
            rng=None):
-  """Denoises x [N, ...] from pure noise with classifier-free guidance.
+  """Denoises x [N, ...] from pure noise, with classifier-free guidance unless `guidance` is None.
 
-  `eps_fn(x2, t)` returns ε for the 2N rows [conditional; unconditional] at
-  integer timestep t (the same x for both halves); they are mixed by `guide`.
+  With guidance, `eps_fn(x2, t)` returns ε for the 2N rows [conditional;
+  unconditional] at integer timestep t (the same x for both halves), mixed by
+  `guide`; without, ε for the N conditional rows.
   """
   if sampler not in ("ddim", "ddpm"):
     raise ValueError(f"sampler {sampler!r}; expected 'ddim' or 'ddpm'")
@@ -122,8 +154,11 @@ def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, guidance: float = 1
   steps = timestep_sequence(schedule.num_timesteps, num_steps)
   for i, t in enumerate(steps):
     t_prev = int(steps[i + 1]) if i + 1 < len(steps) else -1
-    eps = eps_fn(jnp.concatenate([x, x]), int(t))
-    eps = guide(eps[:n], eps[n:], guidance)
+    if guidance is None:
+      eps = eps_fn(x, int(t))
+    else:
+      eps = eps_fn(jnp.concatenate([x, x]), int(t))
+      eps = guide(eps[:n], eps[n:], guidance)
     tn, tp = jnp.full((n,), t, jnp.int32), jnp.full((n,), t_prev, jnp.int32)
     if sampler == "ddim":
       x = ddim_step(schedule, x, eps, tn, tp)

@@ -148,12 +148,12 @@ def load_trained(config, workdir: str):
   return task, ckpt.restore_params(step), tokenizer, step
 
 
-def evaluate(config, workdir: str) -> dict:
-  """--mode=eval: metrics on the embedded data → WORKDIR/eval.json and TensorBoard."""
+def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_steps: int | None = None) -> dict:
+  """--mode=eval (and the end of training): metrics on the embedded data → WORKDIR/eval.json, TensorBoard."""
   from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   task, params, tokenizer, step = load_trained(config, workdir)
-  results = evaluate_lib.evaluate(config, task, params, tokenizer, num_examples=_EVAL_EXAMPLES.value,
-                                  diffusion_steps=_DIFFUSION_STEPS.value, guidance=_GUIDANCE.value,
+  results = evaluate_lib.evaluate(config, task, params, tokenizer, num_examples=num_examples or _EVAL_EXAMPLES.value,
+                                  diffusion_steps=diffusion_steps or _DIFFUSION_STEPS.value, guidance=_GUIDANCE.value,
                                   seed=_SEED.value)
   path = evaluate_lib.write(results, workdir, step)
   print(json.dumps(evaluate_lib.flatten(results), indent=1))
@@ -166,13 +166,14 @@ def sample(config, workdir: str) -> list[dict]:
   if not _PROMPTS.value or not _OUT.value:
     raise app.UsageError("--mode=sample needs --prompts=FILE and --out=DIR")
   import jax  # pylint: disable=g-import-not-at-top
-  from unimm.inference import requests, text  # pylint: disable=g-import-not-at-top
+  from unimm.inference import placement, requests, text  # pylint: disable=g-import-not-at-top
   task, params, tokenizer, _ = load_trained(config, workdir)
   reqs = requests.parse_requests(_PROMPTS.value, task.image_shape)
   manifest = requests.run_requests(
       task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len), rng=jax.random.key(_SEED.value),
       sampling=text.SamplingOptions(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
-      num_steps=_DIFFUSION_STEPS.value, guidance=_GUIDANCE.value, sampler=_SAMPLER.value)
+      num_steps=_DIFFUSION_STEPS.value, guidance=_GUIDANCE.value, sampler=_SAMPLER.value,
+      placement=placement.Placement.from_config(config))
   failed = sum("error" in row for row in manifest)
   logging.info("Wrote %d results (%d errors) to %s.", len(manifest), failed, _OUT.value)
   return manifest
@@ -204,6 +205,9 @@ def main(argv):
     prepare(config)
   result = loop.train(config, _WORKDIR.value)
   print(json.dumps(result))
+  if int(config.train.final_eval_examples) and config.model.family == "transfusion":
+    evaluate(config, _WORKDIR.value, int(config.train.final_eval_examples),
+             int(config.train.final_eval_diffusion_steps))
 
 
 def run():

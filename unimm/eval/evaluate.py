@@ -139,8 +139,12 @@ def perplexity(task, params, config, max_batches: int) -> float:
 def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffusion_steps: int = 50,
              guidance: float = 3.0, seed: int = 0, max_batches: int = 20) -> dict:
   """All metrics that apply to the config's embedded sources; a dict ready for eval.json."""
-  from unimm.inference import images as images_lib, prompts as prompts_lib, text as text_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from unimm.inference import images as images_lib, placement as placement_lib
+  from unimm.inference import prompts as prompts_lib, text as text_lib
+  # pylint: enable=g-import-not-at-top
   d = config.data
+  where = placement_lib.Placement.from_config(config)
   results: dict = {"text": {"perplexity": perplexity(task, params, config, max_batches)}}
   rng = jax.random.key(seed)
   slots = task.model.slots
@@ -152,8 +156,8 @@ def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffus
     captions, images = _pairs(spec, "test", d.data_dir, num_examples)
     t2i_prompts = [prompts_lib.encode([documents.Text(c)], tokenizer, slots) for c in captions]
     i2t_prompts = [prompts_lib.encode([documents.Image(im)], tokenizer, slots) for im in images]
-    image_gen = images_lib.ImageGenerator(task, params, tokenizer.specials)
-    text_gen = text_lib.TextGenerator(task, params, tokenizer.specials)
+    image_gen = images_lib.ImageGenerator(task, params, tokenizer.specials, where)
+    text_gen = text_lib.TextGenerator(task, params, tokenizer.specials, where)
     generated, texts = [], []
     for start in range(0, len(captions), 32):
       rng, sub = jax.random.split(rng)

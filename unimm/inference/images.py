@@ -5,6 +5,9 @@ twin `BOS BOI` (classifier-free guidance) are prefilled once, left-padded in
 one batch. Every denoising step then runs only the new image's slots — the
 noised latent's patches plus the timestep embedding — against that cache; the
 cache after prefill is reused unchanged, since a step's writes are discarded.
+`denoise` is that loop on its own: text generation calls it when the model
+emits `BOI` mid-text (`unimm.inference.text`). Guidance None skips the
+unconditional rows (conditional sampling, half the work).
 """
 
 from __future__ import annotations
@@ -16,54 +19,89 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm import diffusion
-from unimm.inference import prompts as prompts_lib
-from unimm.inference.text import empty_cache
+from unimm.inference import cache as cache_lib, placement as placement_lib, prompts as prompts_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionOptions:
+  num_steps: int = 250  # the paper's default
+  guidance: float | None = 3.0  # classifier-free guidance scale (the paper: 3–5); None: conditional only
+  sampler: str = "ddim"  # ddim | ddpm
 
 
 class ImageGenerator:
 
-  def __init__(self, task, params, specials):
+  def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None):
     self.task = task
     self.model = dataclasses.replace(task.model, decode=True)
-    self.params = params
+    self.placement = placement or placement_lib.Placement.single_device()
+    self.params = self.placement.params(self.model, params)
     self.specials = specials
 
     def run(params, cache, tokens, positions, segments, image_ids, latents, t):
-      (_, eps), mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
+      (_, out), mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
                                            image_ids, latents, t, mutable=["cache"])
-      return eps, mutated["cache"]
+      return out, mutated["cache"]
     self._run = jax.jit(run)
 
-  def generate(self, prompts: list[prompts_lib.Prompt], rng, *, num_steps: int = 50, guidance: float = 3.0,
-               sampler: str = "ddim") -> np.ndarray:
-    """uint8 images [N, H, W, C], one per prompt (BOI is appended here)."""
-    s = self.specials
+  def generate(self, prompts: list[prompts_lib.Prompt], rng, *, num_steps: int = 50,
+               guidance: float | None = 3.0, sampler: str = "ddim") -> np.ndarray:
+    """uint8 images [N, H, W, C], one per prompt (BOI is appended here); guidance None: no CFG."""
+    s, n = self.specials, len(prompts)
     m, slots = self.model.max_images, self.model.slots
+    bos_only = prompts_lib.Prompt([s.bos], [0], [])
+    prompts = placement_lib.pad_to_multiple(list(prompts), self.placement.batch_multiple, bos_only)
     cond = [prompts_lib.Prompt(p.tokens + [s.boi], p.image_ids + [0], p.images) for p in prompts]
-    uncond = [prompts_lib.Prompt([s.bos, s.boi], [0, 0], [])] * len(prompts)
+    uncond = [prompts_lib.Prompt([s.bos, s.boi], [0, 0], [])] * (len(prompts) if guidance is not None else 0)
     rows = prompts_lib.batch(cond + uncond, pad_id=s.pad, max_images=m, image_shape=self.task.image_shape)
     b, length = rows["tokens"].shape
     new_image = np.array([len(p.images) for p in cond + uncond])  # index of the image being generated
     if (new_image >= m).any():
       raise ValueError(f"a prompt already holds {int(new_image.max())} images; the model takes {m} per row")
-    cache = empty_cache(self.model, b, length + slots)
-    clean = self.task.encode_images(jnp.asarray(rows["images"]))
-    _, cache = self._run(self.params, cache, *(jnp.asarray(rows[k]) for k in
-                                               ("tokens", "positions", "segment_ids", "image_ids")),
-                         clean, jnp.zeros((b, m), jnp.int32))
-    tokens = jnp.full((b, slots), s.img, jnp.int32)
-    positions = jnp.asarray(np.array([len(p) for p in cond + uncond])[:, None] + np.arange(slots), jnp.int32)
-    segments = jnp.ones((b, slots), jnp.int32)
-    image_ids = jnp.asarray(np.repeat(new_image[:, None] + 1, slots, axis=1), jnp.int32)
+    cache = cache_lib.empty(self.model, b, cache_lib.bucket(length + slots), self.placement)
+    with self.placement.context():
+      dev = self.placement.rows(rows)
+      clean = self.task.encode_images(dev["images"])
+      _, cache = self._run(self.params, cache, dev["tokens"], dev["positions"], dev["segment_ids"],
+                           dev["image_ids"], clean, jnp.zeros((b, m), jnp.int32))
+    first_slot = np.array([len(p) for p in cond + uncond])
+    x = self.denoise(cache, first_slot, new_image, rng,
+                     DiffusionOptions(num_steps=num_steps, guidance=guidance, sampler=sampler))
+    return self.to_pixels(x)[:n]
+
+  def denoise(self, cache, first_slot: np.ndarray, image_index: np.ndarray, rng,
+              options: DiffusionOptions) -> jnp.ndarray:
+    """Latents [N, h, w, c] for a cache of 2N rows [conditional; unconditional] written up to `BOI`
+    (N conditional rows when `options.guidance` is None).
+
+    first_slot: each row's position of the new image's first slot; image_index: the image's
+    index in its row. The cache is only read: each step's writes are dropped.
+    """
+    b = len(first_slot)
+    guided = options.guidance is not None
+    if guided and b % 2:
+      raise ValueError(f"guided denoising takes conditional and unconditional rows in pairs, got {b} rows")
+    n, m, slots = b // 2 if guided else b, self.model.max_images, self.model.slots
+    with self.placement.context():
+      dev = self.placement.rows({
+          "tokens": np.full((b, slots), self.specials.img, np.int32),
+          "positions": (first_slot[:, None] + np.arange(slots)).astype(np.int32),
+          "segments": np.ones((b, slots), np.int32),
+          "image_ids": np.repeat(image_index[:, None] + 1, slots, axis=1).astype(np.int32)})
     rows_index = jnp.arange(b)
+    image_index = jnp.asarray(image_index)
 
     def eps_fn(x2, t):
-      latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32).at[rows_index, new_image].set(x2)
-      eps, _ = self._run(self.params, cache, tokens, positions, segments, image_ids, latents,
-                         jnp.full((b, m), t, jnp.int32))
-      return eps[rows_index, new_image]
+      latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32).at[rows_index, image_index].set(x2)
+      with self.placement.context():
+        out, _ = self._run(self.params, cache, dev["tokens"], dev["positions"], dev["segments"], dev["image_ids"],
+                           latents, jnp.full((b, m), t, jnp.int32))
+      return self.task.to_epsilon(out[rows_index, image_index], x2, jnp.full((b,), t, jnp.int32))
 
-    noise = jax.random.normal(rng, (len(prompts), *self.model.latent_shape), jnp.float32)
-    x = diffusion.sample(self.task.schedule, eps_fn, noise, num_steps=num_steps, guidance=guidance,
-                         sampler=sampler, rng=jax.random.fold_in(rng, 1))
-    return np.asarray(self.task.decode_latents(x, self.task.image_shape[-1]))
+    noise = jax.random.normal(rng, (n, *self.model.latent_shape), jnp.float32)
+    return diffusion.sample(self.task.schedule, eps_fn, noise, num_steps=options.num_steps,
+                            guidance=options.guidance, sampler=options.sampler, rng=jax.random.fold_in(rng, 1))
+
+  def to_pixels(self, latents) -> np.ndarray:
+    return np.asarray(self.task.decode_latents(latents, self.task.image_shape[-1]))
+

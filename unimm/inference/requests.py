@@ -7,7 +7,11 @@ FILE, one request a line (image paths relative to FILE):
      "max_tokens": 32}
 DIR/manifest.jsonl, one line a request, in input order:
     {"id", "prompt": <the text parts joined>, "generate", "text" (text requests) | "image" (relative PNG path)}
-or, for a request that cannot run, {"id", "prompt", "generate", "error": "..."}; the others still run.
+A text request whose model opens an image (emits BOI) gets it drawn and then continues; its line
+then also holds "images" (relative PNG paths, in order) and "parts" ([{"text"} | {"image"}], the
+output in order), while "text" stays the text parts joined. A request that cannot run gets
+    {"id", "prompt", "generate", "error": "..."}
+and the others still run.
 PNGs are written at the dataset's resolution and mode (grayscale for 1 channel).
 """
 
@@ -100,9 +104,35 @@ def safe_name(request_id: str, used: set[str]) -> str:
   return name + ".png"
 
 
+def save_png(pixels: np.ndarray, out_dir: str, name: str) -> None:
+  PILImage.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(os.path.join(out_dir, name))
+
+
+def text_result(generation: text_lib.Generation, tokenizer, out_dir: str, stem: str, used: set[str]) -> dict:
+  """A text request's manifest fields: the text, and any images the model drew (saved as PNG)."""
+  s = tokenizer.specials
+  parts, run, images = [], [], iter(generation.images)
+  for t in generation.tokens:
+    if t == s.boi:
+      if run:
+        parts.append({"text": tokenizer.decode(run)})
+        run = []
+      name = safe_name(stem, used)
+      save_png(next(images), out_dir, name)
+      parts.append({"image": name})
+    elif t not in (s.eoi, s.eos):
+      run.append(t)
+  if run:
+    parts.append({"text": tokenizer.decode(run)})
+  result = {"text": "".join(p.get("text", "") for p in parts)}
+  if generation.images:
+    result.update(images=[p["image"] for p in parts if "image" in p], parts=parts)
+  return result
+
+
 def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str, *, context: int, rng,
                  sampling: text_lib.SamplingOptions, num_steps: int, guidance: float, sampler: str,
-                 batch_size: int = 32) -> list[dict]:
+                 batch_size: int = 32, placement=None) -> list[dict]:
   """Runs the valid requests in batches; writes PNGs and the manifest; returns the manifest rows."""
   import jax  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
@@ -124,25 +154,26 @@ def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str,
   results: dict[int, dict] = {}
   used: set[str] = set()
   text_gen = images_gen = None
+  diffusion = images_lib.DiffusionOptions(num_steps=num_steps, guidance=guidance, sampler=sampler)
   for kind in ("text", "image"):
     todo = [i for i in prompts if requests[i].generate == kind]
     for start in range(0, len(todo), batch_size):
       chunk = todo[start:start + batch_size]
       rng, sub = jax.random.split(rng)
       if kind == "text":
-        text_gen = text_gen or text_lib.TextGenerator(task, params, tokenizer.specials)
-        outs = text_gen.generate([prompts[i] for i in chunk], rng=sub, options=sampling,
-                                 max_new_tokens=[requests[i].max_tokens for i in chunk])
-        for i, ids in zip(chunk, outs):
-          ids = [t for t in ids if t != tokenizer.specials.eos]
-          results[i] = {"text": tokenizer.decode(ids)}
+        text_gen = text_gen or text_lib.TextGenerator(task, params, tokenizer.specials, placement)
+        outs = text_gen.generate_mixed([prompts[i] for i in chunk], rng=sub, options=sampling,
+                                       max_new_tokens=[requests[i].max_tokens for i in chunk],
+                                       diffusion=diffusion)
+        for i, generation in zip(chunk, outs):
+          results[i] = text_result(generation, tokenizer, out_dir, requests[i].id, used)
       else:
-        images_gen = images_gen or images_lib.ImageGenerator(task, params, tokenizer.specials)
+        images_gen = images_gen or images_lib.ImageGenerator(task, params, tokenizer.specials, placement)
         pixels = images_gen.generate([prompts[i] for i in chunk], sub, num_steps=num_steps, guidance=guidance,
                                      sampler=sampler)
         for i, im in zip(chunk, pixels):
           name = safe_name(requests[i].id, used)
-          PILImage.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(os.path.join(out_dir, name))
+          save_png(im, out_dir, name)
           results[i] = {"image": name}
   manifest = []
   for i, req in enumerate(requests):

@@ -1,9 +1,11 @@
-"""Text generation with a KV cache: prefill the prompts once, then one token at a time.
+"""Text (and mixed-modal) generation with a KV cache: prefill the prompts once, then one token at a time.
 
 Prompts (`unimm.inference.prompts`) may hold images, read clean. They are
 left-padded into one batch and each row keeps its own positions. Sampling:
 greedy (temperature 0), temperature, top-k, top-p. A row stops at EOS or after
-its token budget; the loop ends when every row has.
+its token budget; the loop ends when every row has. In `generate_mixed`, a BOI
+the model emits starts an image (Transfusion's mode switch): while it is
+denoised the other rows wait, writing padding.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimm.inference import cache as cache_lib, images as images_lib, placement as placement_lib
 from unimm.inference import prompts as prompts_lib
 
 
@@ -43,59 +46,141 @@ def sample_tokens(logits, rng, opts: SamplingOptions):
   return jax.random.categorical(rng, logits, axis=-1)
 
 
-def empty_cache(model, batch: int, length: int):
-  """Zeros shaped like `model`'s KV cache (decode mode) for `batch` rows of `length` slots."""
-  ids = jnp.zeros((batch, length), jnp.int32)
-  latents = jnp.zeros((batch, model.max_images, *model.latent_shape), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids, ids, latents,
-                                             jnp.zeros((batch, model.max_images), jnp.int32)))["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+def mask_generator_tokens(logits, specials, images_full):
+  """Logits [B, V] with EOI, IMG and PAD ruled out, and BOI where images_full [B]."""
+  ids = jnp.arange(logits.shape[-1])
+  never = (ids == specials.eoi) | (ids == specials.img) | (ids == specials.pad)
+  return jnp.where(never | (images_full[:, None] & (ids == specials.boi)), -jnp.inf, logits)
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[int]  # generated ids (EOS included when reached); a generated image is a BOI, EOI pair here
+  images: list[np.ndarray]  # uint8 [H, W, C], one per BOI in `tokens`, in order
 
 
 class TextGenerator:
-  """Continues prompts for a Transfusion-style task (KV-cached)."""
+  """Continues prompts for a Transfusion-style task (KV-cached); `generate_mixed` also draws images."""
 
-  def __init__(self, task, params, specials):
+  def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None):
     self.task = task
     self.model = dataclasses.replace(task.model, decode=True)
-    self.params = params
+    self.placement = placement or placement_lib.Placement.single_device()
+    self.params = self.placement.params(self.model, params)
     self.specials = specials
+    self._images = None
     m = self.model.max_images
 
     def step(params, cache, tokens, positions, segments, image_ids, latents):
-      t = jnp.zeros((tokens.shape[0], m), jnp.int32)  # images in a prompt are read clean
+      t = jnp.zeros((tokens.shape[0], m), jnp.int32)  # images a row reads are clean
       (logits, _), mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
                                               image_ids, latents, t, mutable=["cache"])
       return logits[:, -1], mutated["cache"]
-    self._step = jax.jit(step, donate_argnums=1)  # the cache is updated in place
+    self._step_jit = jax.jit(step, donate_argnums=1)  # the cache is updated in place
+
+  def _step(self, cache, tokens, positions, segments, image_ids, latents):
+    with self.placement.context():
+      return self._step_jit(self.params, cache, tokens, positions, segments, image_ids, latents)
 
   def generate(self, prompts: list[prompts_lib.Prompt], *, max_new_tokens: int | list[int], rng=None,
                options: SamplingOptions = SamplingOptions()) -> list[list[int]]:
-    """The generated ids of each prompt (EOS included when reached)."""
+    """The generated ids of each prompt (EOS included when reached); BOI is an ordinary token here."""
+    return [g.tokens for g in self._generate(prompts, max_new_tokens, rng, options, None)]
+
+  def generate_mixed(self, prompts: list[prompts_lib.Prompt], *, max_new_tokens: int | list[int], rng=None,
+                     options: SamplingOptions = SamplingOptions(),
+                     diffusion: images_lib.DiffusionOptions = images_lib.DiffusionOptions()) -> list[Generation]:
+    """Text and images, as the model chooses: when a row emits BOI its image is denoised against the
+    cached prefix (with guidance), written into the cache clean, closed with EOI, and text goes on.
+
+    `max_new_tokens` counts tokens (BOI and EOI included), not image slots. The tokens only the
+    generator writes (EOI, image slots, padding) are never sampled, nor BOI in a row that already
+    holds the model's `max_images` images.
+    """
+    return self._generate(prompts, max_new_tokens, rng, options, diffusion)
+
+  def _generate(self, prompts, max_new_tokens, rng, options, diffusion) -> list[Generation]:
+    s, n = self.specials, len(prompts)
+    m, slots = self.model.max_images, self.model.slots
+    budget = np.broadcast_to(np.asarray(max_new_tokens), (n,)).astype(np.int64)
+    prompts = placement_lib.pad_to_multiple(list(prompts), self.placement.batch_multiple,
+                                            prompts_lib.Prompt([s.bos], [0], []))
+    budget = np.concatenate([budget, np.zeros(len(prompts) - n, np.int64)])
     b = len(prompts)
-    budget = np.broadcast_to(np.asarray(max_new_tokens), (b,)).copy()
-    rows = prompts_lib.batch(prompts, pad_id=self.specials.pad, max_images=self.model.max_images,
-                             image_shape=self.task.image_shape)
-    cache = empty_cache(self.model, b, rows["tokens"].shape[1] + int(budget.max()))
-    latents = self.task.encode_images(jnp.asarray(rows["images"]))
-    logits, cache = self._step(self.params, cache, *(jnp.asarray(rows[k]) for k in
-                                                     ("tokens", "positions", "segment_ids", "image_ids")), latents)
-    no_images = jnp.zeros_like(latents)
+    rows = prompts_lib.batch(prompts, pad_id=s.pad, max_images=m, image_shape=self.task.image_shape)
+    filled = rows["tokens"].shape[1]  # the cache's next write slot, shared by all rows
+    cache = cache_lib.empty(self.model, b, cache_lib.bucket(filled + int(budget.max())), self.placement)
+    with self.placement.context():
+      dev = self.placement.rows(rows)
+      latents = self.task.encode_images(dev["images"])
+    logits, cache = self._step(cache, dev["tokens"], dev["positions"], dev["segment_ids"], dev["image_ids"], latents)
+    no_images = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32)
     rng = jax.random.key(0) if rng is None else rng
     next_pos = np.array([len(p) for p in prompts], np.int32)
+    image_count = np.array([len(p.images) for p in prompts])
     done = budget <= 0
-    out: list[list[int]] = [[] for _ in range(b)]
-    for _ in range(int(budget.max())):
-      rng, sub = jax.random.split(rng)
+    out = [Generation([], []) for _ in range(b)]
+    while not done.all():
+      rng, sub, image_rng = jax.random.split(rng, 3)
+      if diffusion is not None:
+        logits = mask_generator_tokens(logits, s, jnp.asarray(image_count >= m))
       new = np.asarray(sample_tokens(logits, sub, options))
       for i in np.nonzero(~done)[0]:
-        out[i].append(int(new[i]))
-      done |= (new == self.specials.eos) | (np.array([len(o) for o in out]) >= budget)
-      if done.all():
+        out[i].tokens.append(int(new[i]))
+      starting = ~done & (new == s.boi) if diffusion is not None else np.zeros(b, bool)
+      done |= (new == s.eos) | (np.array([len(o.tokens) for o in out]) >= budget)
+      feed = ~done | starting
+      if not feed.any():
         break
-      tokens = np.where(done, self.specials.pad, new)[:, None].astype(np.int32)
-      seg = np.where(done, 0, 1).astype(np.int32)[:, None]
-      logits, cache = self._step(self.params, cache, jnp.asarray(tokens), jnp.asarray(next_pos[:, None]),
-                                 jnp.asarray(seg), jnp.zeros((b, 1), jnp.int32), no_images)
-      next_pos += 1
-    return out
+      tokens = np.where(feed, new, s.pad)[:, None].astype(np.int32)
+      logits, cache = self._step(cache, tokens, next_pos[:, None], feed.astype(np.int32)[:, None],
+                                 np.zeros((b, 1), np.int32), no_images)
+      filled += 1
+      next_pos += feed
+      if starting.any():
+        remaining = int((budget - [len(o.tokens) for o in out]).max(initial=0))
+        if filled + slots + 1 + remaining > cache_lib.length(cache):
+          cache = cache_lib.grow(cache, cache_lib.bucket(filled + slots + 1 + remaining))
+        new_logits, cache = self._image_event(cache, filled, np.nonzero(starting)[0], next_pos, image_count,
+                                              image_rng, diffusion, out)
+        logits = jnp.where(jnp.asarray(starting)[:, None], new_logits, logits)
+        filled += slots + 1
+        next_pos += np.where(starting, slots + 1, 0).astype(np.int32)
+        image_count += starting
+    return out[:n]
+
+  def _image_event(self, cache, filled, rows, next_pos, image_count, rng, diffusion, out):
+    """Denoises an image for each of `rows` (which just wrote BOI), then writes it clean and EOI."""
+    s, b = self.specials, len(next_pos)
+    m, slots = self.model.max_images, self.model.slots
+    if self._images is None:
+      self._images = images_lib.ImageGenerator(self.task, self.params, s, self.placement)
+    padded = np.array(placement_lib.pad_to_multiple(list(rows), self.placement.batch_multiple, rows[0]))
+    k = len(padded)
+    rows_cache, first_slot, image_index = cache_lib.take_rows(cache, padded), next_pos[padded], image_count[padded]
+    if diffusion.guidance is not None:
+      # The unconditional twins, `BOS BOI` written at the cache's current end (earlier slots: segment 0).
+      uncond = cache_lib.with_index(cache_lib.empty(self.model, k, cache_lib.length(cache), self.placement),
+                                    filled - 2)
+      _, uncond = self._step(uncond, np.tile([[s.bos, s.boi]], (k, 1)).astype(np.int32),
+                             np.tile([[0, 1]], (k, 1)).astype(np.int32), np.ones((k, 2), np.int32),
+                             np.zeros((k, 2), np.int32), jnp.zeros((k, m, *self.model.latent_shape), jnp.float32))
+      rows_cache = cache_lib.concat_rows(rows_cache, uncond)
+      first_slot = np.concatenate([first_slot, np.full(k, 2)])
+      image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
+    x = self._images.denoise(rows_cache, first_slot, image_index, rng, diffusion)[:len(rows)]
+    for r, pixels in zip(rows, self._images.to_pixels(x)):
+      out[r].images.append(pixels)
+      out[r].tokens.append(s.eoi)
+    # Every row writes slots + 1 entries: the clean image and EOI, or padding (segment 0).
+    tokens = np.full((b, slots + 1), s.pad, np.int32)
+    positions = np.zeros((b, slots + 1), np.int32)
+    segments = np.zeros((b, slots + 1), np.int32)
+    image_ids = np.zeros((b, slots + 1), np.int32)
+    tokens[rows] = [s.img] * slots + [s.eoi]
+    positions[rows] = next_pos[rows, None] + np.arange(slots + 1)
+    segments[rows] = 1
+    image_ids[rows, :slots] = (image_count[rows] + 1)[:, None]
+    latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32).at[
+        jnp.asarray(rows), jnp.asarray(image_count[rows])].set(x)
+    return self._step(cache, tokens, positions, segments, image_ids, latents)

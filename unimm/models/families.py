@@ -27,8 +27,8 @@ def transfusion_task(config, vocab_size: int, frozen_autoencoder=None) -> transf
       unet_channels=tuple(m.unet_channels), unet_blocks=int(m.unet_blocks))
   return transfusion.TransfusionTask(
       model=model, autoencoder=ae, schedule=diffusion.Schedule.cosine(int(m.num_timesteps)),
-      diffusion_weight=float(m.diffusion_weight), z_loss=float(m.z_loss), frozen_autoencoder=frozen_autoencoder,
-      image_shape=image_shape)
+      diffusion_weight=float(m.diffusion_weight), prediction=str(m.prediction), z_loss=float(m.z_loss),
+      frozen_autoencoder=frozen_autoencoder, image_shape=image_shape)
 
 
 def autoencoder_task(config, vocab_size: int, frozen_autoencoder=None) -> autoencoders.AutoencoderTask:

@@ -3,9 +3,9 @@
 One backbone reads a packed row in which image slots hold patch vectors of the
 *noised* image latent (plus a timestep embedding) and text slots hold token
 embeddings. The LM head's next-token loss covers text; the patch layer's
-inverse maps the image slots' outputs to a predicted noise ε, trained with the
-DDPM ε-loss. Loss = LM loss (mean over text targets) + λ · diffusion loss (mean
-over images), λ = 5.
+inverse maps the image slots' outputs to a predicted noise ε (or v, by
+`model.prediction`), trained with the DDPM mean squared error. Loss = LM loss
+(mean over text targets) + λ · diffusion loss (mean over images), λ = 5.
 
 `TransfusionTask` is what the trainer needs from a family: `init`, `loss` and
 `sample_images`; the backbone, patch layers, autoencoder and diffusion are the
@@ -90,7 +90,7 @@ class TransfusionModel(nn.Module):
     return (h // self.patch_size) * (w // self.patch_size)
 
   def __call__(self, tokens, positions, segment_ids, image_ids, noisy_latents, timesteps):
-    """→ logits [B, T, V] (float32), predicted ε [B, M, h, w, c]."""
+    """→ logits [B, T, V] (float32), image output [B, M, h, w, c] (ε or v, see TransfusionTask.prediction)."""
     x = self.embed(tokens)
     t_emb = self.time(timesteps)
     image_vectors, aux = self.patch.encode(noisy_latents, t_emb)
@@ -121,13 +121,20 @@ class TransfusionTask:
   z_loss: float = 0.0
   frozen_autoencoder: Any = None  # kl_vae params, or None for identity
   image_shape: tuple[int, int, int] = (0, 0, 0)  # H, W, C of the pixels the autoencoder takes
+  prediction: str = "epsilon"  # what the patch head outputs: epsilon (the paper) | v
+
+  def to_epsilon(self, output, x_t, t):
+    """The model's image output at x_t, timestep t [...] → ε, what the samplers take."""
+    return diffusion.to_epsilon(self.schedule, self.prediction, output, x_t, t)
 
   def __post_init__(self):
-    def eps_fn(params, rows, latents, t):
-      _, eps = self.model.apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
+    diffusion.check_prediction(self.prediction)
+
+    def image_output(params, rows, latents, t):
+      _, out = self.model.apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
                                 rows["image_ids"], latents, t)
-      return eps
-    self._eps_fn = jax.jit(eps_fn)  # one compiled denoiser per task, reused across sampling calls
+      return out
+    self._image_output = jax.jit(image_output)  # one compiled denoiser per task, reused across sampling calls
 
   def dummy_batch(self, batch_size: int, seq_len: int, image_shape) -> dict:
     m = self.model.max_images
@@ -172,11 +179,11 @@ class TransfusionTask:
     t = diffusion.sample_timesteps(rng_t, batch["image_t_max"])
     noise = jax.random.normal(rng_noise, latents.shape, jnp.float32)
     noisy = diffusion.add_noise(self.schedule, latents, noise, t)
-    logits, eps = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+    logits, out = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                                    batch["image_ids"], noisy, t)
     weights = batch["loss_weights"][:, :-1]
     lm_sum, z_sum = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
-    per_image = diffusion.per_image_error(eps, noise)
+    per_image = diffusion.per_image_error(out, diffusion.target(self.schedule, self.prediction, latents, noise, t))
     valid = batch["image_valid"].astype(jnp.float32)
     return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}
 
@@ -209,7 +216,8 @@ class TransfusionTask:
 
     def eps_fn(x2, t):
       latents = jnp.zeros((x2.shape[0], m, *self.model.latent_shape)).at[:, 0].set(x2)
-      return self._eps_fn(params, both, latents, jnp.full((x2.shape[0], m), t, jnp.int32))[:, 0]
+      out = self._image_output(params, both, latents, jnp.full((x2.shape[0], m), t, jnp.int32))[:, 0]
+      return self.to_epsilon(out, x2, jnp.full((x2.shape[0],), t, jnp.int32))
 
     noise = jax.random.normal(rng, (prompts.shape[0], *self.model.latent_shape), jnp.float32)
     x = diffusion.sample(self.schedule, eps_fn, noise, num_steps=num_steps, guidance=guidance, sampler=sampler,

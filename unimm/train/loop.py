@@ -23,6 +23,7 @@ import tqdm
 
 from unimm import imaging
 from unimm.data import documents, pipeline
+from unimm.inference import images as images_lib, placement, prompts as prompts_lib
 from unimm.parallel import sharding
 from unimm.train import checkpoint, metrics as metrics_lib
 from unimm.train.setup import Setup, build, flops_per_token
@@ -79,20 +80,16 @@ def sample_prompts(config, tokenizer, count: int) -> list[str]:
 
 
 def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: str, writer) -> str | None:
-  """Samples images for validation captions; writes a PNG grid (and to TensorBoard)."""
+  """Samples images for validation captions (KV-cached, on the training mesh); writes a PNG grid and to TB."""
   prompts = sample_prompts(config, tokenizer, int(config.train.sample_prompts))
-  if not prompts or not hasattr(setup.task, "sample_images"):
+  if not prompts or config.model.family != "transfusion":
     return None
-  ids = [tokenizer.encode(p) for p in prompts]
-  width = max(len(x) for x in ids)
-  tokens = np.zeros((len(ids), width), np.int32)
-  for i, x in enumerate(ids):
-    tokens[i, :len(x)] = x
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    images = setup.task.sample_images(
-        state.params, tokens, np.array([len(x) for x in ids]), jax.random.key(int(config.seed) + 1),
-        specials=tokenizer.specials, num_steps=int(config.train.sample_steps),
-        guidance=float(config.train.sample_guidance), image_channels=int(config.data.image_channels))
+  slots = setup.task.model.slots
+  encoded = [prompts_lib.encode([documents.Text(p)], tokenizer, slots) for p in prompts]
+  generator = images_lib.ImageGenerator(setup.task, state.params, tokenizer.specials,
+                                        placement.Placement(setup.mesh, setup.rules))
+  images = generator.generate(encoded, jax.random.key(int(config.seed) + 1), num_steps=int(config.train.sample_steps),
+                              guidance=float(config.train.sample_guidance))
   if jax.process_index() != 0:
     return None
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
