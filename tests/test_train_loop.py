@@ -21,7 +21,7 @@ def command(data_dir, workdir, *overrides):
           "--config.model.backbone.num_heads=2", "--config.model.backbone.mlp_hidden=64",
           "--config.data.batch_size=4", "--config.train.num_steps=12", "--config.train.checkpoint_every=4",
           "--config.train.log_every=1", "--config.train.sample_every=0", "--config.train.warmup_steps=2",
-          *overrides]
+          "--config.train.final_eval_examples=0", *overrides]
 
 
 def losses(workdir):
@@ -55,8 +55,11 @@ def uninterrupted(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   out = run(command(data_dir, workdir, "--config.train.sample_every=12", "--config.train.sample_steps=3",
                     "--config.train.sample_prompts=3", "--config.train.eval_every=12",
-                    "--config.train.eval_examples=3", "--config.train.eval_diffusion_steps=2"))
+                    "--config.train.eval_examples=3", "--config.train.eval_diffusion_steps=2",
+                    "--config.train.final_eval_examples=3", "--config.train.final_eval_diffusion_steps=2"))
   assert out.returncode == 0, out.stderr[-4000:]
+  # The run ends by evaluating its last checkpoint and printing the metrics (the README demo does).
+  assert '"shapes/image_to_text/exact_match"' in out.stdout, out.stdout[-2000:]
   return workdir
 
 
@@ -73,6 +76,8 @@ def test_uninterrupted_run_logs_learns_and_samples(uninterrupted):
   assert 0 <= evals[0]["eval/shapes/text_to_image/accuracy"] <= 1 and evals[0]["eval/text/perplexity"] > 1
   assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
   assert json.load(open(os.path.join(uninterrupted, "config.json")))["train"]["num_steps"] == 12
+  final_eval = json.load(open(os.path.join(uninterrupted, "eval.json")))
+  assert final_eval["step"] == 12 and final_eval["shapes"]["examples"] == 3
 
 
 def test_kill_and_resume_gives_the_same_losses(data_dir, tmp_path, uninterrupted):

@@ -133,7 +133,8 @@ class TextGenerator:
       if not feed.any():
         break
       tokens = np.where(feed, new, s.pad)[:, None].astype(np.int32)
-      logits, cache = self._step(cache, tokens, next_pos[:, None], feed.astype(np.int32)[:, None],
+      # A copy: on CPU a numpy argument may be used in place, after the `+=` below (async dispatch).
+      logits, cache = self._step(cache, tokens, next_pos[:, None].copy(), feed.astype(np.int32)[:, None],
                                  np.zeros((b, 1), np.int32), no_images)
       filled += 1
       next_pos += feed
