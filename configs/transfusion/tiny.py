@@ -25,7 +25,7 @@ def get_config(arg=None):
     c.model.patch_size = 2
 
   # What moved text→image on shapes within the demo's budget (figures in the README): v-prediction
-  # (ε gave speckle and garbage x₀ estimates at the top timesteps) and a learning rate of 2e-3.
+  # (ε gave speckle and garbage x₀ estimates at the top timesteps) and a learning rate of 3e-3.
   c.model.prediction = "v"
 
   common.embedded_data(c, dataset)
@@ -36,7 +36,7 @@ def get_config(arg=None):
 
   t = c.train
   t.num_steps = 1200
-  t.learning_rate = 2e-3
+  t.learning_rate = 3e-3
   t.warmup_steps = 100
   t.final_learning_rate = 1e-4
   t.weight_decay = 0.0
