@@ -152,9 +152,10 @@ def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_st
   """--mode=eval (and the end of training): metrics on the embedded data → WORKDIR/eval.json, TensorBoard."""
   from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   task, params, tokenizer, step = load_trained(config, workdir)
-  results = evaluate_lib.evaluate(config, task, params, tokenizer, num_examples=num_examples or _EVAL_EXAMPLES.value,
-                                  diffusion_steps=diffusion_steps or _DIFFUSION_STEPS.value, guidance=_GUIDANCE.value,
-                                  seed=_SEED.value)
+  results = evaluate_lib.evaluate(config, task, params, tokenizer,
+                                  num_examples=num_examples or _EVAL_EXAMPLES.value,
+                                  diffusion_steps=diffusion_steps or _DIFFUSION_STEPS.value,
+                                  guidance=_GUIDANCE.value, seed=_SEED.value)
   path = evaluate_lib.write(results, workdir, step)
   print(json.dumps(evaluate_lib.flatten(results), indent=1))
   logging.info("Wrote %s.", path)

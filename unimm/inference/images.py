@@ -110,4 +110,3 @@ class ImageGenerator:
 
   def to_pixels(self, latents) -> np.ndarray:
     return np.asarray(self.task.decode_latents(latents, self.task.image_shape[-1]))
-

@@ -45,6 +45,8 @@ RULES = {
         ("embed_in", None),
         ("conv_in", None),  # conv stacks (U-Net patch layers, VAE) are small: replicated
         ("conv_out", None),
+        ("codes", None),  # VQ codebooks are small: replicated
+        ("code_dim", None),
     ),
 }
 
