@@ -15,12 +15,12 @@ def base_config() -> mlc.ConfigDict:
 
   # -- model --------------------------------------------------------------------
   m = c.model = mlc.ConfigDict()
-  m.family = "transfusion"  # transfusion | kl_vae (trains the autoencoder itself)
+  m.family = "transfusion"  # transfusion | chameleon | kl_vae, vq (train an image codec itself)
   m.vocab_size = 0  # 0: the tokenizer's size
   m.backbone = mlc.ConfigDict(dict(
       num_layers=16, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
       rope_theta=10000.0, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch", scan=True,
-      bidirectional_images=True, attention="auto"))
+      bidirectional_images=True, attention="auto", dropout=0.0, norm_order="pre"))
   m.patch_kind = "linear"  # linear | unet (the paper's U-Net down/up blocks)
   m.patch_size = mlc.FieldReference(2)  # latent patch side (k×k latent pixels per slot)
   m.unet_channels = (128, 256, 512)  # U-Net widths per level (log2(patch_size)+1 used)
@@ -32,6 +32,13 @@ def base_config() -> mlc.ConfigDict:
   m.num_timesteps = 1000
   m.prediction = "epsilon"  # the patch head's output: epsilon (the paper) | v (well posed at high noise)
   m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)
+  # The VQ image tokenizer (LlamaGen's): trained by family vq, used frozen by code families via `checkpoint`.
+  m.vq = mlc.ConfigDict(dict(
+      channels=128, channel_mults=(1, 1, 2, 2, 4), blocks_per_level=2, attention=True, z_channels=256,
+      codebook_size=16384, code_dim=8, l2_normalized=True, beta=0.25, entropy_temperature=0.01, checkpoint=""))
+  m.vq_loss = mlc.ConfigDict(dict(  # family vq (see unimm/models/vq.py)
+      l1=False, codebook_weight=1.0, entropy_weight=0.0, perceptual_weight=0.0, perceptual_weights="",
+      gan_weight=0.0, gan_start=0, disc_channels=64, disc_layers=3, reinit_dead_codes_every=0))
   m.kl_weight = 1e-6  # family kl_vae: weight of the KL term
   m.l1 = False  # family kl_vae: L1 instead of L2 reconstruction
 

@@ -140,7 +140,7 @@ def load_trained(config, workdir: str):
   from unimm.models import families  # pylint: disable=g-import-not-at-top
   from unimm.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
   tokenizer = pipeline.load_tokenizer(config.data)
-  task = families.build_task(config, tokenizer.vocab_size, frozen_autoencoder=loop.load_frozen_autoencoder(config))
+  task = families.build_task(config, tokenizer.vocab_size, frozen_codec=loop.load_frozen_codec(config))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = ckpt.latest_step()
   if step is None:
@@ -155,7 +155,7 @@ def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_st
   results = evaluate_lib.evaluate(config, task, params, tokenizer,
                                   num_examples=num_examples or _EVAL_EXAMPLES.value,
                                   diffusion_steps=diffusion_steps or _DIFFUSION_STEPS.value,
-                                  guidance=_GUIDANCE.value, seed=_SEED.value)
+                                  guidance=_GUIDANCE.value, seed=_SEED.value, out_dir=workdir)
   path = evaluate_lib.write(results, workdir, step)
   print(json.dumps(evaluate_lib.flatten(results), indent=1))
   logging.info("Wrote %s.", path)
@@ -206,7 +206,7 @@ def main(argv):
     prepare(config)
   result = loop.train(config, _WORKDIR.value)
   print(json.dumps(result))
-  if int(config.train.final_eval_examples) and config.model.family == "transfusion":
+  if int(config.train.final_eval_examples):
     evaluate(config, _WORKDIR.value, int(config.train.final_eval_examples),
              int(config.train.final_eval_diffusion_steps))
 

@@ -26,6 +26,9 @@ import numpy as np
 from unimm.data import documents
 
 
+MAX_SKIP_STREAK = 10_000
+
+
 class _Bin:
   __slots__ = ("ordinals", "fragments", "tokens", "images")
 
@@ -78,6 +81,7 @@ class _PackIterator(grain.DatasetIterator):
     # Skips since the last emitted row; always empty between rows (every row
     # returned is emitted, which clears it), so the state needs no copy.
     self._pending = collections.Counter()
+    self._skip_streak = 0  # documents skipped in a row: a config that fits none must fail, not spin
     self._exhausted = False
 
   # -- iteration ---------------------------------------------------------------
@@ -101,12 +105,11 @@ class _PackIterator(grain.DatasetIterator):
   def _place(self, ordinal: int, element, state_before) -> dict | None:
     """Puts one element in a bin; returns a row if this closed one."""
     if isinstance(element, documents.Skipped):
-      self._pending[element.reason] += 1
-      return self._maybe_emit_stale(ordinal)
+      return self._skip(element.reason, ordinal)
     length, count = len(element["tokens"]), len(element["images"])
     if length > self._seq_len or count > self._max_images:
-      self._pending[documents.TOO_LONG if length > self._seq_len else documents.TOO_MANY_IMAGES] += 1
-      return self._maybe_emit_stale(ordinal)
+      return self._skip(documents.TOO_LONG if length > self._seq_len else documents.TOO_MANY_IMAGES, ordinal)
+    self._skip_streak = 0
     self._held_states[ordinal] = state_before
     if not self._bins:
       self._anchor, self._anchor_state = ordinal, state_before
@@ -122,6 +125,16 @@ class _PackIterator(grain.DatasetIterator):
     if len(self._bins) > self._num_bins:
       fullest = max(range(len(self._bins) - 1), key=lambda i: self._bins[i].tokens)
       return self._emit(fullest)
+    return self._maybe_emit_stale(ordinal)
+
+  def _skip(self, reason: str, ordinal: int) -> dict | None:
+    self._pending[reason] += 1
+    self._skip_streak += 1
+    if self._skip_streak >= MAX_SKIP_STREAK:
+      raise ValueError(
+          f"{self._skip_streak} documents in a row were skipped ({reason} last; counts so far: "
+          f"{dict(self._pending)}): nothing fits a row of seq_len={self._seq_len} with max_images="
+          f"{self._max_images}. Check data.seq_len against data.image_slots (slots per image) and the sources.")
     return self._maybe_emit_stale(ordinal)
 
   def _maybe_emit_stale(self, ordinal: int) -> dict | None:

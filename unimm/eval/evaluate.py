@@ -12,6 +12,10 @@
   scores generated digits against the prompted class; captioning accuracy of
   the parsed digit word.
 * text: perplexity of the validation rows' text targets (images read clean).
+* image tokenizers (family vq): reconstruction PSNR, codebook usage and
+  perplexity over the test images' codes, and whether reconstructions keep
+  the detector's (shapes) or classifier's (digits) verdicts; reconstructions
+  are written as PNG.
 
 Scoring functions are pure (`score_*`), so they are tested on references.
 """
@@ -96,6 +100,21 @@ def score_digit_captions(texts: list[str], labels: np.ndarray) -> dict:
           "parsable": float(np.mean([p is not None for p in parsed]))}
 
 
+def psnr(images: np.ndarray, references: np.ndarray) -> np.ndarray:
+  """Peak signal-to-noise ratio (dB) per uint8 image; identical images score 100."""
+  err = np.mean(np.square(images.astype(np.float64) - references.astype(np.float64)),
+                axis=tuple(range(1, images.ndim)))
+  return np.where(err > 0, 10.0 * np.log10(255.0 ** 2 / np.maximum(err, 1e-12)), 100.0)
+
+
+def score_shapes_reconstructions(recon: np.ndarray, images: np.ndarray, captions: list[str]) -> dict:
+  """The detector on reconstructions: agreement with its reading of the originals, and caption accuracy of both."""
+  agree = np.mean([shapes.detect(r) == shapes.detect(o) for r, o in zip(recon, images)])
+  return {"detector_agreement": float(agree),
+          "detector_accuracy": score_shapes_images(recon, captions)["accuracy"],
+          "detector_accuracy_on_originals": score_shapes_images(images, captions)["accuracy"]}
+
+
 # -- running ------------------------------------------------------------------------------
 
 def _pairs(spec, split: str, data_dir: str, limit: int) -> tuple[list[str], np.ndarray]:
@@ -110,19 +129,21 @@ def _pairs(spec, split: str, data_dir: str, limit: int) -> tuple[list[str], np.n
   return captions, np.stack(images)
 
 
-def perplexity(task, params, config, max_batches: int) -> float:
-  """exp(mean next-token loss) over the text targets of the validation rows, images read clean."""
+def perplexity(task, params, config, max_batches: int, eoi: int) -> float:
+  """exp(mean next-token loss) over the text targets of the validation rows, images read clean.
+
+  Text targets are the same for every family: not an image slot, nor the EOI that closes an image
+  (code families train on both, continuous ones on neither).
+  """
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   from unimm.models import transfusion  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def sums(params, batch):
-    latents = task.encode_images(batch["images"])
-    t = jnp.zeros(batch["image_valid"].shape, jnp.int32)
-    logits, _ = task.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 batch["image_ids"], latents, t)
-    w = batch["loss_weights"][:, :-1]
-    ce, _ = transfusion.cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], w)
+    logits = task.logits(params, batch)
+    targets = batch["tokens"][:, 1:]
+    w = batch["loss_weights"][:, :-1] * (batch["image_ids"][:, 1:] == 0) * (targets != eoi)
+    ce, _ = transfusion.cross_entropy(logits[:, :-1], targets, w)
     return ce, jnp.sum(w)
 
   total = count = 0.0
@@ -136,16 +157,63 @@ def perplexity(task, params, config, max_batches: int) -> float:
   return math.exp(total / max(count, 1.0))
 
 
+def evaluate_tokenizer(config, task, params, *, num_examples: int = 200, out_dir: str | None = None) -> dict:
+  """An image tokenizer (family vq) on the test split: PSNR, codebook usage, verdicts on reconstructions."""
+  from unimm import imaging  # pylint: disable=g-import-not-at-top
+  from unimm.models import quantizer  # pylint: disable=g-import-not-at-top
+  model = task.vq
+
+  @jax.jit
+  def reconstruct(images):
+    recon, aux = model.apply({"params": params["vq"]}, images)
+    return jnp.clip(jnp.round((recon + 1.0) * 127.5), 0, 255).astype(jnp.uint8), aux["indices"]
+
+  results = {}
+  for name in sorted(config.data.sources.keys()):
+    spec = config.data.sources[name]
+    captions, images = _pairs(spec, "test", config.data.data_dir, num_examples)
+    recon, codes = [], []
+    for start in range(0, len(images), 64):
+      r, c = reconstruct(jnp.asarray(images[start:start + 64]))
+      recon.append(np.asarray(r))
+      codes.append(np.asarray(c))
+    recon, codes = np.concatenate(recon), np.concatenate(codes)
+    counts = quantizer.code_counts(jnp.asarray(codes), model.cfg.codebook_size)
+    out = {"psnr": float(np.mean(psnr(recon, images))),
+           **{k: float(v) for k, v in quantizer.usage_from_counts(counts).items()},
+           "codes_per_image": int(np.prod(codes.shape[1:])), "examples": len(images)}
+    dataset = spec.get("tfds_name", "")
+    if dataset == "shapes":
+      out.update(score_shapes_reconstructions(recon, images, captions))
+    elif dataset == "digits":
+      train_captions, train_images = _pairs(spec, "train", config.data.data_dir, 10_000)
+      clf = digit_classifier(train_images, np.array([digits.parse_caption(c) for c in train_captions]))
+      labels = np.array([digits.parse_caption(c) for c in captions])
+      out.update(classifier_accuracy=score_digit_images(recon, labels, clf)["accuracy"],
+                 classifier_accuracy_on_originals=score_digit_images(images, labels, clf)["accuracy"],
+                 classifier_agreement=float(np.mean(clf.predict(recon.reshape(len(recon), -1) / 255.0)
+                                                    == clf.predict(images.reshape(len(images), -1) / 255.0))))
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+      pairs = np.stack([images[:32], recon[:32]], axis=1).reshape(-1, *images.shape[1:])  # original, recon, …
+      path = os.path.join(out_dir, f"reconstructions_{name}.png")
+      imaging.save_image_grid(pairs, path, columns=16)
+      out["png"] = path
+    results[name] = out
+  return results
+
+
 def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffusion_steps: int = 50,
-             guidance: float = 3.0, seed: int = 0, max_batches: int = 20) -> dict:
+             guidance: float = 3.0, seed: int = 0, max_batches: int = 20, out_dir: str | None = None) -> dict:
   """All metrics that apply to the config's embedded sources; a dict ready for eval.json."""
+  if config.model.family == "vq":
+    return {"tokenizer": evaluate_tokenizer(config, task, params, num_examples=num_examples, out_dir=out_dir)}
   # pylint: disable=g-import-not-at-top
-  from unimm.inference import images as images_lib, placement as placement_lib
-  from unimm.inference import prompts as prompts_lib, text as text_lib
+  from unimm.inference import generators, placement as placement_lib, prompts as prompts_lib
   # pylint: enable=g-import-not-at-top
   d = config.data
   where = placement_lib.Placement.from_config(config)
-  results: dict = {"text": {"perplexity": perplexity(task, params, config, max_batches)}}
+  results: dict = {"text": {"perplexity": perplexity(task, params, config, max_batches, tokenizer.specials.eoi)}}
   rng = jax.random.key(seed)
   slots = task.model.slots
   for name in sorted(d.sources.keys()):
@@ -156,8 +224,8 @@ def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffus
     captions, images = _pairs(spec, "test", d.data_dir, num_examples)
     t2i_prompts = [prompts_lib.encode([documents.Text(c)], tokenizer, slots) for c in captions]
     i2t_prompts = [prompts_lib.encode([documents.Image(im)], tokenizer, slots) for im in images]
-    image_gen = images_lib.ImageGenerator(task, params, tokenizer.specials, where)
-    text_gen = text_lib.TextGenerator(task, params, tokenizer.specials, where)
+    image_gen = generators.image_generator(task, params, tokenizer.specials, where)
+    text_gen = generators.text_generator(task, params, tokenizer.specials, where)
     generated, texts = [], []
     for start in range(0, len(captions), 32):
       rng, sub = jax.random.split(rng)

@@ -27,21 +27,19 @@ def batch_axis(path, leaf) -> int | None:
 
 def empty(model, batch: int, length: int, placement):
   """Zeros shaped like `model`'s KV cache (decode mode) for `batch` rows of `length` slots, sharded."""
-  ids = jnp.zeros((batch, length), jnp.int32)
-  latents = jnp.zeros((batch, model.max_images, *model.latent_shape), jnp.float32)
   with placement.context():
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids, ids, latents,
-                                               jnp.zeros((batch, model.max_images), jnp.int32)))["cache"]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *model.dummy_inputs(batch, length)))["cache"]
   shardings = jax.tree_util.tree_map_with_path(lambda p, s: placement.cache_sharding(s, batch_axis(p, s)), shapes)
   zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings)
   return zeros()
 
 
 def take_rows(cache, rows: np.ndarray):
-  """The cache of `rows` only (same length and write index)."""
+  """The cache of `rows` only (same length and write index), sharing no buffer with `cache` (so either
+  may be donated)."""
   rows = jnp.asarray(rows)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: x if batch_axis(p, x) is None else jnp.take(x, rows, axis=batch_axis(p, x)), cache)
+      lambda p, x: jnp.copy(x) if batch_axis(p, x) is None else jnp.take(x, rows, axis=batch_axis(p, x)), cache)
 
 
 def concat_rows(first, second):

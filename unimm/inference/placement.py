@@ -48,10 +48,7 @@ class Placement:
   def params(self, model, params):
     """`params` (host or any device) placed by the model's logical parameter names."""
     def boxed_init():
-      ids = np.zeros((1, 1), np.int32)
-      latents = np.zeros((1, model.max_images, *model.latent_shape), np.float32)
-      return model.init(jax.random.key(0), ids, ids, ids, ids, latents,
-                        np.zeros((1, model.max_images), np.int32))["params"]
+      return model.init(jax.random.key(0), *model.dummy_inputs(1, 1))["params"]
     with self.context():
       boxed = jax.eval_shape(boxed_init)
       shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)

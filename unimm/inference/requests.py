@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from unimm.data import documents
-from unimm.inference import images as images_lib, prompts as prompts_lib, text as text_lib
+from unimm.inference import generators, images as images_lib, prompts as prompts_lib, text as text_lib
 
 
 @dataclasses.dataclass
@@ -161,14 +161,14 @@ def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str,
       chunk = todo[start:start + batch_size]
       rng, sub = jax.random.split(rng)
       if kind == "text":
-        text_gen = text_gen or text_lib.TextGenerator(task, params, tokenizer.specials, placement)
+        text_gen = text_gen or generators.text_generator(task, params, tokenizer.specials, placement)
         outs = text_gen.generate_mixed([prompts[i] for i in chunk], rng=sub, options=sampling,
                                        max_new_tokens=[requests[i].max_tokens for i in chunk],
                                        diffusion=diffusion)
         for i, generation in zip(chunk, outs):
           results[i] = text_result(generation, tokenizer, out_dir, requests[i].id, used)
       else:
-        images_gen = images_gen or images_lib.ImageGenerator(task, params, tokenizer.specials, placement)
+        images_gen = images_gen or generators.image_generator(task, params, tokenizer.specials, placement)
         pixels = images_gen.generate([prompts[i] for i in chunk], sub, num_steps=num_steps, guidance=guidance,
                                      sampler=sampler)
         for i, im in zip(chunk, pixels):

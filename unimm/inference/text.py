@@ -69,18 +69,38 @@ class TextGenerator:
     self.params = self.placement.params(self.model, params)
     self.specials = specials
     self._images = None
-    m = self.model.max_images
+    self._step_jit = jax.jit(self._step_fn, donate_argnums=1)  # the cache is updated in place
 
-    def step(params, cache, tokens, positions, segments, image_ids, latents):
-      t = jnp.zeros((tokens.shape[0], m), jnp.int32)  # images a row reads are clean
-      (logits, _), mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
-                                              image_ids, latents, t, mutable=["cache"])
-      return logits[:, -1], mutated["cache"]
-    self._step_jit = jax.jit(step, donate_argnums=1)  # the cache is updated in place
+  # -- what a family changes (`unimm.inference.codes` for image-code families) -------------------
+
+  draws_images_always = False  # True: a sampled BOI always starts an image, even in `generate`
+
+  def _step_fn(self, params, cache, tokens, positions, segments, image_ids, latents):
+    t = jnp.zeros((tokens.shape[0], self.model.max_images), jnp.int32)  # images a row reads are clean
+    (logits, _), mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
+                                            image_ids, latents, t, mutable=["cache"])
+    return logits[:, -1], mutated["cache"]
 
   def _step(self, cache, tokens, positions, segments, image_ids, latents):
     with self.placement.context():
       return self._step_jit(self.params, cache, tokens, positions, segments, image_ids, latents)
+
+  def _prefill(self, cache, rows: dict):
+    """Logits after each prompt row and the cache holding the prompts."""
+    with self.placement.context():
+      dev = self.placement.rows(rows)
+      latents = self.task.encode_images(dev["images"])
+    return self._step(cache, dev["tokens"], dev["positions"], dev["segment_ids"], dev["image_ids"], latents)
+
+  def _feed(self, cache, tokens, positions, segments, image_ids):
+    """One text step (no image inputs)."""
+    b = tokens.shape[0]
+    return self._step(cache, tokens, positions, segments, image_ids,
+                      jnp.zeros((b, self.model.max_images, *self.model.latent_shape), jnp.float32))
+
+  def _mask(self, logits, images_full):
+    """The logits a row may sample from while drawing images is on."""
+    return mask_generator_tokens(logits, self.specials, images_full)
 
   def generate(self, prompts: list[prompts_lib.Prompt], *, max_new_tokens: int | list[int], rng=None,
                options: SamplingOptions = SamplingOptions()) -> list[list[int]]:
@@ -110,32 +130,29 @@ class TextGenerator:
     rows = prompts_lib.batch(prompts, pad_id=s.pad, max_images=m, image_shape=self.task.image_shape)
     filled = rows["tokens"].shape[1]  # the cache's next write slot, shared by all rows
     cache = cache_lib.empty(self.model, b, cache_lib.bucket(filled + int(budget.max())), self.placement)
-    with self.placement.context():
-      dev = self.placement.rows(rows)
-      latents = self.task.encode_images(dev["images"])
-    logits, cache = self._step(cache, dev["tokens"], dev["positions"], dev["segment_ids"], dev["image_ids"], latents)
-    no_images = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32)
+    logits, cache = self._prefill(cache, rows)
     rng = jax.random.key(0) if rng is None else rng
+    drawing = diffusion is not None or self.draws_images_always
     next_pos = np.array([len(p) for p in prompts], np.int32)
     image_count = np.array([len(p.images) for p in prompts])
     done = budget <= 0
     out = [Generation([], []) for _ in range(b)]
     while not done.all():
       rng, sub, image_rng = jax.random.split(rng, 3)
-      if diffusion is not None:
-        logits = mask_generator_tokens(logits, s, jnp.asarray(image_count >= m))
+      if drawing:
+        logits = self._mask(logits, jnp.asarray(image_count >= m))
       new = np.asarray(sample_tokens(logits, sub, options))
       for i in np.nonzero(~done)[0]:
         out[i].tokens.append(int(new[i]))
-      starting = ~done & (new == s.boi) if diffusion is not None else np.zeros(b, bool)
+      starting = ~done & (new == s.boi) if drawing else np.zeros(b, bool)
       done |= (new == s.eos) | (np.array([len(o.tokens) for o in out]) >= budget)
       feed = ~done | starting
       if not feed.any():
         break
       tokens = np.where(feed, new, s.pad)[:, None].astype(np.int32)
       # A copy: on CPU a numpy argument may be used in place, after the `+=` below (async dispatch).
-      logits, cache = self._step(cache, tokens, next_pos[:, None].copy(), feed.astype(np.int32)[:, None],
-                                 np.zeros((b, 1), np.int32), no_images)
+      logits, cache = self._feed(cache, tokens, next_pos[:, None].copy(), feed.astype(np.int32)[:, None],
+                                 np.zeros((b, 1), np.int32))
       filled += 1
       next_pos += feed
       if starting.any():
@@ -143,15 +160,16 @@ class TextGenerator:
         if filled + slots + 1 + remaining > cache_lib.length(cache):
           cache = cache_lib.grow(cache, cache_lib.bucket(filled + slots + 1 + remaining))
         new_logits, cache = self._image_event(cache, filled, np.nonzero(starting)[0], next_pos, image_count,
-                                              image_rng, diffusion, out)
+                                              image_rng, diffusion, out, logits)
         logits = jnp.where(jnp.asarray(starting)[:, None], new_logits, logits)
         filled += slots + 1
         next_pos += np.where(starting, slots + 1, 0).astype(np.int32)
         image_count += starting
     return out[:n]
 
-  def _image_event(self, cache, filled, rows, next_pos, image_count, rng, diffusion, out):
+  def _image_event(self, cache, filled, rows, next_pos, image_count, rng, diffusion, out, logits):
     """Denoises an image for each of `rows` (which just wrote BOI), then writes it clean and EOI."""
+    del logits
     s, b = self.specials, len(next_pos)
     m, slots = self.model.max_images, self.model.slots
     if self._images is None:

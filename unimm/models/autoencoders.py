@@ -65,11 +65,36 @@ class AutoencoderConfig:
     return h // self.downsample, w // self.downsample, self.latent_channels
 
 
-class _Encoder(nn.Module):
+class SpatialAttention(nn.Module):
+  """Single-head self-attention over an image's positions (GroupNorm, 1×1 q/k/v, residual)."""
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    y = layers.group_norm(c, name="norm")(x).reshape(n, h * w, c)
+    q, k, v = (layers.dense(c, "conv_in", "conv_out", name=name)(y) for name in ("q", "k", "v"))
+    weights = jax.nn.softmax(jnp.einsum("nqc,nkc->nqk", q, k) / jnp.sqrt(c).astype(q.dtype), axis=-1)
+    out = layers.dense(c, "conv_in", "conv_out", name="proj")(jnp.einsum("nqk,nkc->nqc", weights, v))
+    return x + out.reshape(n, h, w, c)
+
+
+def _middle(x, channels: int, attention: bool):
+  """The lowest-resolution block: ResBlock, or ResBlock → attention → ResBlock (LDM, LlamaGen)."""
+  x = ResBlock(channels, name="mid")(x)
+  if attention:
+    x = SpatialAttention(name="mid_attn")(x)
+    x = ResBlock(channels, name="mid2")(x)
+  return x
+
+
+class ConvEncoder(nn.Module):
+  """Pixels in [-1, 1] → `out_channels` features, ×2 downsampling per level after the first."""
+
   channels: int
   channel_mults: Sequence[int]
   blocks_per_level: int
-  latent_channels: int
+  out_channels: int
+  attention: bool = False  # self-attention at the lowest resolution
 
   @nn.compact
   def __call__(self, x):
@@ -79,21 +104,24 @@ class _Encoder(nn.Module):
         x = ResBlock(self.channels * mult, name=f"down{i}_{j}")(x)
       if i < len(self.channel_mults) - 1:
         x = layers.conv(self.channels * mult, strides=(2, 2), name=f"downsample{i}")(x)
-    x = ResBlock(self.channels * self.channel_mults[-1], name="mid")(x)
+    x = _middle(x, self.channels * self.channel_mults[-1], self.attention)
     x = nn.silu(layers.group_norm(x.shape[-1], name="out_norm")(x))
-    return layers.conv(2 * self.latent_channels, name="out")(x)
+    return layers.conv(self.out_channels, name="out")(x)
 
 
-class _Decoder(nn.Module):
+class ConvDecoder(nn.Module):
+  """The mirror of `ConvEncoder`: features → pixels in [-1, 1] (unclipped)."""
+
   channels: int
   channel_mults: Sequence[int]
   blocks_per_level: int
   out_channels: int
+  attention: bool = False
 
   @nn.compact
   def __call__(self, z):
     x = layers.conv(self.channels * self.channel_mults[-1], name="stem")(z)
-    x = ResBlock(self.channels * self.channel_mults[-1], name="mid")(x)
+    x = _middle(x, self.channels * self.channel_mults[-1], self.attention)
     for i in reversed(range(len(self.channel_mults))):
       for j in range(self.blocks_per_level):
         x = ResBlock(self.channels * self.channel_mults[i], name=f"up{i}_{j}")(x)
@@ -110,8 +138,8 @@ class KLVAE(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.encoder = _Encoder(c.channels, c.channel_mults, c.blocks_per_level, c.latent_channels)
-    self.decoder = _Decoder(c.channels, c.channel_mults, c.blocks_per_level, self.image_channels)
+    self.encoder = ConvEncoder(c.channels, c.channel_mults, c.blocks_per_level, 2 * c.latent_channels)
+    self.decoder = ConvDecoder(c.channels, c.channel_mults, c.blocks_per_level, self.image_channels)
 
   def posterior(self, images):
     """Mean and log-variance of q(z | x) for uint8 images [N, H, W, C]."""
@@ -152,7 +180,8 @@ class AutoencoderTask:
     flat = images.reshape(-1, *images.shape[2:])
     return self.vae.init(rng, flat, jax.random.key(0))["params"]
 
-  def loss_terms(self, params, batch: dict, rng) -> dict:
+  def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
+    del step
     images = batch["images"]
     flat = images.reshape(-1, *images.shape[2:])
     valid = batch["image_valid"].reshape(-1).astype(jnp.float32)

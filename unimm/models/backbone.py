@@ -1,7 +1,10 @@
 """The shared transformer: a Llama-style decoder over packed multimodal rows.
 
 RMSNorm, RoPE at the row's per-document positions, SwiGLU, optional QK-norm,
-grouped-query attention, no biases. Layers run under `nn.scan` (compile time
+grouped-query attention, no biases. Chameleon's stability switches are here
+too: QK-norm, dropout on each residual branch (active when the caller passes a
+``dropout`` rng), and the Swin-style norm order ``h = x + norm(attn(x)); out =
+h + norm(ffn(h))`` instead of pre-norm. Layers run under `nn.scan` (compile time
 flat in depth) with a configurable remat policy. It consumes embeddings, not
 token ids: each family decides what fills each slot (token embeddings, image
 patches, codes) and what its outputs mean.
@@ -40,8 +43,10 @@ class BackboneConfig:
   dtype: str = "bfloat16"  # compute dtype; params stay float32
   remat: str = "dots_no_batch"
   scan: bool = True
-  bidirectional_images: bool = True
+  bidirectional_images: bool = True  # the DESIGN rule; families that predict image codes in order switch it off
   attention: str = "auto"
+  dropout: float = 0.0  # on the attention and MLP branches, in training (a "dropout" rng is given)
+  norm_order: str = "pre"  # pre: x + f(norm(x)) (Llama) | swin: x + norm(f(x)) (Chameleon-7B/34B)
 
   @classmethod
   def from_config(cls, cfg) -> "BackboneConfig":
@@ -49,7 +54,10 @@ class BackboneConfig:
     unknown = set(cfg.keys()) - fields
     if unknown:
       raise ValueError(f"unknown backbone keys {sorted(unknown)}; known: {sorted(fields)}")
-    return cls(**{k: cfg[k] for k in cfg.keys()})
+    out = cls(**{k: cfg[k] for k in cfg.keys()})
+    if out.norm_order not in ("pre", "swin"):
+      raise ValueError(f"backbone.norm_order {out.norm_order!r}; expected 'pre' or 'swin'")
+    return out
 
   @property
   def kv_heads(self) -> int:
@@ -133,11 +141,17 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, positions, segment_ids, image_ids):
     c = self.cfg
     dt = c.compute_dtype
-    h = layers.RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
-    x = x + Attention(c, self.decode, name="attn")(h, positions, segment_ids, image_ids)
+    attn_norm = layers.RMSNorm(c.norm_eps, dt, name="attn_norm")
+    mlp_norm = layers.RMSNorm(c.norm_eps, dt, name="mlp_norm")
+    drop = nn.Dropout(c.dropout, deterministic=c.dropout == 0 or not self.has_rng("dropout"))
+    attn = Attention(c, self.decode, name="attn")
+    if c.norm_order == "swin":
+      x = x + drop(attn_norm(attn(x, positions, segment_ids, image_ids)))
+    else:
+      x = x + drop(attn(attn_norm(x), positions, segment_ids, image_ids))
     x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
-    h = layers.RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
-    x = x + layers.SwiGLU(c.hidden, dt, name="mlp")(h)
+    mlp = layers.SwiGLU(c.hidden, dt, name="mlp")
+    x = x + drop(mlp_norm(mlp(x)) if c.norm_order == "swin" else mlp(mlp_norm(x)))
     return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
 

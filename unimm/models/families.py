@@ -1,6 +1,6 @@
 """Model families by name: config → the task object the trainer drives.
 
-A task provides `init(rng, batch)`, `loss_terms(params, batch, rng)` (sums),
+A task provides `init(rng, batch)`, `loss_terms(params, batch, rng, step)` (sums),
 `loss_counts(batch)`, `combine(sums, counts)`, `dummy_batch(...)` and, for
 families that generate images, `sample_images(...)`.
 """
@@ -8,14 +8,14 @@ families that generate images, `sample_images(...)`.
 from __future__ import annotations
 
 from unimm import diffusion
-from unimm.models import autoencoders, backbone, transfusion
+from unimm.models import autoencoders, backbone, chameleon, transfusion, vq
 
 
-def transfusion_task(config, vocab_size: int, frozen_autoencoder=None) -> transfusion.TransfusionTask:
+def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.TransfusionTask:
   m, d = config.model, config.data
   ae = autoencoders.AutoencoderConfig.from_config(m.autoencoder)
   image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
-  if ae.kind != "identity" and frozen_autoencoder is None and not ae.checkpoint:
+  if ae.kind != "identity" and frozen_codec is None and not ae.checkpoint:
     raise ValueError("config.model.autoencoder.kind='kl_vae' needs config.model.autoencoder.checkpoint "
                      "(train one with configs/vae/...) or frozen params passed in.")
   model = transfusion.TransfusionModel(
@@ -28,12 +28,12 @@ def transfusion_task(config, vocab_size: int, frozen_autoencoder=None) -> transf
   return transfusion.TransfusionTask(
       model=model, autoencoder=ae, schedule=diffusion.Schedule.cosine(int(m.num_timesteps)),
       diffusion_weight=float(m.diffusion_weight), prediction=str(m.prediction), z_loss=float(m.z_loss),
-      frozen_autoencoder=frozen_autoencoder, image_shape=image_shape)
+      frozen_autoencoder=frozen_codec, image_shape=image_shape)
 
 
-def autoencoder_task(config, vocab_size: int, frozen_autoencoder=None) -> autoencoders.AutoencoderTask:
+def autoencoder_task(config, vocab_size: int, frozen_codec=None) -> autoencoders.AutoencoderTask:
   """Trains config.model.autoencoder (kind kl_vae) itself."""
-  del vocab_size, frozen_autoencoder
+  del vocab_size, frozen_codec
   ae = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
   if ae.kind != "kl_vae":
     raise ValueError(f"family kl_vae trains config.model.autoencoder.kind='kl_vae', got {ae.kind!r}")
@@ -42,7 +42,34 @@ def autoencoder_task(config, vocab_size: int, frozen_autoencoder=None) -> autoen
                                       kl_weight=float(config.model.kl_weight), l1=bool(config.model.l1))
 
 
-FAMILIES = {"transfusion": transfusion_task, "kl_vae": autoencoder_task}
+def chameleon_task(config, vocab_size: int, frozen_codec=None) -> chameleon.ChameleonTask:
+  """Chameleon: the frozen VQ tokenizer of config.model.vq (its `checkpoint`) puts images in the vocabulary."""
+  m, d = config.model, config.data
+  cfg = vq.VQConfig.from_config(m.vq)
+  if frozen_codec is None:
+    raise ValueError("family chameleon needs a trained VQ tokenizer: set config.model.vq.checkpoint to a "
+                     "configs/tokenizers/... run's checkpoints dir (or pass its params).")
+  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  text_vocab = int(m.vocab_size) or vocab_size
+  model = chameleon.ChameleonModel(
+      vocab_size=text_vocab + cfg.codebook_size, backbone=backbone.BackboneConfig.from_config(m.backbone),
+      max_images=int(d.max_images_per_row), slots=int(d.image_slots))
+  return chameleon.ChameleonTask(model=model, tokenizer=vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer=frozen_codec,
+                                 text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss))
+
+
+def tokenizer_task(config, vocab_size: int, frozen_codec=None) -> vq.TokenizerTask:
+  """Trains the VQ image tokenizer config.model.vq itself (configs/tokenizers/)."""
+  del vocab_size, frozen_codec
+  cfg = vq.VQConfig.from_config(config.model.vq)
+  cfg.grid((int(config.data.image_size),) * 2)  # checks the downsampling divides the images
+  return vq.TokenizerTask(vq.VQModel(cfg, int(config.data.image_channels)),
+                          vq.TokenizerLoss.from_config(config.model.vq_loss))
+
+
+FAMILIES = {"transfusion": transfusion_task, "chameleon": chameleon_task, "kl_vae": autoencoder_task,
+            "vq": tokenizer_task}
+CODE_FAMILIES = ("chameleon",)  # families that read and write images as VQ codes
 
 
 def build_task(config, vocab_size: int, **kwargs):

@@ -29,20 +29,39 @@ def nearest_codes(z, codebook):
   return jnp.argmin(distances, axis=-1), distances
 
 
-def usage(indices, codebook_size: int) -> dict:
-  """Fraction of the codebook used by `indices` and the perplexity of their distribution."""
-  counts = jnp.zeros((codebook_size,), jnp.float32).at[indices.reshape(-1)].add(1.0)
-  p = counts / jnp.maximum(jnp.sum(counts), 1.0)
+def code_counts(indices, codebook_size: int, weights=None):
+  """How often each code is chosen (weighted): [codebook_size]."""
+  w = jnp.ones(indices.shape, jnp.float32) if weights is None else jnp.broadcast_to(weights, indices.shape)
+  return jnp.zeros((codebook_size,), jnp.float32).at[indices.reshape(-1)].add(w.reshape(-1).astype(jnp.float32))
+
+
+def usage_from_counts(counts) -> dict:
+  """Fraction of the codebook used and the perplexity of the code distribution."""
+  p = counts / jnp.maximum(jnp.sum(counts), 1e-9)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   return {"codebook_usage": jnp.mean(counts > 0), "codebook_perplexity": jnp.exp(entropy)}
 
 
-def entropy_loss(distances, temperature: float):
+def usage(indices, codebook_size: int, weights=None) -> dict:
+  """Fraction of the codebook used by `indices` and the perplexity of their distribution."""
+  return usage_from_counts(code_counts(indices, codebook_size, weights))
+
+
+def _weighted_mean(x, weights):
+  if weights is None:
+    return jnp.mean(x)
+  w = jnp.broadcast_to(weights, x.shape).astype(jnp.float32)
+  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-9)
+
+
+def entropy_loss(distances, temperature: float, weights=None):
   """Mean per-input entropy minus the entropy of the batch-average assignment (soft, by distance)."""
   logits = -distances.reshape(-1, distances.shape[-1]) / temperature
+  w = jnp.ones(logits.shape[:1]) if weights is None else jnp.broadcast_to(weights, distances.shape[:-1]).reshape(-1)
+  w = w.astype(jnp.float32) / jnp.maximum(jnp.sum(w), 1e-9)
   probs = jax.nn.softmax(logits, axis=-1)
-  per_input = -jnp.mean(jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1))
-  avg = jnp.mean(probs, axis=0)
+  per_input = -jnp.sum(w * jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+  avg = jnp.sum(w[:, None] * probs, axis=0)
   batch = -jnp.sum(avg * jnp.log(avg + 1e-10))
   return per_input - batch
 
@@ -55,8 +74,11 @@ class VectorQuantizer(nn.Module):
   entropy_temperature: float = 0.01
 
   @nn.compact
-  def __call__(self, z):
-    """z [..., code_dim] → (z_q with straight-through gradients, aux: indices, losses, usage)."""
+  def __call__(self, z, weights=None):
+    """z [..., code_dim] → (z_q with straight-through gradients, aux: indices, losses, usage).
+
+    `weights` (broadcast to z.shape[:-1], e.g. 0 for padding images) weight the means.
+    """
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"VectorQuantizer takes inputs of {self.code_dim} channels, got {z.shape}")
     codebook = self.param("codebook", nn.with_logical_partitioning(layers.init_normal(1.0), ("codes", "code_dim")),
@@ -68,11 +90,13 @@ class VectorQuantizer(nn.Module):
     q = jnp.take(codebook, indices, axis=0)
     aux = {
         "indices": indices,
-        "codebook_loss": jnp.mean(jnp.sum(jnp.square(jax.lax.stop_gradient(z) - q), -1)),
-        "commitment_loss": self.beta * jnp.mean(jnp.sum(jnp.square(z - jax.lax.stop_gradient(q)), -1)),
-        "entropy_loss": entropy_loss(distances, self.entropy_temperature),
-        **usage(indices, self.codebook_size),
+        "codebook_loss": _weighted_mean(jnp.sum(jnp.square(jax.lax.stop_gradient(z) - q), -1), weights),
+        "commitment_loss": self.beta * _weighted_mean(jnp.sum(jnp.square(z - jax.lax.stop_gradient(q)), -1),
+                                                      weights),
+        "entropy_loss": entropy_loss(distances, self.entropy_temperature, weights),
+        "code_counts": code_counts(indices, self.codebook_size, weights),
     }
+    aux.update(usage_from_counts(aux["code_counts"]))
     return z + jax.lax.stop_gradient(q - z), aux
 
   def lookup(self, indices):

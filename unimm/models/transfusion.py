@@ -89,6 +89,12 @@ class TransfusionModel(nn.Module):
     h, w, _ = self.latent_shape
     return (h // self.patch_size) * (w // self.patch_size)
 
+  def dummy_inputs(self, batch: int, length: int) -> tuple:
+    """Arguments of `__call__` for `batch` rows of `length` slots (to size params and caches)."""
+    ids = jnp.zeros((batch, length), jnp.int32)
+    latents = jnp.zeros((batch, self.max_images, *self.latent_shape), jnp.float32)
+    return ids, ids, ids, ids, latents, jnp.zeros((batch, self.max_images), jnp.int32)
+
   def __call__(self, tokens, positions, segment_ids, image_ids, noisy_latents, timesteps):
     """→ logits [B, T, V] (float32), image output [B, M, h, w, c] (ε or v, see TransfusionTask.prediction)."""
     x = self.embed(tokens)
@@ -172,15 +178,24 @@ class TransfusionTask:
     vae = autoencoders.KLVAE(self.autoencoder, image_channels)
     return autoencoders.to_uint8(vae.apply({"params": self.frozen_autoencoder}, latents, method=vae.decode))
 
-  def loss_terms(self, params, batch: dict, rng) -> dict:
+  def logits(self, params, batch: dict):
+    """Next-token logits of packed rows [B, T, V], images read clean (t = 0)."""
+    latents = self.encode_images(batch["images"])
+    t = jnp.zeros(batch["images"].shape[:2], jnp.int32)
+    logits, _ = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                 batch["image_ids"], latents, t)
+    return logits
+
+  def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
     """Unnormalised sums: the trainer divides by counts over the whole (accumulated) batch."""
-    rng_t, rng_noise, rng_vae = jax.random.split(rng, 3)
+    del step
+    rng_t, rng_noise, rng_vae, rng_dropout = jax.random.split(rng, 4)
     latents = self.encode_images(batch["images"], rng_vae)
     t = diffusion.sample_timesteps(rng_t, batch["image_t_max"])
     noise = jax.random.normal(rng_noise, latents.shape, jnp.float32)
     noisy = diffusion.add_noise(self.schedule, latents, noise, t)
     logits, out = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                   batch["image_ids"], noisy, t)
+                                   batch["image_ids"], noisy, t, rngs={"dropout": rng_dropout})
     weights = batch["loss_weights"][:, :-1]
     lm_sum, z_sum = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
     per_image = diffusion.per_image_error(out, diffusion.target(self.schedule, self.prediction, latents, noise, t))

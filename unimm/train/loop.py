@@ -23,17 +23,24 @@ import tqdm
 
 from unimm import imaging
 from unimm.data import documents, pipeline
-from unimm.inference import images as images_lib, placement, prompts as prompts_lib
+from unimm.inference import generators, placement, prompts as prompts_lib
+from unimm.models import chameleon, families
 from unimm.parallel import sharding
 from unimm.train import checkpoint, metrics as metrics_lib
 from unimm.train.setup import Setup, build, flops_per_token
 
 
-def load_frozen_autoencoder(config):
-  """The frozen autoencoder's params a family encodes images with, if the config names one."""
+def load_frozen_codec(config):
+  """The frozen image codec's params a family encodes images with, if the config names one:
+  Transfusion's KL-VAE (model.autoencoder.checkpoint) or a code family's VQ tokenizer (model.vq.checkpoint)."""
+  if config.model.family in families.CODE_FAMILIES:
+    if not config.model.vq.checkpoint:
+      return None  # the family says what it needs
+    return chameleon.frozen_tokenizer_params(
+        checkpoint.Checkpointer(config.model.vq.checkpoint, async_save=False).restore_params())
   ae = config.model.autoencoder
-  if ae.kind == "identity" or not ae.checkpoint:
-    return None  # families that need one say so (transfusion_task), the autoencoder family trains it
+  if config.model.family != "transfusion" or ae.kind == "identity" or not ae.checkpoint:
+    return None  # families that need one say so (transfusion_task), the codec families train it
   return checkpoint.Checkpointer(ae.checkpoint, async_save=False).restore_params()
 
 
@@ -82,12 +89,12 @@ def sample_prompts(config, tokenizer, count: int) -> list[str]:
 def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: str, writer) -> str | None:
   """Samples images for validation captions (KV-cached, on the training mesh); writes a PNG grid and to TB."""
   prompts = sample_prompts(config, tokenizer, int(config.train.sample_prompts))
-  if not prompts or config.model.family != "transfusion":
+  if not prompts or not generators.generates_images(setup.task):
     return None
   slots = setup.task.model.slots
   encoded = [prompts_lib.encode([documents.Text(p)], tokenizer, slots) for p in prompts]
-  generator = images_lib.ImageGenerator(setup.task, state.params, tokenizer.specials,
-                                        placement.Placement(setup.mesh, setup.rules))
+  generator = generators.image_generator(setup.task, state.params, tokenizer.specials,
+                                         placement.Placement(setup.mesh, setup.rules))
   images = generator.generate(encoded, jax.random.key(int(config.seed) + 1), num_steps=int(config.train.sample_steps),
                               guidance=float(config.train.sample_guidance))
   if jax.process_index() != 0:
@@ -124,7 +131,7 @@ def train(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=1))
   tokenizer = pipeline.load_tokenizer(config.data)
   mesh = sharding.make_mesh(config.mesh)
-  setup = build(config, mesh, tokenizer.vocab_size, load_frozen_autoencoder(config))
+  setup = build(config, mesh, tokenizer.vocab_size, load_frozen_codec(config))
   logging.info("Mesh %s; %d parameters (%d in matmuls).", dict(mesh.shape), setup.total_params, setup.matmul_params)
 
   data = pipeline.build_pipeline(config, "train", jax.process_index(), jax.process_count())

@@ -39,8 +39,8 @@ def image_shape(config) -> tuple[int, int, int]:
   return int(d.image_size), int(d.image_size), int(d.image_channels)
 
 
-def build(config, mesh, vocab_size: int, frozen_autoencoder=None) -> Setup:
-  task = families.build_task(config, vocab_size, frozen_autoencoder=frozen_autoencoder)
+def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
+  task = families.build_task(config, vocab_size, frozen_codec=frozen_codec)
   rules = sharding.logical_rules(config.sharding)
   optimizer = optimizer_lib.make_optimizer(config.train)
   schedule = optimizer_lib.learning_rate_schedule(config.train)

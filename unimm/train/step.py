@@ -36,11 +36,13 @@ def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, ski
   """`step(state, batch, rng) → (state, metrics)`; the loss is exact under accumulation.
 
   Loss parts are sums normalised by whole-batch counts, so summing microbatch
-  losses gives the full batch's loss and gradient.
+  losses gives the full batch's loss and gradient. `task.loss_terms` gets the
+  step (e.g. to switch a term on late); an optional `task.after_update(params,
+  batch, rng, step)` edits the updated params (e.g. restarting dead VQ codes).
   """
 
-  def loss_fn(params, batch, rng, counts):
-    sums = task.loss_terms(params, batch, rng)
+  def loss_fn(params, batch, rng, counts, step):
+    sums = task.loss_terms(params, batch, rng, step)
     total, _ = task.combine(sums, counts)
     return total, sums
 
@@ -50,24 +52,27 @@ def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, ski
     rng = jax.random.fold_in(rng, state.step)
     counts = task.loss_counts(batch)
     if grad_accum_steps == 1:
-      (loss, sums), grads = grad_fn(state.params, batch, rng, counts)
+      (loss, sums), grads = grad_fn(state.params, batch, rng, counts, state.step)
     else:
       micro = split_microbatches(batch, grad_accum_steps)
 
       def body(carry, xs):
         mb, i = xs
-        (l, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), counts)
+        (l, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), counts, state.step)
         acc_loss, acc_sums, acc_grads = carry
         return (acc_loss + l, jax.tree.map(jnp.add, acc_sums, s), jax.tree.map(jnp.add, acc_grads, g)), None
 
       zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(task.loss_terms, state.params,
-                                                              jax.tree.map(lambda x: x[0], micro), rng))
+                                                              jax.tree.map(lambda x: x[0], micro), rng,
+                                                              state.step))
       zero = (jnp.zeros((), jnp.float32), zero_sums, jax.tree.map(jnp.zeros_like, state.params))
       (loss, sums, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(grad_accum_steps)))
     _, parts = task.combine(sums, counts)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if hasattr(task, "after_update"):  # e.g. the VQ tokenizer restarting dead codes
+      params = task.after_update(params, batch, jax.random.fold_in(rng, 1 << 30), state.step)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     if skip_nonfinite:

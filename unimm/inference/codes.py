@@ -1,0 +1,207 @@
+"""Generation for families that write images as VQ codes in the vocabulary (Chameleon), KV-cached.
+
+Modality-constrained decoding: outside an image the image codes (and the
+tokens only the generator writes: IMG, EOI, PAD) are masked out; after `BOI`
+only image codes may be sampled, exactly `slots` of them in raster order,
+then `EOI` is forced. Images use classifier-free guidance: each conditional
+row has an unconditional twin, the prompt `[BOS, BOI]`, run in the same
+batch, and the code logits are `l_u + s·(l_c − l_u)`; then temperature /
+top-k / top-p over the codes. The codes go through the frozen VQ decoder.
+
+`CodeImageGenerator.generate` is text→image (the prompt, then an image);
+`CodeTextGenerator` is `unimm.inference.text.TextGenerator` with this
+family's steps: text, and an image drawn whenever the model emits `BOI`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm.inference import cache as cache_lib, placement as placement_lib, prompts as prompts_lib
+from unimm.inference import text as text_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeSampling:
+  guidance: float | None = 3.0  # classifier-free guidance scale for image codes; None: conditional only
+  temperature: float = 1.0  # over image codes (greedy codes give flat, repetitive images)
+  top_k: int = 0
+  top_p: float = 1.0
+
+  @property
+  def token_options(self) -> text_lib.SamplingOptions:
+    return text_lib.SamplingOptions(self.temperature, self.top_k, self.top_p)
+
+
+def mask_text(logits, text_vocab: int, specials, images_full):
+  """Outside images: no image code, no IMG/EOI/PAD, and no BOI where a row holds its last image."""
+  ids = jnp.arange(logits.shape[-1])
+  never = (ids >= text_vocab) | (ids == specials.eoi) | (ids == specials.img) | (ids == specials.pad)
+  return jnp.where(never | (images_full[:, None] & (ids == specials.boi)), -jnp.inf, logits)
+
+
+def mask_codes(logits, text_vocab: int):
+  """Inside an image: image codes only."""
+  return jnp.where(jnp.arange(logits.shape[-1]) >= text_vocab, logits, -jnp.inf)
+
+
+def guided(logits, guidance: float | None):
+  """[2N, V] rows (conditional; unconditional) → [N, V] guided logits (N rows as given when guidance is None)."""
+  if guidance is None:
+    return logits
+  cond, uncond = jnp.split(logits, 2)
+  return uncond + guidance * (cond - uncond)
+
+
+class _CodeSteps:
+  """The KV-cached step of a code family's model, and drawing one image's codes against a cache."""
+
+  def _init_steps(self, task, params, specials, placement):
+    self.task = task
+    self.model = dataclasses.replace(task.model, decode=True)
+    self.placement = placement or placement_lib.Placement.single_device()
+    self.params = self.placement.params(self.model, params)
+    self.specials = specials
+
+    def step(params, cache, tokens, positions, segments, image_ids):
+      logits, mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments, image_ids,
+                                         mutable=["cache"])
+      return logits[:, -1], mutated["cache"]
+    self._step_jit = jax.jit(step, donate_argnums=1)
+
+    def encode(rows):
+      return self.task.row_tokens(rows)
+    self._row_tokens = jax.jit(encode)
+
+  def _tokens_step(self, cache, tokens, positions, segments, image_ids):
+    with self.placement.context():
+      return self._step_jit(self.params, cache, tokens, positions, segments, image_ids)
+
+  def _prefill_rows(self, cache, rows: dict):
+    with self.placement.context():
+      dev = self.placement.rows(rows)
+      tokens = self._row_tokens(dev)
+    return self._tokens_step(cache, tokens, dev["positions"], dev["segment_ids"], dev["image_ids"])
+
+  def draw(self, cache, logits, first_slot: np.ndarray, image_index: np.ndarray, rng,
+           options: CodeSampling) -> np.ndarray:
+    """Code tokens [N, slots] for a cache of rows written up to their `BOI` (2N rows, conditional then
+    unconditional, when guided) whose next-token logits are `logits`. The cache is consumed."""
+    b, slots = len(first_slot), self.model.slots
+    text_vocab = self.task.text_vocab
+    if options.guidance is not None and b % 2:
+      raise ValueError(f"guided drawing takes conditional and unconditional rows in pairs, got {b} rows")
+    codes = []
+    ones = np.ones((b, 1), np.int32)
+    image_ids = (np.asarray(image_index)[:, None] + 1).astype(np.int32)
+    for s in range(slots):
+      rng, sub = jax.random.split(rng)
+      step_logits = mask_codes(guided(logits, options.guidance), text_vocab)
+      new = text_lib.sample_tokens(step_logits, sub, options.token_options)
+      codes.append(new)
+      if s + 1 < slots:
+        feed = new if options.guidance is None else jnp.concatenate([new, new])
+        logits, cache = self._tokens_step(cache, feed[:, None].astype(jnp.int32),
+                                          (np.asarray(first_slot)[:, None] + s).astype(np.int32), ones, image_ids)
+    return np.asarray(jnp.stack(codes, axis=1))
+
+  def _uncond_twins(self, k: int, length: int, index: int):
+    """k rows `[BOS, BOI]` written at `index - 2` of an empty cache of `length` slots: (logits, cache)."""
+    s = self.specials
+    cache = cache_lib.with_index(cache_lib.empty(self.model, k, length, self.placement), index - 2)
+    return self._tokens_step(cache, np.tile([[s.bos, s.boi]], (k, 1)).astype(np.int32),
+                             np.tile([[0, 1]], (k, 1)).astype(np.int32), np.ones((k, 2), np.int32),
+                             np.zeros((k, 2), np.int32))
+
+  def to_pixels(self, code_tokens) -> np.ndarray:
+    return np.asarray(self.task.decode_codes(code_tokens))
+
+
+class CodeImageGenerator(_CodeSteps):
+  """Text→image for a code family: prompt + `BOI`, then `slots` guided codes, decoded."""
+
+  def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None,
+               options: CodeSampling = CodeSampling()):
+    self._init_steps(task, params, specials, placement)
+    self.options = options
+
+  def generate(self, prompts: list[prompts_lib.Prompt], rng, *, guidance: float | None = 3.0, num_steps=None,
+               sampler=None) -> np.ndarray:
+    """uint8 images [N, H, W, C], one per prompt. `num_steps`/`sampler` are diffusion settings (the same
+    call serves every family); codes are sampled with this generator's `options` and `guidance`."""
+    del num_steps, sampler
+    options = dataclasses.replace(self.options, guidance=guidance)
+    s, n = self.specials, len(prompts)
+    m, slots = self.model.max_images, self.model.slots
+    prompts = placement_lib.pad_to_multiple(list(prompts), self.placement.batch_multiple,
+                                            prompts_lib.Prompt([s.bos], [0], []))
+    cond = [prompts_lib.Prompt(p.tokens + [s.boi], p.image_ids + [0], p.images) for p in prompts]
+    uncond = [prompts_lib.Prompt([s.bos, s.boi], [0, 0], [])] * (len(prompts) if guidance is not None else 0)
+    both = cond + uncond
+    new_image = np.array([len(p.images) for p in both])
+    if (new_image >= m).any():
+      raise ValueError(f"a prompt already holds {int(new_image.max())} images; the model takes {m} per row")
+    rows = prompts_lib.batch(both, pad_id=s.pad, max_images=m, image_shape=self.task.image_shape)
+    cache = cache_lib.empty(self.model, len(both), cache_lib.bucket(rows["tokens"].shape[1] + slots), self.placement)
+    logits, cache = self._prefill_rows(cache, rows)
+    codes = self.draw(cache, logits, np.array([len(p) for p in both]), new_image, rng, options)
+    return self.to_pixels(codes[:n])
+
+
+class CodeTextGenerator(_CodeSteps, text_lib.TextGenerator):
+  """Text (and images whenever the model emits `BOI`) for a code family; see `TextGenerator`.
+
+  In `generate_mixed`, `diffusion.guidance` is the images' guidance scale (its other fields are
+  diffusion settings and unused here).
+  """
+
+  draws_images_always = True  # after BOI only codes are allowed, so a BOI always becomes an image
+
+  def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None,
+               options: CodeSampling = CodeSampling()):
+    self._init_steps(task, params, specials, placement)
+    self._images = None
+    self.options = options
+
+  def _prefill(self, cache, rows: dict):
+    return self._prefill_rows(cache, rows)
+
+  def _feed(self, cache, tokens, positions, segments, image_ids):
+    return self._tokens_step(cache, tokens, positions, segments, image_ids)
+
+  def _mask(self, logits, images_full):
+    return mask_text(logits, self.task.text_vocab, self.specials, images_full)
+
+  def _image_event(self, cache, filled, rows, next_pos, image_count, rng, diffusion, out, logits):
+    """Draws each of `rows`' image (they just wrote BOI) against a copy of their cache, then writes the
+    codes and EOI into the cache (other rows write padding)."""
+    s, b, slots = self.specials, len(next_pos), self.model.slots
+    guidance = diffusion.guidance if diffusion is not None else self.options.guidance
+    options = dataclasses.replace(self.options, guidance=guidance)
+    padded = np.array(placement_lib.pad_to_multiple(list(rows), self.placement.batch_multiple, rows[0]))
+    k = len(padded)
+    rows_cache, rows_logits = cache_lib.take_rows(cache, padded), logits[jnp.asarray(padded)]
+    first_slot, image_index = next_pos[padded], image_count[padded]
+    if guidance is not None:
+      twin_logits, twins = self._uncond_twins(k, cache_lib.length(cache), filled)
+      rows_cache = cache_lib.concat_rows(rows_cache, twins)
+      rows_logits = jnp.concatenate([rows_logits, twin_logits])
+      first_slot = np.concatenate([first_slot, np.full(k, 2)])
+      image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
+    codes = self.draw(rows_cache, rows_logits, first_slot, image_index, rng, options)[:len(rows)]
+    for r, pixels in zip(rows, self.to_pixels(codes)):
+      out[r].images.append(pixels)
+      out[r].tokens.append(s.eoi)
+    tokens = np.full((b, slots + 1), s.pad, np.int32)
+    positions = np.zeros((b, slots + 1), np.int32)
+    segments = np.zeros((b, slots + 1), np.int32)
+    image_ids = np.zeros((b, slots + 1), np.int32)
+    tokens[rows] = np.concatenate([codes, np.full((len(rows), 1), s.eoi)], axis=1)
+    positions[rows] = next_pos[rows, None] + np.arange(slots + 1)
+    segments[rows] = 1
+    image_ids[rows, :slots] = (image_count[rows] + 1)[:, None]
+    return self._tokens_step(cache, tokens, positions, segments, image_ids)
