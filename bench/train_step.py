@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from unimm.models import autoencoders  # pylint: disable=wrong-import-position
+from unimm.models import families  # pylint: disable=wrong-import-position
 from unimm.parallel import sharding  # pylint: disable=wrong-import-position
 from unimm.train import setup as setup_lib  # pylint: disable=wrong-import-position
 
@@ -109,14 +109,9 @@ def main():
   if args.seq_len:
     config.data.seq_len = args.seq_len
   vocab = int(config.model.vocab_size) or 256
-  ae_cfg = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
   image_shape = setup_lib.image_shape(config)
-  frozen = None
-  if ae_cfg.kind == "kl_vae":
-    vae = autoencoders.KLVAE(ae_cfg, image_shape[-1])
-    frozen = jax.jit(vae.init)(jax.random.key(0), np.zeros((1, *image_shape), np.uint8), jax.random.key(1))["params"]
   mesh = sharding.make_mesh(config.mesh)
-  setup = setup_lib.build(config, mesh, vocab, frozen)
+  setup = setup_lib.build(config, mesh, vocab, families.random_frozen_codec(config))
   state = setup.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   host = synthetic_batch(rng, int(config.data.batch_size), int(config.data.seq_len), setup.task.model.slots,

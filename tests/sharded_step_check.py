@@ -1,6 +1,8 @@
 """Run as a script (8 fake CPU devices): one train step on a data×fsdp×tensor mesh vs one device.
 
-    python tests/sharded_step_check.py DATA_DIR  → prints JSON
+    python tests/sharded_step_check.py DATA_DIR [GRAD_ACCUM [FAMILY]]  → prints JSON
+
+FAMILY: transfusion (default) or chameleon (with a randomly initialised frozen VQ tokenizer).
 """
 
 import os
@@ -14,17 +16,17 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import small_config  # pylint: disable=wrong-import-position
+from conftest import load_config, small_config  # pylint: disable=wrong-import-position
 from unimm.data import pipeline  # pylint: disable=wrong-import-position
 from unimm.parallel import sharding  # pylint: disable=wrong-import-position
 from unimm.train import setup as setup_lib  # pylint: disable=wrong-import-position
 
 
-def run(config, mesh_sizes, devices, batch):
+def run(config, mesh_sizes, devices, batch, frozen_codec=None):
   metrics2 = None
   config.mesh.update(mesh_sizes)
   mesh = sharding.make_mesh(config.mesh, devices)
-  setup = setup_lib.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size)
+  setup = setup_lib.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size, frozen_codec)
   state = setup.init(jax.random.key(0))
   init = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
           for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
@@ -42,16 +44,27 @@ def run(config, mesh_sizes, devices, batch):
   return metrics, metrics2, params, specs, update
 
 
+def family_config(data_dir: str, family: str):
+  """(config, frozen codec params) of the tiny config of `family` on the test data."""
+  if family == "transfusion":
+    return small_config(data_dir, "shapes"), None
+  from unimm.models import families  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/chameleon/tiny.py", "shapes")
+  config.data.data_dir = data_dir
+  config.data.sources.shapes.builder_config = "small"
+  return config, families.random_frozen_codec(config, seed=7)
+
+
 def main():
-  config = small_config(sys.argv[1], "shapes")
+  config, frozen = family_config(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "transfusion")
   config.model.backbone.update(num_layers=2, dim=32, num_heads=4, mlp_hidden=64, scan=True, remat="full")
   config.data.batch_size = 8
   config.train.update(learning_rate=1e-2, warmup_steps=1)
   config.train.grad_accum_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1
   batch = next(pipeline.build_pipeline(config, "train"))
   batch.pop("stats")
-  m1, m1b, p1, _, update = run(config, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1], batch)
-  m8, m8b, p8, specs, _ = run(config, dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices(), batch)
+  m1, m1b, p1, _, update = run(config, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1], batch, frozen)
+  m8, m8b, p8, specs, _ = run(config, dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices(), batch, frozen)
   out = {
       "metrics_1": {k: float(v) for k, v in m1.items()}, "metrics_8": {k: float(v) for k, v in m8.items()},
       "metrics2_1": {k: float(v) for k, v in m1b.items()}, "metrics2_8": {k: float(v) for k, v in m8b.items()},

@@ -10,21 +10,22 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_check(data_dir, accum):
-  out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), data_dir, str(accum)],
+def run_check(data_dir, accum, family):
+  out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), data_dir, str(accum), family],
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.split("RESULT ", 1)[1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accum", [1, 2])
-def test_sharded_step_equals_single_device(data_dir, accum):
-  r = run_check(data_dir, accum)
+@pytest.mark.parametrize("accum,family", [(1, "transfusion"), (2, "transfusion"), (1, "chameleon")])
+def test_sharded_step_equals_single_device(data_dir, accum, family):
+  r = run_check(data_dir, accum, family)
   assert r["devices"] == 8
+  parts = ("diffusion_loss",) if family == "transfusion" else ("text_loss", "image_loss")
   for key in ("metrics_1", "metrics2_1"):
     one, eight = r[key], r[key.replace("_1", "_8")]
-    for name in ("loss", "lm_loss", "diffusion_loss", "grad_norm"):
+    for name in ("loss", "lm_loss", *parts, "grad_norm"):
       assert abs(one[name] - eight[name]) <= 1e-4 * max(1.0, abs(one[name])), (key, name, one[name], eight[name])
   assert r["max_update"] > 1e-3  # the steps really moved the parameters…
   assert r["max_param_diff"] < 1e-5  # …identically on both meshes

@@ -151,18 +151,16 @@ def test_lpips_matches_numpy(tmp_path):
 
 
 @pytest.mark.slow
-def test_trained_tiny_tokenizer_reconstructs_shapes(data_dir, tmp_path):
-  """The tiny shapes tokenizer (8×8 codes), trained briefly through the CLI, then evaluated by the CLI."""
-  workdir = str(tmp_path / "vq")
-  common = [sys.executable, "-m", "unimm.main", "--config=configs/tokenizers/tiny.py:shapes", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  subprocess.run(common + ["--config.train.num_steps=300", "--config.train.final_eval_examples=0"],
-                 check=True, cwd=REPO, env=env, capture_output=True)
-  subprocess.run(common + ["--mode=eval", "--eval_examples=100"], check=True, cwd=REPO, env=env, capture_output=True)
-  with open(os.path.join(workdir, "eval.json")) as f:
+def test_trained_tiny_tokenizer_reconstructs_shapes(data_dir, shapes_vq):
+  """The tiny shapes tokenizer (8×8 codes) trained briefly through the CLI (300 steps), evaluated by the CLI."""
+  cmd = [sys.executable, "-m", "unimm.main", "--config=configs/tokenizers/tiny.py:shapes", f"--workdir={shapes_vq}",
+         f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small", "--mode=eval",
+         "--eval_examples=100"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(os.path.join(shapes_vq, "eval.json")) as f:
     result = json.load(f)["tokenizer"]["shapes"]
-  assert result["codes_per_image"] == 64
+  assert result["codes_per_image"] == 64 and result["examples"] == 100
   assert result["psnr"] > 20.0, result
   assert result["codebook_usage"] > 0.5, result
   assert result["detector_agreement"] >= 0.7, result

@@ -72,6 +72,24 @@ FAMILIES = {"transfusion": transfusion_task, "chameleon": chameleon_task, "kl_va
 CODE_FAMILIES = ("chameleon",)  # families that read and write images as VQ codes
 
 
+def random_frozen_codec(config, seed: int = 0):
+  """Randomly initialised params of the frozen image codec `config`'s family reads images with (None if
+  it needs none): for benchmarks, compile-only runs and tests, where shapes and cost are what matter."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  d = config.data
+  image = jnp.zeros((1, int(d.image_size), int(d.image_size), int(d.image_channels)), jnp.uint8)
+  if config.model.family in CODE_FAMILIES:
+    model = vq.VQModel(vq.VQConfig.from_config(config.model.vq), image.shape[-1])
+    return nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), image)["params"])
+  ae = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
+  if config.model.family == "transfusion" and ae.kind == "kl_vae":
+    vae = autoencoders.KLVAE(ae, image.shape[-1])
+    return nn.meta.unbox(jax.jit(vae.init)(jax.random.key(seed), image, jax.random.key(1))["params"])
+  return None
+
+
 def build_task(config, vocab_size: int, **kwargs):
   family = config.model.family
   if family not in FAMILIES:
