@@ -40,6 +40,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "sample: top-k (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus mass (1 = off).")
 _DIFFUSION_STEPS = flags.DEFINE_integer("diffusion_steps", 250, "sample/eval: denoising steps (the paper: 250).")
 _GUIDANCE = flags.DEFINE_float("guidance", 3.0, "sample/eval: classifier-free guidance scale.")
+_CODE_TEMPERATURE = flags.DEFINE_float("code_temperature", 1.0, "sample: temperature over image codes (Chameleon).")
+_CODE_TOP_K = flags.DEFINE_integer("code_top_k", 0, "sample: top-k over image codes (0 = off).")
+_CODE_TOP_P = flags.DEFINE_float("code_top_p", 1.0, "sample: nucleus mass over image codes (1 = off).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "sample: diffusion sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "inspect: batches to pack and measure.")
@@ -173,6 +176,7 @@ def sample(config, workdir: str) -> list[dict]:
   manifest = requests.run_requests(
       task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len), rng=jax.random.key(_SEED.value),
       sampling=text.SamplingOptions(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+      code_sampling=text.SamplingOptions(_CODE_TEMPERATURE.value, _CODE_TOP_K.value, _CODE_TOP_P.value),
       num_steps=_DIFFUSION_STEPS.value, guidance=_GUIDANCE.value, sampler=_SAMPLER.value,
       placement=placement.Placement.from_config(config))
   failed = sum("error" in row for row in manifest)

@@ -33,6 +33,20 @@ ROW_FIELDS = ("tokens", "segment_ids", "positions", "image_ids", "loss_weights")
 IMAGE_FIELDS = ("images", "image_valid", "image_t_max")
 
 
+def example_batch(batch: int, seq_len: int, max_images: int, image_shape) -> dict:
+  """A batch of the contract's shapes (one document a row, no images): for init and shape tracing."""
+  return {
+      "tokens": np.zeros((batch, seq_len), np.int32),
+      "segment_ids": np.ones((batch, seq_len), np.int32),
+      "positions": np.zeros((batch, seq_len), np.int32),
+      "image_ids": np.zeros((batch, seq_len), np.int32),
+      "loss_weights": np.zeros((batch, seq_len), np.float32),
+      "images": np.zeros((batch, max_images, *image_shape), np.uint8),
+      "image_valid": np.zeros((batch, max_images), bool),
+      "image_t_max": np.zeros((batch, max_images), np.int32),
+  }
+
+
 def attention_mask(segment_ids, image_ids, *, bidirectional_images: bool = True,
                    key_segment_ids=None, key_image_ids=None, query_offset=0):
   """Which keys each query may attend to: bool [..., T(query), S(key)].

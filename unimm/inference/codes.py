@@ -179,7 +179,7 @@ class CodeTextGenerator(_CodeSteps, text_lib.TextGenerator):
   def _image_event(self, cache, filled, rows, next_pos, image_count, rng, diffusion, out, logits):
     """Draws each of `rows`' image (they just wrote BOI) against a copy of their cache, then writes the
     codes and EOI into the cache (other rows write padding)."""
-    s, b, slots = self.specials, len(next_pos), self.model.slots
+    s, b = self.specials, len(next_pos)
     guidance = diffusion.guidance if diffusion is not None else self.options.guidance
     options = dataclasses.replace(self.options, guidance=guidance)
     padded = np.array(placement_lib.pad_to_multiple(list(rows), self.placement.batch_multiple, rows[0]))
@@ -196,12 +196,6 @@ class CodeTextGenerator(_CodeSteps, text_lib.TextGenerator):
     for r, pixels in zip(rows, self.to_pixels(codes)):
       out[r].images.append(pixels)
       out[r].tokens.append(s.eoi)
-    tokens = np.full((b, slots + 1), s.pad, np.int32)
-    positions = np.zeros((b, slots + 1), np.int32)
-    segments = np.zeros((b, slots + 1), np.int32)
-    image_ids = np.zeros((b, slots + 1), np.int32)
-    tokens[rows] = np.concatenate([codes, np.full((len(rows), 1), s.eoi)], axis=1)
-    positions[rows] = next_pos[rows, None] + np.arange(slots + 1)
-    segments[rows] = 1
-    image_ids[rows, :slots] = (image_count[rows] + 1)[:, None]
-    return self._tokens_step(cache, tokens, positions, segments, image_ids)
+    inputs = text_lib.image_closing_inputs(b, rows, np.concatenate([codes, np.full((len(rows), 1), s.eoi)], axis=1),
+                                           next_pos, image_count, s.pad)
+    return self._tokens_step(cache, *inputs)

@@ -16,15 +16,23 @@ def _is_code_family(task) -> bool:
   return isinstance(task, chameleon.ChameleonTask)
 
 
-def image_generator(task, params, specials, placement=None):
+def _code_options(code_sampling) -> codes.CodeSampling:
+  if code_sampling is None:
+    return codes.CodeSampling()
+  return codes.CodeSampling(temperature=code_sampling.temperature, top_k=code_sampling.top_k,
+                            top_p=code_sampling.top_p)
+
+
+def image_generator(task, params, specials, placement=None, code_sampling: text.SamplingOptions | None = None):
+  """`code_sampling`: temperature / top-k / top-p over image codes (code families; default temperature 1)."""
   if _is_code_family(task):
-    return codes.CodeImageGenerator(task, params, specials, placement)
+    return codes.CodeImageGenerator(task, params, specials, placement, _code_options(code_sampling))
   return images.ImageGenerator(task, params, specials, placement)
 
 
-def text_generator(task, params, specials, placement=None):
+def text_generator(task, params, specials, placement=None, code_sampling: text.SamplingOptions | None = None):
   if _is_code_family(task):
-    return codes.CodeTextGenerator(task, params, specials, placement)
+    return codes.CodeTextGenerator(task, params, specials, placement, _code_options(code_sampling))
   return text.TextGenerator(task, params, specials, placement)
 
 

@@ -132,8 +132,12 @@ def text_result(generation: text_lib.Generation, tokenizer, out_dir: str, stem: 
 
 def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str, *, context: int, rng,
                  sampling: text_lib.SamplingOptions, num_steps: int, guidance: float, sampler: str,
-                 batch_size: int = 32, placement=None) -> list[dict]:
-  """Runs the valid requests in batches; writes PNGs and the manifest; returns the manifest rows."""
+                 batch_size: int = 32, placement=None,
+                 code_sampling: text_lib.SamplingOptions | None = None) -> list[dict]:
+  """Runs the valid requests in batches; writes PNGs and the manifest; returns the manifest rows.
+
+  `code_sampling`: temperature / top-k / top-p over image codes, for families that write codes.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   slots, m = task.model.slots, task.model.max_images
@@ -161,14 +165,15 @@ def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str,
       chunk = todo[start:start + batch_size]
       rng, sub = jax.random.split(rng)
       if kind == "text":
-        text_gen = text_gen or generators.text_generator(task, params, tokenizer.specials, placement)
+        text_gen = text_gen or generators.text_generator(task, params, tokenizer.specials, placement, code_sampling)
         outs = text_gen.generate_mixed([prompts[i] for i in chunk], rng=sub, options=sampling,
                                        max_new_tokens=[requests[i].max_tokens for i in chunk],
                                        diffusion=diffusion)
         for i, generation in zip(chunk, outs):
           results[i] = text_result(generation, tokenizer, out_dir, requests[i].id, used)
       else:
-        images_gen = images_gen or generators.image_generator(task, params, tokenizer.specials, placement)
+        images_gen = images_gen or generators.image_generator(task, params, tokenizer.specials, placement,
+                                                              code_sampling)
         pixels = images_gen.generate([prompts[i] for i in chunk], sub, num_steps=num_steps, guidance=guidance,
                                      sampler=sampler)
         for i, im in zip(chunk, pixels):

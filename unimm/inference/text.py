@@ -53,6 +53,21 @@ def mask_generator_tokens(logits, specials, images_full):
   return jnp.where(never | (images_full[:, None] & (ids == specials.boi)), -jnp.inf, logits)
 
 
+def image_closing_inputs(batch: int, rows, row_tokens, next_pos, image_count, pad: int):
+  """Step inputs that write, for each of `rows`, its new image's slots and EOI (`row_tokens`
+  [len(rows), slots + 1]) at its next positions; every other row writes padding (segment 0)."""
+  width = row_tokens.shape[1]
+  tokens = np.full((batch, width), pad, np.int32)
+  positions = np.zeros((batch, width), np.int32)
+  segments = np.zeros((batch, width), np.int32)
+  image_ids = np.zeros((batch, width), np.int32)
+  tokens[rows] = row_tokens
+  positions[rows] = next_pos[rows, None] + np.arange(width)
+  segments[rows] = 1
+  image_ids[rows, :width - 1] = (image_count[rows] + 1)[:, None]
+  return tokens, positions, segments, image_ids
+
+
 @dataclasses.dataclass
 class Generation:
   tokens: list[int]  # generated ids (EOS included when reached); a generated image is a BOI, EOI pair here
@@ -191,15 +206,8 @@ class TextGenerator:
     for r, pixels in zip(rows, self._images.to_pixels(x)):
       out[r].images.append(pixels)
       out[r].tokens.append(s.eoi)
-    # Every row writes slots + 1 entries: the clean image and EOI, or padding (segment 0).
-    tokens = np.full((b, slots + 1), s.pad, np.int32)
-    positions = np.zeros((b, slots + 1), np.int32)
-    segments = np.zeros((b, slots + 1), np.int32)
-    image_ids = np.zeros((b, slots + 1), np.int32)
-    tokens[rows] = [s.img] * slots + [s.eoi]
-    positions[rows] = next_pos[rows, None] + np.arange(slots + 1)
-    segments[rows] = 1
-    image_ids[rows, :slots] = (image_count[rows] + 1)[:, None]
+    tokens, positions, segments, image_ids = image_closing_inputs(
+        b, rows, np.tile([s.img] * slots + [s.eoi], (len(rows), 1)), next_pos, image_count, s.pad)
     latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32).at[
         jnp.asarray(rows), jnp.asarray(image_count[rows])].set(x)
     return self._step(cache, tokens, positions, segments, image_ids, latents)

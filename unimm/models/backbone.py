@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimm.models import attention, layers
+from unimm.models import attention, layers, settings
 
 REMAT_POLICIES = {
     "none": None,  # keep every activation
@@ -50,11 +50,7 @@ class BackboneConfig:
 
   @classmethod
   def from_config(cls, cfg) -> "BackboneConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg.keys()) - fields
-    if unknown:
-      raise ValueError(f"unknown backbone keys {sorted(unknown)}; known: {sorted(fields)}")
-    out = cls(**{k: cfg[k] for k in cfg.keys()})
+    out = settings.from_config(cls, cfg, "config.model.backbone")
     if out.norm_order not in ("pre", "swin"):
       raise ValueError(f"backbone.norm_order {out.norm_order!r}; expected 'pre' or 'swin'")
     return out

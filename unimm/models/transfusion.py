@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm import diffusion
+from unimm.data import packed
 from unimm.models import autoencoders, backbone, layers, patches
 
 
@@ -143,17 +144,7 @@ class TransfusionTask:
     self._image_output = jax.jit(image_output)  # one compiled denoiser per task, reused across sampling calls
 
   def dummy_batch(self, batch_size: int, seq_len: int, image_shape) -> dict:
-    m = self.model.max_images
-    return {
-        "tokens": jnp.zeros((batch_size, seq_len), jnp.int32),
-        "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32),
-        "positions": jnp.zeros((batch_size, seq_len), jnp.int32),
-        "image_ids": jnp.zeros((batch_size, seq_len), jnp.int32),
-        "loss_weights": jnp.zeros((batch_size, seq_len), jnp.float32),
-        "images": jnp.zeros((batch_size, m, *image_shape), jnp.uint8),
-        "image_valid": jnp.zeros((batch_size, m), bool),
-        "image_t_max": jnp.zeros((batch_size, m), jnp.int32),
-    }
+    return packed.example_batch(batch_size, seq_len, self.model.max_images, image_shape)
 
   def init(self, rng, batch: dict):
     b, m = batch["images"].shape[:2]

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimm.models import autoencoders, layers, perceptual, quantizer
+from unimm.models import autoencoders, layers, perceptual, quantizer, settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +47,7 @@ class VQConfig:
 
   @classmethod
   def from_config(cls, cfg) -> "VQConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg.keys()) - fields
-    if unknown:
-      raise ValueError(f"unknown config.model.vq keys {sorted(unknown)}; known: {sorted(fields)}")
-    kw = {k: cfg[k] for k in cfg.keys()}
-    kw["channel_mults"] = tuple(kw.get("channel_mults", cls.channel_mults))
-    return cls(**kw)
+    return settings.from_config(cls, cfg, "config.model.vq")
 
   @property
   def downsample(self) -> int:
@@ -146,11 +140,7 @@ class TokenizerLoss:
 
   @classmethod
   def from_config(cls, cfg) -> "TokenizerLoss":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg.keys()) - fields
-    if unknown:
-      raise ValueError(f"unknown config.model.vq_loss keys {sorted(unknown)}; known: {sorted(fields)}")
-    return cls(**{k: cfg[k] for k in cfg.keys()})
+    return settings.from_config(cls, cfg, "config.model.vq_loss")
 
 
 @dataclasses.dataclass
