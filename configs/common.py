@@ -38,7 +38,8 @@ def base_config() -> mlc.ConfigDict:
       codebook_size=16384, code_dim=8, l2_normalized=True, beta=0.25, entropy_temperature=0.01, checkpoint=""))
   m.vq_loss = mlc.ConfigDict(dict(  # family vq (see unimm/models/vq.py)
       l1=False, codebook_weight=1.0, entropy_weight=0.0, perceptual_weight=0.0, perceptual_weights="",
-      gan_weight=0.0, gan_start=0, disc_channels=64, disc_layers=3, reinit_dead_codes_every=0))
+      gan_weight=0.0, gan_start=0, disc_channels=64, disc_layers=3, reinit_dead_codes_every=0,
+      reinit_dead_codes_until=0))
   m.kl_weight = 1e-6  # family kl_vae: weight of the KL term
   m.l1 = False  # family kl_vae: L1 instead of L2 reconstruction
 

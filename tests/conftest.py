@@ -55,14 +55,16 @@ def embedded_spec(name: str, builder_config: str = ""):
 
 @pytest.fixture(scope="session")
 def shapes_vq(data_dir, tmp_path_factory):
-  """A tiny shapes VQ tokenizer (8×8 codes) trained through the CLI for 300 steps: its workdir."""
+  """A tiny shapes VQ tokenizer (8×8 codes) trained through the CLI for 300 steps, ending with its
+  evaluation on 100 test images (eval.json): its workdir."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("vq_shapes"))
   out = subprocess.run([sys.executable, "-m", "unimm.main", "--config=configs/tokenizers/tiny.py:shapes",
                         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
                         "--config.data.sources.shapes.builder_config=small", "--config.train.num_steps=300",
-                        "--config.train.final_eval_examples=0"], cwd=REPO, capture_output=True, text=True,
+                        "--config.model.vq_loss.reinit_dead_codes_until=200",
+                        "--config.train.final_eval_examples=100"], cwd=REPO, capture_output=True, text=True,
                        timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir

@@ -15,8 +15,9 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # unimm, if not installed
+import test_chameleon  # pylint: disable=wrong-import-position
 from test_generation import SPECIALS, prompt, tiny_task  # pylint: disable=wrong-import-position
-from unimm.inference import images, placement, text  # pylint: disable=wrong-import-position
+from unimm.inference import codes, images, placement, text  # pylint: disable=wrong-import-position
 from unimm.parallel import sharding  # pylint: disable=wrong-import-position
 
 
@@ -35,10 +36,25 @@ def generate(where):
           "images": pictures.astype(int).tolist(), "specs": specs}
 
 
+def generate_codes(where):
+  """Chameleon: greedy guided codes and constrained text (a BOI draws an image) on `where`."""
+  task, params = test_chameleon.tiny_task()
+  image = test_chameleon.random_images(1, 4)[0]
+  prompts = [test_chameleon.prompt("1 2 3"), test_chameleon.prompt("4", image), test_chameleon.prompt("2 2")]
+  greedy = codes.CodeSampling(temperature=0.0)
+  pictures = codes.CodeImageGenerator(task, params, test_chameleon.SPECIALS, where, greedy).generate(
+      prompts, jax.random.key(2), guidance=3.0)
+  outs = codes.CodeTextGenerator(task, params, test_chameleon.SPECIALS, where, greedy).generate_mixed(
+      prompts, max_new_tokens=8, rng=jax.random.key(1))
+  return {"images": pictures.astype(int).tolist(), "tokens": [g.tokens for g in outs]}
+
+
 def main():
   one = generate(placement.Placement.single_device())
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1})
   eight = generate(placement.Placement(mesh, sharding.RULES["default"]))
+  one["codes"] = generate_codes(placement.Placement.single_device())
+  eight["codes"] = generate_codes(placement.Placement(mesh, sharding.RULES["default"]))
   print("RESULT " + json.dumps({"devices": jax.device_count(), "one": one, "eight": eight}))
 
 

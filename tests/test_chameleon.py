@@ -21,16 +21,22 @@ SLOTS = 4
 
 
 @functools.lru_cache(maxsize=None)
+def tiny_tokenizer():
+  """One small VQ tokenizer (4×4×1 images → 2×2 codes) and its params, shared by every tiny task."""
+  cfg = vq.VQConfig(channels=8, channel_mults=(1, 2), blocks_per_level=1, attention=False, z_channels=8,
+                    codebook_size=CODEBOOK, code_dim=4)
+  tokenizer = vq.VQModel(cfg, 1)
+  return tokenizer, nn.meta.unbox(jax.jit(tokenizer.init)(jax.random.key(5), jnp.zeros((1, *IMAGE), jnp.uint8))["params"])
+
+
+@functools.lru_cache(maxsize=None)
 def tiny_task(*, qk_norm=True, z_loss=1e-5, dropout=0.0, norm_order="pre", max_images=2):
   cfg = backbone.BackboneConfig(num_layers=2, dim=32, num_heads=4, dtype="float32", remat="none", scan=True,
                                 attention="xla", bidirectional_images=False, qk_norm=qk_norm, dropout=dropout,
                                 norm_order=norm_order)
   model = chameleon.ChameleonModel(vocab_size=TEXT_VOCAB + CODEBOOK, backbone=cfg, max_images=max_images,
                                    slots=SLOTS)
-  tok_cfg = vq.VQConfig(channels=8, channel_mults=(1, 2), blocks_per_level=1, attention=False, z_channels=8,
-                        codebook_size=CODEBOOK, code_dim=4)
-  tokenizer = vq.VQModel(tok_cfg, 1)
-  tok_params = nn.meta.unbox(tokenizer.init(jax.random.key(5), jnp.zeros((1, *IMAGE), jnp.uint8))["params"])
+  tokenizer, tok_params = tiny_tokenizer()
   task = chameleon.ChameleonTask(model=model, tokenizer=tokenizer, frozen_tokenizer=tok_params,
                                  text_vocab=TEXT_VOCAB, image_shape=IMAGE, z_loss=z_loss)
   ids = jnp.zeros((1, 8), jnp.int32)
@@ -43,10 +49,31 @@ _JITTED = {}
 
 
 def jitted(task):
-  """(row_tokens, logits, model.apply) of `task`, compiled once (tasks are not hashable)."""
+  """(row_tokens, logits, model.apply, model.apply with dropout) of `task`, compiled once (tasks are not
+  hashable)."""
   if id(task) not in _JITTED:
-    _JITTED[id(task)] = (jax.jit(task.row_tokens), jax.jit(task.logits), jax.jit(task.model.apply))
+    def train_apply(params, tokens, positions, segments, image_ids, rng):
+      return task.model.apply({"params": params}, tokens, positions, segments, image_ids, rngs={"dropout": rng})
+    _JITTED[id(task)] = (jax.jit(task.row_tokens), jax.jit(task.logits), jax.jit(task.model.apply),
+                         jax.jit(train_apply))
   return _JITTED[id(task)]
+
+
+@functools.lru_cache(maxsize=None)
+def shared_batch():
+  """A packed batch and its row tokens (every tiny task has the same tokenizer parameters)."""
+  task, _ = tiny_task()
+  batch = packed_batch(task)
+  return batch, jitted(task)[0](batch)
+
+
+def model_logits(task, params, rng=None):
+  """`task.logits` on the shared batch, without recompiling the tokenizer for every model variant."""
+  batch, tokens = shared_batch()
+  args = (params, tokens, batch["positions"], batch["segment_ids"], batch["image_ids"])
+  if rng is None:
+    return np.asarray(jitted(task)[2]({"params": params}, *args[1:]))
+  return np.asarray(jitted(task)[3](*args, rng))
 
 
 def random_images(n, seed=0):
@@ -155,29 +182,24 @@ def test_qk_norm_switch():
   assert any("q_norm" in n for n in names_on) and any("k_norm" in n for n in names_on)
   assert not any("q_norm" in n or "k_norm" in n for n in names_off)
   # With QK-norm the attention logits do not grow with the query/key projections' scale.
-  batch = packed_batch(on)
   scaled = jax.tree_util.tree_map_with_path(
       lambda p, x: x * 50.0 if jax.tree_util.keystr(p).endswith("['q']['kernel']") else x, params_on)
-  np.testing.assert_allclose(np.asarray(jitted(on)[1](params_on, batch)), np.asarray(jitted(on)[1](scaled, batch)),
-                             atol=1e-3)
+  np.testing.assert_allclose(model_logits(on, params_on), model_logits(on, scaled), atol=1e-3)
   scaled_off = jax.tree_util.tree_map_with_path(
       lambda p, x: x * 50.0 if jax.tree_util.keystr(p).endswith("['q']['kernel']") else x, params_off)
-  assert np.abs(np.asarray(jitted(off)[1](params_off, batch)) - np.asarray(jitted(off)[1](scaled_off, batch))).max() > 1e-2
+  assert np.abs(model_logits(off, params_off) - model_logits(off, scaled_off)).max() > 1e-2
 
 
 def test_dropout_and_swin_norm_order_switches():
   task, params = tiny_task(dropout=0.5)
-  batch = packed_batch(task)
-  plain = np.asarray(jitted(task)[1](params, batch))
-  np.testing.assert_array_equal(plain, np.asarray(jitted(task)[1](params, batch)))  # inference: no dropout
-  a = np.asarray(jitted(task)[1](params, batch, jax.random.key(1)))
-  b = np.asarray(jitted(task)[1](params, batch, jax.random.key(2)))
+  plain = model_logits(task, params)
+  np.testing.assert_array_equal(plain, model_logits(task, params))  # inference: no dropout
+  a, b = model_logits(task, params, jax.random.key(1)), model_logits(task, params, jax.random.key(2))
   assert np.abs(a - b).max() > 1e-3 and np.abs(a - plain).max() > 1e-3
   nodrop, _ = tiny_task(dropout=0.0)
-  np.testing.assert_allclose(np.asarray(jitted(nodrop)[1](params, batch, jax.random.key(1))), plain, atol=1e-6)
+  np.testing.assert_allclose(model_logits(nodrop, params, jax.random.key(1)), plain, atol=1e-6)
   swin, _ = tiny_task(norm_order="swin")
-  out = np.asarray(jitted(swin)[1](params, batch))
-  assert np.abs(out - plain).max() > 1e-3  # same parameters, different wiring
+  assert np.abs(model_logits(swin, params) - plain).max() > 1e-3  # same parameters, different wiring
 
 
 def test_swin_layer_matches_its_formula():

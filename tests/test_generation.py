@@ -134,7 +134,8 @@ def test_prompt_batch_is_left_padded():
 
 @pytest.mark.slow
 def test_sharded_generation_equals_single_device():
-  """Text, mixed-modal and image generation on 8 fake devices (data × fsdp × tensor) = one device."""
+  """Text, mixed-modal and image generation on 8 fake devices (data × fsdp × tensor) = one device
+  (Transfusion and Chameleon)."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_generation_check.py")
   out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]
@@ -147,6 +148,9 @@ def test_sharded_generation_equals_single_device():
     assert np.abs(np.asarray(a) - np.asarray(b)).max(initial=0) <= 1
   up = next(v for k, v in eight["specs"].items() if "up" in k and "kernel" in k)
   assert "fsdp" in up and "tensor" in up, up  # parameters placed by the training rules
+  # Chameleon's constrained, guided code decoding too.
+  assert one["codes"]["tokens"] == eight["codes"]["tokens"]
+  assert np.abs(np.asarray(one["codes"]["images"]) - np.asarray(eight["codes"]["images"])).max() <= 1
 
 
 def test_guidance_scale_one_equals_conditional_sampling():

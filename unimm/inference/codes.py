@@ -73,9 +73,8 @@ class _CodeSteps:
       return logits[:, -1], mutated["cache"]
     self._step_jit = jax.jit(step, donate_argnums=1)
 
-    def encode(rows):
-      return self.task.row_tokens(rows)
-    self._row_tokens = jax.jit(encode)
+    self._row_tokens = jax.jit(self.task.row_tokens)  # the frozen tokenizer's encoder puts codes in image slots
+    self._decode = jax.jit(self.task.decode_codes)
 
   def _tokens_step(self, cache, tokens, positions, segments, image_ids):
     with self.placement.context():
@@ -118,7 +117,7 @@ class _CodeSteps:
                              np.zeros((k, 2), np.int32))
 
   def to_pixels(self, code_tokens) -> np.ndarray:
-    return np.asarray(self.task.decode_codes(code_tokens))
+    return np.asarray(self._decode(jnp.asarray(code_tokens)))
 
 
 class CodeImageGenerator(_CodeSteps):
