@@ -301,8 +301,6 @@ def test_constrained_decoding_never_mixes_modalities():
   task, params = tiny_task(max_images=2)
   gen = codes.CodeTextGenerator(task, params, SPECIALS, options=codes.CodeSampling(temperature=100.0,
                                                                                    guidance=None))
-  # Make BOI likely so images happen often: raise its logit through the head's kernel.
-  params_boi = jax.tree.map(lambda x: x, gen.params)
   from unimm.inference import text  # pylint: disable=g-import-not-at-top
   recorded = []
   orig_feed, orig_event = gen._feed, gen._image_event  # pylint: disable=protected-access
@@ -324,7 +322,6 @@ def test_constrained_decoding_never_mixes_modalities():
     drawn.append(c)
     return c
   gen.draw = draw
-  del params_boi
   outs = gen.generate_mixed([prompt("1"), prompt("2 3"), prompt("")] * 4, max_new_tokens=40,
                             rng=jax.random.key(3), options=text.SamplingOptions(temperature=100.0))
   total_images = 0
