@@ -1,14 +1,19 @@
-"""Transfusion vs Chameleon at equal size and equal training FLOPs on shapes (Transfusion's Table 3 in miniature).
+"""Transfusion vs Chameleon vs Janus at equal size and equal training FLOPs on shapes.
 
-    python bench/compare_families.py --workdir=/tmp/compare [--steps=1200] [--parallel=2]
+    python bench/compare_families.py --workdir=/tmp/compare [--steps=1200] [--parallel=2] [--families=janus]
 
 Trains the tiny VQ tokenizer first (configs/tokenizers/tiny.py:shapes, skipped when --tokenizer names
-a trained one's checkpoints), then configs/transfusion/tiny.py and configs/chameleon/tiny.py: the same
-backbone (4 layers × 128), data mix, batch, row length and optimiser. Transfusion trains `--steps`
-steps; Chameleon as many as give the same model FLOPs (`unimm.train.setup.flops_per_token` × tokens;
-the frozen tokenizer's encoder, like the papers, is not counted). Each run ends with the standard
-evaluation (`--eval_examples` test examples; DDIM 50 steps, guidance 3 for Transfusion; CFG 3 over
-codes for Chameleon). Prints one JSON line per family, then a Markdown table.
+a trained one's checkpoints) and, for Janus, the tiny SigLIP ViT (configs/siglip/tiny.py:shapes, skipped
+when --siglip names one), then configs/transfusion/tiny.py, configs/chameleon/tiny.py and
+configs/janus/tiny.py: the same backbone (4 layers × 128), batch, row length and optimiser. Transfusion
+trains `--steps` steps; the others as many as give the same model FLOPs
+(`unimm.train.setup.flops_per_token` × tokens; frozen tokenizer encoders and Janus's ViT, run once per
+image, are not counted). Janus runs its three stages in turn (each from the previous one's checkpoint),
+their steps split as configs/janus/tiny.py splits them; its data mix is each stage's (understanding :
+text : generation), the others' is caption-first 0.7. Each run ends with the standard evaluation
+(`--eval_examples` test examples; DDIM 50 steps, guidance 3 for Transfusion; CFG over codes for
+Chameleon (3) and Janus (5, its default)). `--reuse` keeps a family's finished run (its eval.json) in
+the workdir instead of training it again. Prints one JSON line per family, then a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from demo_sweep import REPO, flatten
 
 sys.path.insert(0, REPO)
 
-FAMILIES = {"transfusion": "configs/transfusion/tiny.py", "chameleon": "configs/chameleon/tiny.py"}
+FAMILIES = {"transfusion": "configs/transfusion/tiny.py", "chameleon": "configs/chameleon/tiny.py",
+            "janus": "configs/janus/tiny.py"}
 
 
 def load_config(path: str, arg=None):
@@ -40,14 +46,47 @@ def flops_per_token(config_path: str, text_vocab: int) -> tuple[float, int]:
   import jax  # pylint: disable=g-import-not-at-top
   from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
   from unimm.train import setup  # pylint: disable=g-import-not-at-top
+  from unimm.models import families  # pylint: disable=g-import-not-at-top
   config = load_config(config_path)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, jax.devices()[:1])
-  built = setup.build(config, mesh, vocab_size=text_vocab, frozen_codec={})
+  built = setup.build(config, mesh, vocab_size=text_vocab, frozen_codec=families.random_frozen_codec(config))
   return setup.flops_per_token(built, config), built.total_params
 
 
-def run(cmd: list[str], log_path: str) -> subprocess.Popen:
-  return subprocess.Popen(cmd, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+def run(cmds: list[list[str]], log_path: str) -> subprocess.Popen:
+  """The commands one after the other (stopping at a failure), logged to one file."""
+  script = " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in cmds)
+  return subprocess.Popen(["bash", "-c", script], cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def pretrain(name: str, config: str, workdir: str, data: list[str]) -> str:
+  """Trains an encoder the families need (tokenizer, SigLIP ViT) and returns its checkpoints dir."""
+  out = os.path.join(workdir, name)
+  start = time.time()
+  subprocess.run([sys.executable, "-m", "unimm.main", f"--config={config}", f"--workdir={out}", *data], cwd=REPO,
+                 check=True, stdout=open(out + ".log", "w"), stderr=subprocess.STDOUT)
+  with open(os.path.join(out, "eval.json")) as f:
+    print(json.dumps({"name": name, "seconds": round(time.time() - start, 1), "eval": flatten(json.load(f))}),
+          flush=True)
+  return os.path.join(out, "checkpoints")
+
+
+def janus_commands(workdir: str, total_steps: int, eval_examples: int, encoders: list[str],
+                   data: list[str]) -> tuple[list[list[str]], str]:
+  """The three Janus stages, `total_steps` split as the tiny config splits them; (commands, last workdir)."""
+  from configs.janus import tiny  # pylint: disable=g-import-not-at-top
+  share = [tiny.STAGES[s][2] for s in (1, 2, 3)]
+  steps = [round(total_steps * n / sum(share)) for n in share[:2]]
+  steps.append(total_steps - sum(steps))
+  cmds, previous = [], ""
+  for stage, n in zip((1, 2, 3), steps):
+    out = os.path.join(workdir, f"stage{stage}")
+    cmds.append([sys.executable, "-m", "unimm.main", f"--config={FAMILIES['janus']}:stage{stage}", f"--workdir={out}",
+                 f"--config.train.num_steps={n}",
+                 f"--config.train.final_eval_examples={eval_examples if stage == 3 else 0}", *encoders, *data,
+                 *([f"--config.train.init_from={previous}"] if previous else [])])
+    previous = os.path.join(out, "checkpoints")
+  return cmds, os.path.join(workdir, "stage3")
 
 
 def main():
@@ -58,20 +97,17 @@ def main():
   parser.add_argument("--eval_examples", type=int, default=100)
   parser.add_argument("--parallel", type=int, default=1)
   parser.add_argument("--data_dir", default="")
+  parser.add_argument("--siglip", default="", help="a trained tiny shapes SigLIP run's checkpoints dir (Janus)")
+  parser.add_argument("--families", default=",".join(FAMILIES), help="which to train (comma-separated)")
+  parser.add_argument("--reuse", action="store_true", help="keep finished runs found in the workdir")
   args = parser.parse_args()
   os.makedirs(args.workdir, exist_ok=True)
   data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
-  tokenizer = args.tokenizer
-  if not tokenizer:
-    tok_dir = os.path.join(args.workdir, "tokenizer")
-    start = time.time()
-    subprocess.run([sys.executable, "-m", "unimm.main", "--config=configs/tokenizers/tiny.py:shapes",
-                    f"--workdir={tok_dir}", *data], cwd=REPO, check=True, stdout=open(tok_dir + ".log", "w"),
-                   stderr=subprocess.STDOUT)
-    with open(os.path.join(tok_dir, "eval.json")) as f:
-      print(json.dumps({"name": "tokenizer", "seconds": round(time.time() - start, 1),
-                        "eval": flatten(json.load(f))}), flush=True)
-    tokenizer = os.path.join(tok_dir, "checkpoints")
+  chosen = [f for f in FAMILIES if f in args.families.split(",")]
+  tokenizer = args.tokenizer or pretrain("tokenizer", "configs/tokenizers/tiny.py:shapes", args.workdir, data)
+  siglip = args.siglip
+  if "janus" in chosen and not siglip:
+    siglip = pretrain("siglip", "configs/siglip/tiny.py:shapes", args.workdir, data)
 
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   data_config = load_config(FAMILIES["transfusion"]).data
@@ -79,35 +115,51 @@ def main():
     data_config.data_dir = args.data_dir
   text_vocab = pipeline.load_tokenizer(data_config).vocab_size
   fpt = {name: flops_per_token(path, text_vocab) for name, path in FAMILIES.items()}
-  steps = {"transfusion": args.steps,
-           "chameleon": round(args.steps * fpt["transfusion"][0] / fpt["chameleon"][0])}
-  pending, running, rows = list(FAMILIES), [], {}
+  steps = {name: round(args.steps * fpt["transfusion"][0] / fpt[name][0]) for name in FAMILIES}
+  encoders = {"transfusion": [], "chameleon": [f"--config.model.vq.checkpoint={tokenizer}"],
+              "janus": [f"--config.model.vq.checkpoint={tokenizer}", f"--config.model.vision.checkpoint={siglip}"]}
+  pending, running, rows = [], [], {}
+  for name in FAMILIES:
+    workdir = os.path.join(args.workdir, name)
+    if name in chosen and not (args.reuse and os.path.exists(os.path.join(_eval_dir(name, workdir), "eval.json"))):
+      pending.append(name)
+    elif os.path.exists(os.path.join(_eval_dir(name, workdir), "eval.json")):
+      rows[name] = _row(name, workdir, steps, fpt, None, None)
   while pending or running:
     while pending and len(running) < args.parallel:
       name = pending.pop(0)
       workdir = os.path.join(args.workdir, name)
-      cmd = [sys.executable, "-m", "unimm.main", f"--config={FAMILIES[name]}", f"--workdir={workdir}",
-             f"--config.train.num_steps={steps[name]}", f"--config.train.final_eval_examples={args.eval_examples}",
-             *data]
-      if name == "chameleon":
-        cmd.append(f"--config.model.vq.checkpoint={tokenizer}")
+      if name == "janus":
+        cmds, _ = janus_commands(workdir, steps[name], args.eval_examples, encoders[name], data)
+      else:
+        cmds = [[sys.executable, "-m", "unimm.main", f"--config={FAMILIES[name]}", f"--workdir={workdir}",
+                 f"--config.train.num_steps={steps[name]}", f"--config.train.final_eval_examples={args.eval_examples}",
+                 *encoders[name], *data]]
       os.makedirs(workdir, exist_ok=True)
-      running.append((name, workdir, time.time(), run(cmd, os.path.join(workdir, "compare.log"))))
+      running.append((name, workdir, time.time(), run(cmds, os.path.join(workdir, "compare.log"))))
     time.sleep(2)
     for item in list(running):
       name, workdir, start, proc = item
       if proc.poll() is None:
         continue
       running.remove(item)
-      row = {"name": name, "returncode": proc.returncode, "seconds": round(time.time() - start, 1),
-             "steps": steps[name], "params": fpt[name][1], "flops_per_token": fpt[name][0]}
-      path = os.path.join(workdir, "eval.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          row["eval"] = flatten(json.load(f))
-      rows[name] = row
-      print(json.dumps(row), flush=True)
-  print(table(rows))
+      rows[name] = _row(name, workdir, steps, fpt, proc.returncode, round(time.time() - start, 1))
+      print(json.dumps(rows[name]), flush=True)
+  print(table({name: rows[name] for name in FAMILIES if name in rows}))
+
+
+def _eval_dir(name: str, workdir: str) -> str:
+  return os.path.join(workdir, "stage3") if name == "janus" else workdir
+
+
+def _row(name, workdir, steps, fpt, returncode, seconds) -> dict:
+  row = {"name": name, "returncode": returncode, "seconds": seconds, "steps": steps[name], "params": fpt[name][1],
+         "flops_per_token": fpt[name][0]}
+  path = os.path.join(_eval_dir(name, workdir), "eval.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      row["eval"] = flatten(json.load(f))
+  return row
 
 
 def table(rows: dict) -> str:

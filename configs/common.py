@@ -15,7 +15,7 @@ def base_config() -> mlc.ConfigDict:
 
   # -- model --------------------------------------------------------------------
   m = c.model = mlc.ConfigDict()
-  m.family = "transfusion"  # transfusion | chameleon | kl_vae, vq (train an image codec itself)
+  m.family = "transfusion"  # transfusion | chameleon | janus | kl_vae, vq, siglip (train an image codec / encoder)
   m.vocab_size = 0  # 0: the tokenizer's size
   m.backbone = mlc.ConfigDict(dict(
       num_layers=16, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
@@ -31,6 +31,7 @@ def base_config() -> mlc.ConfigDict:
   m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
   m.num_timesteps = 1000
   m.prediction = "epsilon"  # the patch head's output: epsilon (the paper) | v (well posed at high noise)
+  m.guidance = 3.0  # classifier-free guidance scale for sampling and eval (--guidance overrides; Janus: 5)
   m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)
   # The VQ image tokenizer (LlamaGen's): trained by family vq, used frozen by code families via `checkpoint`.
   m.vq = mlc.ConfigDict(dict(
@@ -40,6 +41,17 @@ def base_config() -> mlc.ConfigDict:
       l1=False, codebook_weight=1.0, entropy_weight=0.0, perceptual_weight=0.0, perceptual_weights="",
       gan_weight=0.0, gan_start=0, disc_channels=64, disc_layers=3, reinit_dead_codes_every=0,
       reinit_dead_codes_until=0))
+  # The ViT image encoder (SigLIP-L/16 at 384 px by default): trained by family siglip, read by Janus
+  # (its `checkpoint` names the siglip run whose ViT Janus starts from).
+  m.vision = mlc.ConfigDict(dict(
+      patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096, feature_layer=-1, dtype="bfloat16",
+      remat=True, checkpoint=""))
+  m.siglip = mlc.ConfigDict(dict(  # family siglip: the loss and the shared embedding
+      embed_dim=1024, init_temperature=10.0, init_bias=-10.0, duplicate_captions_positive=True))
+  m.siglip_text = mlc.ConfigDict(dict(  # family siglip's text tower (the backbone's keys)
+      num_layers=12, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
+      rope_theta=10000.0, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch", scan=True,
+      bidirectional_images=True, attention="auto", dropout=0.0, norm_order="pre"))
   m.kl_weight = 1e-6  # family kl_vae: weight of the KL term
   m.l1 = False  # family kl_vae: L1 instead of L2 reconstruction
 
@@ -57,9 +69,11 @@ def base_config() -> mlc.ConfigDict:
   d.max_images_per_row = 8
   d.caption_first_prob = 0.8
   d.caption_dropout = 0.1
+  d.caption_dropout_mode = "drop"  # drop: the unconditional example is the image alone | pad: caption → PAD (Janus)
   d.max_timestep = m.get_ref("num_timesteps")
   d.noise_limit_t = 500
   d.image_token_weight = 0.0  # continuous images: no token loss on image slots
+  d.train_read_images = True  # False: only written images' slots are targets (Janus: read ones go through the ViT)
   d.packing_bins = 16
   d.read_threads = 1  # 0–1 suit 2 cores; raise on real hosts
   d.read_prefetch = 16
@@ -80,6 +94,10 @@ def base_config() -> mlc.ConfigDict:
   t.weight_decay = 0.1
   t.grad_clip = 1.0
   t.grad_accum_steps = 1
+  # Param path prefixes that train ("vision_encoder", "decoder/layer_0", ...); empty: all. Frozen params
+  # get no gradient and no optimiser state (a Janus stage names its trainable parts).
+  t.trainable = ()
+  t.init_from = ""  # a previous stage's checkpoints dir: a fresh run starts from its params
   t.skip_nonfinite = False  # True: skip an update whose loss/grads are not finite; False: stop the run
   t.log_every = 50
   t.checkpoint_every = 1000

@@ -2,7 +2,8 @@
 
     python tests/sharded_step_check.py DATA_DIR [GRAD_ACCUM [FAMILY]]  → prints JSON
 
-FAMILY: transfusion (default) or chameleon (with a randomly initialised frozen VQ tokenizer).
+FAMILY: transfusion (default), chameleon (with a randomly initialised frozen VQ tokenizer) or janus
+(stage II: the ViT frozen, so the optimiser state covers part of the params).
 """
 
 import os
@@ -49,9 +50,11 @@ def family_config(data_dir: str, family: str):
   if family == "transfusion":
     return small_config(data_dir, "shapes"), None
   from unimm.models import families  # pylint: disable=g-import-not-at-top
-  config = load_config("configs/chameleon/tiny.py", "shapes")
+  config = load_config(f"configs/{family}/tiny.py", "shapes" if family == "chameleon" else "stage2")
   config.data.data_dir = data_dir
-  config.data.sources.shapes.builder_config = "small"
+  for spec in config.data.sources.values():
+    spec.builder_config = "small"
+  config.model.vision.update(width=16, depth=1, num_heads=2, mlp_dim=32)
   return config, families.random_frozen_codec(config, seed=7)
 
 
@@ -69,6 +72,7 @@ def main():
       "metrics_1": {k: float(v) for k, v in m1.items()}, "metrics_8": {k: float(v) for k, v in m8.items()},
       "metrics2_1": {k: float(v) for k, v in m1b.items()}, "metrics2_8": {k: float(v) for k, v in m8b.items()},
       "max_param_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),
+      "worst_param": max(p1, key=lambda k: float(np.abs(p1[k] - p8[k]).max())),
       "max_update": update,
       "specs": specs, "devices": jax.device_count(),
   }

@@ -18,7 +18,7 @@ def run_check(data_dir, accum, family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accum,family", [(1, "transfusion"), (2, "transfusion"), (1, "chameleon")])
+@pytest.mark.parametrize("accum,family", [(1, "transfusion"), (2, "transfusion"), (1, "janus")])
 def test_sharded_step_equals_single_device(data_dir, accum, family):
   r = run_check(data_dir, accum, family)
   assert r["devices"] == 8
@@ -28,7 +28,9 @@ def test_sharded_step_equals_single_device(data_dir, accum, family):
     for name in ("loss", "lm_loss", *parts, "grad_norm"):
       assert abs(one[name] - eight[name]) <= 1e-4 * max(1.0, abs(one[name])), (key, name, one[name], eight[name])
   assert r["max_update"] > 1e-3  # the steps really moved the parameters…
-  assert r["max_param_diff"] < 1e-5  # …identically on both meshes
+  # …identically on both meshes, up to reduction order (Adam's normalised steps turn gradient rounding on
+  # near-zero gradients into ~1e-3 of a step: Janus's key projections reach 4e-5 after three 2e-2 steps).
+  assert r["max_param_diff"] < 5e-3 * r["max_update"], (r["max_param_diff"], r["worst_param"])
   specs = r["specs"]
   # Parameters really are sharded as the rules say.
   mlp_up = next(v for k, v in specs.items() if "up" in k and "kernel" in k)
@@ -37,3 +39,6 @@ def test_sharded_step_equals_single_device(data_dir, accum, family):
   assert "tensor" in embed and "fsdp" in embed, embed
   q = next(v for k, v in specs.items() if "'q'" in k and "kernel" in k)
   assert "tensor" in q, q
+  if family == "janus":  # the ViT (frozen in stage II) is sharded by the same rules
+    vit_mlp = next(v for k, v in specs.items() if "vision_encoder" in k and "fc1" in k and "kernel" in k)
+    assert "fsdp" in vit_mlp and "tensor" in vit_mlp, vit_mlp

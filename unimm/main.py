@@ -39,7 +39,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sample: text temperature 
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample: top-k (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus mass (1 = off).")
 _DIFFUSION_STEPS = flags.DEFINE_integer("diffusion_steps", 250, "sample/eval: denoising steps (the paper: 250).")
-_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "sample/eval: classifier-free guidance scale.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "sample/eval: classifier-free guidance scale "
+                                "(default: config.model.guidance; 3, Janus 5).")
+_IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 1, "sample: images drawn in parallel per image request.")
 _CODE_TEMPERATURE = flags.DEFINE_float("code_temperature", 1.0, "sample: temperature over image codes (Chameleon).")
 _CODE_TOP_K = flags.DEFINE_integer("code_top_k", 0, "sample: top-k over image codes (0 = off).")
 _CODE_TOP_P = flags.DEFINE_float("code_top_p", 1.0, "sample: nucleus mass over image codes (1 = off).")
@@ -125,7 +127,8 @@ def describe_row(row: dict, tok) -> list[str]:
         if run:
           pieces.append(tok.decode(run))
           run = []
-        pieces.append(f"[image {k}: {n} slots, t_max {int(row['image_t_max'][k - 1])}]")
+        role = "written" if row["image_written"][k - 1] else "read"
+        pieces.append(f"[image {k} ({role}): {n} slots, t_max {int(row['image_t_max'][k - 1])}]")
         i += n
         continue
       run.append(int(row["tokens"][t]))
@@ -151,6 +154,10 @@ def load_trained(config, workdir: str):
   return task, ckpt.restore_params(step), tokenizer, step
 
 
+def guidance(config) -> float:
+  return float(config.model.guidance) if _GUIDANCE.value is None else _GUIDANCE.value
+
+
 def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_steps: int | None = None) -> dict:
   """--mode=eval (and the end of training): metrics on the embedded data → WORKDIR/eval.json, TensorBoard."""
   from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
@@ -158,7 +165,7 @@ def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_st
   results = evaluate_lib.evaluate(config, task, params, tokenizer,
                                   num_examples=num_examples or _EVAL_EXAMPLES.value,
                                   diffusion_steps=diffusion_steps or _DIFFUSION_STEPS.value,
-                                  guidance=_GUIDANCE.value, seed=_SEED.value, out_dir=workdir)
+                                  guidance=guidance(config), seed=_SEED.value, out_dir=workdir)
   path = evaluate_lib.write(results, workdir, step)
   print(json.dumps(evaluate_lib.flatten(results), indent=1))
   logging.info("Wrote %s.", path)
@@ -177,8 +184,8 @@ def sample(config, workdir: str) -> list[dict]:
       task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len), rng=jax.random.key(_SEED.value),
       sampling=text.SamplingOptions(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
       code_sampling=text.SamplingOptions(_CODE_TEMPERATURE.value, _CODE_TOP_K.value, _CODE_TOP_P.value),
-      num_steps=_DIFFUSION_STEPS.value, guidance=_GUIDANCE.value, sampler=_SAMPLER.value,
-      placement=placement.Placement.from_config(config))
+      num_steps=_DIFFUSION_STEPS.value, guidance=guidance(config), sampler=_SAMPLER.value,
+      placement=placement.Placement.from_config(config), images_per_prompt=_IMAGES_PER_PROMPT.value)
   failed = sum("error" in row for row in manifest)
   logging.info("Wrote %d results (%d errors) to %s.", len(manifest), failed, _OUT.value)
   return manifest

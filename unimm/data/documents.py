@@ -26,10 +26,12 @@ SKIP_REASONS = (CORRUPT, EMPTY, BAD_IMAGE, BAD_TEXT, TOO_LONG, TOO_MANY_IMAGES)
 
 @dataclasses.dataclass(frozen=True)
 class Text:
-  """A text part; `loss_weight` 0 masks it as a prompt (e.g. a VQA question)."""
+  """A text part; `loss_weight` 0 masks it as a prompt (e.g. a VQA question). `as_padding`: laid out
+  as PAD tokens of the text's length (a caption dropped for classifier-free guidance, Janus-style)."""
 
   text: str
   loss_weight: float = 1.0
+  as_padding: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +51,13 @@ class Document:
   `is_pair` marks an image–caption pair (one text, one image): the layout then
   chooses the order (caption first → text-to-image, image first → captioning)
   and may drop the caption for classifier-free guidance. Other documents keep
-  their order.
+  their order. `caption_first_prob` overrides the layout's probability for this
+  pair (a source that is all understanding or all generation data).
   """
 
   parts: tuple[Part, ...]
   is_pair: bool = False
+  caption_first_prob: float | None = None
 
   @property
   def images(self) -> list[np.ndarray]:

@@ -28,6 +28,8 @@ class LayoutOptions:
   max_timestep: int = 1000
   noise_limit_t: int = 500
   image_token_weight: float = 0.0  # > 0 where image slots are predicted as tokens
+  train_read_images: bool = True  # False: image_token_weight only on written images (Janus)
+  caption_dropout_mode: str = "drop"  # drop: remove a dropped caption | pad: replace its tokens with PAD
 
   @classmethod
   def from_config(cls, data_config) -> "LayoutOptions":
@@ -36,7 +38,12 @@ class LayoutOptions:
         image_shape=(int(d.image_size), int(d.image_size), int(d.image_channels)),
         image_slots=int(d.image_slots), caption_first_prob=float(d.caption_first_prob),
         caption_dropout=float(d.caption_dropout), max_timestep=int(d.max_timestep),
-        noise_limit_t=int(d.noise_limit_t), image_token_weight=float(d.image_token_weight))
+        noise_limit_t=int(d.noise_limit_t), image_token_weight=float(d.image_token_weight),
+        train_read_images=bool(d.train_read_images), caption_dropout_mode=str(d.caption_dropout_mode))
+
+  def __post_init__(self):
+    if self.caption_dropout_mode not in ("drop", "pad"):
+      raise ValueError(f"data.caption_dropout_mode={self.caption_dropout_mode!r}; expected 'drop' or 'pad'")
 
 
 def order_pair(doc: documents.Document, opts: LayoutOptions, rng: np.random.Generator) -> documents.Document:
@@ -45,8 +52,11 @@ def order_pair(doc: documents.Document, opts: LayoutOptions, rng: np.random.Gene
     return doc
   text = next(p for p in doc.parts if isinstance(p, documents.Text))
   image = next(p for p in doc.parts if isinstance(p, documents.Image))
-  if rng.random() < opts.caption_first_prob:
+  caption_first = opts.caption_first_prob if doc.caption_first_prob is None else doc.caption_first_prob
+  if rng.random() < caption_first:
     if rng.random() < opts.caption_dropout:
+      if opts.caption_dropout_mode == "pad":
+        return documents.Document((documents.Text(text.text, loss_weight=0.0, as_padding=True), image))
       return documents.Document((image,))
     return documents.Document((text, image))
   return documents.Document((image, text))
@@ -54,7 +64,8 @@ def order_pair(doc: documents.Document, opts: LayoutOptions, rng: np.random.Gene
 
 def layout_document(doc: documents.Document, tokenizer: Tokenizer, opts: LayoutOptions,
                     rng: np.random.Generator) -> dict | documents.Skipped:
-  """The fragment of `doc`: dict of tokens, image_ids (1..n), loss_weights, images, image_t_max."""
+  """The fragment of `doc`: dict of tokens, image_ids (1..n), loss_weights, images, image_t_max,
+  image_written."""
   checked = documents.check_document(doc, opts.image_shape)
   if isinstance(checked, documents.Skipped):
     return checked
@@ -63,11 +74,13 @@ def layout_document(doc: documents.Document, tokenizer: Tokenizer, opts: LayoutO
   tokens = [sp.bos]
   image_ids = [0]
   target_weights = [0.0]  # weight of predicting this token; BOS is never predicted
-  images, t_max = [], []
+  images, t_max, written = [], [], []
   text_after = _text_follows(doc.parts)
   for part, followed_by_text in zip(doc.parts, text_after):
     if isinstance(part, documents.Text):
       ids = tokenizer.encode(part.text)
+      if part.as_padding:
+        ids = [sp.pad] * len(ids)
       tokens += ids
       image_ids += [0] * len(ids)
       target_weights += [part.loss_weight] * len(ids)
@@ -75,11 +88,13 @@ def layout_document(doc: documents.Document, tokenizer: Tokenizer, opts: LayoutO
       k = len(images) + 1
       images.append(part.pixels)
       t_max.append(opts.noise_limit_t if followed_by_text else opts.max_timestep)
+      written.append(not followed_by_text)
+      weight = opts.image_token_weight if (opts.train_read_images or not followed_by_text) else 0.0
       n = opts.image_slots
       tokens += [sp.boi] + [sp.img] * n + [sp.eoi]
       image_ids += [0] + [k] * n + [0]
       # BOI is the text-level choice to start an image: trained like text.
-      target_weights += [1.0] + [opts.image_token_weight] * (n + 1)
+      target_weights += [1.0] + [weight] * (n + 1)
   tokens.append(sp.eos)
   image_ids.append(0)
   target_weights.append(1.0)
@@ -93,6 +108,7 @@ def layout_document(doc: documents.Document, tokenizer: Tokenizer, opts: LayoutO
       "loss_weights": loss_weights,
       "images": (np.stack(images) if images else np.zeros((0, image_h, image_w, channels), np.uint8)),
       "image_t_max": np.asarray(t_max, np.int32),
+      "image_written": np.asarray(written, bool),
   }
 
 

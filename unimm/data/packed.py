@@ -18,6 +18,9 @@ images            uint8 [M, H, W, C]  the row's images in slot order, zeros wher
 image_valid       bool [M]            which of `images` are real
 image_t_max       int32 [M]           diffusion noise limit per image (T_max, or the noise
                                       limit when the image conditions later text); 0 if unused
+image_written     bool [M]            the image's role: written (generated; not followed by text in
+                                      its document) or read (conditions later text); Janus picks
+                                      its encoder by it (VQ codes vs ViT features)
 stats             {reason: int32}     records skipped since the previous row of this packer
                                       (see `documents.SKIP_REASONS`); sum over batches for totals
 ================  ==================  ===========================================================
@@ -30,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 ROW_FIELDS = ("tokens", "segment_ids", "positions", "image_ids", "loss_weights")
-IMAGE_FIELDS = ("images", "image_valid", "image_t_max")
+IMAGE_FIELDS = ("images", "image_valid", "image_t_max", "image_written")
 
 
 def example_batch(batch: int, seq_len: int, max_images: int, image_shape) -> dict:
@@ -44,6 +47,7 @@ def example_batch(batch: int, seq_len: int, max_images: int, image_shape) -> dic
       "images": np.zeros((batch, max_images, *image_shape), np.uint8),
       "image_valid": np.zeros((batch, max_images), bool),
       "image_t_max": np.zeros((batch, max_images), np.int32),
+      "image_written": np.zeros((batch, max_images), bool),
   }
 
 
@@ -112,3 +116,4 @@ def check_row(row: dict, *, boi: int, eoi: int, img: int) -> None:
     assert row["image_t_max"][k - 1] > 0, f"image {k} has no noise limit"
   assert iid.max(initial=0) == num_images, "image ids and image_valid disagree"
   assert not np.any(row["images"][num_images:]), "unused image slots are not zero"
+  assert not np.any(row["image_written"][num_images:]), "an unused image slot is marked written"

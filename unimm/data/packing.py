@@ -156,32 +156,8 @@ class _PackIterator(grain.DatasetIterator):
     return self._make_row(b.fragments, stats)
 
   def _make_row(self, fragments: list[dict], stats: dict) -> dict:
-    t, m = self._seq_len, self._max_images
-    row = {
-        "tokens": np.full(t, self._pad_id, np.int32),
-        "segment_ids": np.zeros(t, np.int32),
-        "positions": np.zeros(t, np.int32),
-        "image_ids": np.zeros(t, np.int32),
-        "loss_weights": np.zeros(t, np.float32),
-        "images": np.zeros((m, *self._image_shape), np.uint8),
-        "image_valid": np.zeros(m, bool),
-        "image_t_max": np.zeros(m, np.int32),
-    }
-    start, first_image = 0, 0
-    for segment, frag in enumerate(fragments, start=1):
-      n, k = len(frag["tokens"]), len(frag["images"])
-      span = slice(start, start + n)
-      row["tokens"][span] = frag["tokens"]
-      row["segment_ids"][span] = segment
-      row["positions"][span] = np.arange(n)
-      row["image_ids"][span] = np.where(frag["image_ids"] > 0, frag["image_ids"] + first_image, 0)
-      row["loss_weights"][span] = frag["loss_weights"]
-      row["images"][first_image:first_image + k] = frag["images"]
-      row["image_valid"][first_image:first_image + k] = True
-      row["image_t_max"][first_image:first_image + k] = frag["image_t_max"]
-      start, first_image = start + n, first_image + k
-    row["stats"] = stats
-    return row
+    return make_row(fragments, stats, seq_len=self._seq_len, max_images=self._max_images,
+                    image_shape=self._image_shape, pad_id=self._pad_id)
 
   # -- checkpointing -----------------------------------------------------------
 
@@ -217,3 +193,35 @@ class _PackIterator(grain.DatasetIterator):
         next(self._parent)  # the original had hit the end; so does the replay
       except StopIteration:
         pass
+
+
+def make_row(fragments: list[dict], stats: dict, *, seq_len: int, max_images: int, image_shape, pad_id: int) -> dict:
+  """One packed row holding `fragments` in order (the packed contract), with skip counts `stats`."""
+  t, m = seq_len, max_images
+  row = {
+      "tokens": np.full(t, pad_id, np.int32),
+      "segment_ids": np.zeros(t, np.int32),
+      "positions": np.zeros(t, np.int32),
+      "image_ids": np.zeros(t, np.int32),
+      "loss_weights": np.zeros(t, np.float32),
+      "images": np.zeros((m, *image_shape), np.uint8),
+      "image_valid": np.zeros(m, bool),
+      "image_t_max": np.zeros(m, np.int32),
+      "image_written": np.zeros(m, bool),
+  }
+  start, first_image = 0, 0
+  for segment, frag in enumerate(fragments, start=1):
+    n, k = len(frag["tokens"]), len(frag["images"])
+    span = slice(start, start + n)
+    row["tokens"][span] = frag["tokens"]
+    row["segment_ids"][span] = segment
+    row["positions"][span] = np.arange(n)
+    row["image_ids"][span] = np.where(frag["image_ids"] > 0, frag["image_ids"] + first_image, 0)
+    row["loss_weights"][span] = frag["loss_weights"]
+    row["images"][first_image:first_image + k] = frag["images"]
+    row["image_valid"][first_image:first_image + k] = True
+    row["image_t_max"][first_image:first_image + k] = frag["image_t_max"]
+    row["image_written"][first_image:first_image + k] = frag["image_written"]
+    start, first_image = start + n, first_image + k
+  row["stats"] = stats
+  return row

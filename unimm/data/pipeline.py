@@ -8,10 +8,14 @@ restored iterator reproduces caption order and dropout), packed into rows of
 `seq_len`, and batched to the per-host batch. Everything before packing is
 random access, so the iterator state is small and exact.
 
-Config (`config.data`): see `configs/transfusion/tiny.py` for every key.
+Config (`config.data`): see `configs/transfusion/tiny.py` for every key. A source entry may
+also say `text_only=True` (use only its text) or `caption_first_prob=p` (this source's pair order),
+which is how a Janus stage mixes understanding, text and generation data from one dataset.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import grain
 
@@ -25,6 +29,25 @@ def tokenizer_path(data_config) -> str:
 
 def load_tokenizer(data_config) -> Tokenizer:
   return Tokenizer.load(tokenizer_path(data_config))
+
+
+class _SourceView(grain.transforms.Map):
+  """A source's documents as its config entry asks: `text_only` keeps only the text (pure-text data from
+  a captioned dataset); `caption_first_prob` fixes the pair order for this source (1: all generation
+  data, 0: all understanding data), e.g. for a Janus stage's understanding : text : generation mix."""
+
+  def __init__(self, text_only: bool, caption_first_prob: float | None):
+    self._text_only, self._caption_first_prob = text_only, caption_first_prob
+
+  def map(self, element):
+    if isinstance(element, documents.Skipped):
+      return element
+    if self._text_only:
+      texts = tuple(p for p in element.parts if isinstance(p, documents.Text))
+      return documents.Document(texts) if texts else documents.Skipped(documents.EMPTY, "no text in a text_only source")
+    if element.is_pair and self._caption_first_prob is not None:
+      return dataclasses.replace(element, caption_first_prob=self._caption_first_prob)
+    return element
 
 
 class _Layout(grain.transforms.RandomMap):
@@ -52,6 +75,9 @@ def mixture(data_config, split: str, *, process_index: int, process_count: int, 
     if weight <= 0:
       continue
     ds = sources.open_source(spec, split, data_config.data_dir)
+    text_only, caption_first = bool(spec.get("text_only", False)), spec.get("caption_first_prob", None)
+    if text_only or caption_first is not None:
+      ds = ds.map(_SourceView(text_only, None if caption_first is None else float(caption_first)))
     if seed is not None:
       ds = ds.shuffle(seed=seed + 7919 * i)
     ds = ds[process_index::process_count]

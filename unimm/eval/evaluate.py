@@ -16,6 +16,12 @@
   perplexity over the test images' codes, and whether reconstructions keep
   the detector's (shapes) or classifier's (digits) verdicts; reconstructions
   are written as PNG.
+* image encoders (family siglip): zero-shot image→text accuracy among the test
+  split's distinct captions (for digits that is ten-way zero-shot
+  classification) and text→image recall@1.
+
+A dataset named by several sources (a Janus stage's understanding, text and
+generation views of one dataset) is evaluated once, under its first source's name.
 
 Scoring functions are pure (`score_*`), so they are tested on references.
 """
@@ -129,6 +135,54 @@ def _pairs(spec, split: str, data_dir: str, limit: int) -> tuple[list[str], np.n
   return captions, np.stack(images)
 
 
+def image_sources(config):
+  """(name, spec) of the config's sources with images, one per distinct dataset, in name order."""
+  seen, out = set(), []
+  for name in sorted(config.data.sources.keys()):
+    spec = config.data.sources[name]
+    key = (spec.get("kind", ""), spec.get("tfds_name", ""), spec.get("builder_config", ""), spec.get("path", ""))
+    if spec.get("text_only", False) or key in seen:
+      continue
+    seen.add(key)
+    out.append((name, spec))
+  return out
+
+
+def zero_shot_scores(image_emb: np.ndarray, text_emb: np.ndarray, labels: np.ndarray) -> dict:
+  """Image i's caption is text `labels[i]` of the candidates. image→text: is its most similar text its
+  own; text→image recall@1: is a text's most similar image one of its own (over texts with images)."""
+  sims = _unit(image_emb) @ _unit(text_emb).T
+  i2t = np.argmax(sims, axis=1) == labels
+  best_image = np.argmax(sims, axis=0)
+  present = np.unique(labels)
+  t2i = labels[best_image[present]] == present
+  return {"image_to_text_accuracy": float(np.mean(i2t)), "text_to_image_recall_at_1": float(np.mean(t2i)),
+          "candidates": int(text_emb.shape[0]), "examples": int(len(labels))}
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def evaluate_siglip(config, task, params, tokenizer, *, num_examples: int = 200) -> dict:
+  """Zero-shot use of a SigLIP image–text pair of towers on each embedded dataset's test split."""
+  from unimm.models import vit  # pylint: disable=g-import-not-at-top
+  embed_images, embed_texts = jax.jit(task.image_embeddings), jax.jit(task.text_embeddings)
+  results = {}
+  for name, spec in image_sources(config):
+    captions, images = _pairs(spec, "test", config.data.data_dir, num_examples)
+    candidates = sorted(set(captions))
+    labels = np.array([candidates.index(c) for c in captions])
+    img = np.concatenate([np.asarray(embed_images(params, jnp.asarray(images[i:i + 64])))
+                          for i in range(0, len(images), 64)])
+    rows = vit.caption_rows(candidates, tokenizer, int(config.data.image_slots), int(config.data.seq_len))
+    txt = np.concatenate([np.asarray(embed_texts(params, {k: v[i:i + 64] for k, v in rows.items()}))
+                          for i in range(0, len(candidates), 64)])
+    results[name] = zero_shot_scores(img, txt, labels)
+  return results
+
+
 def perplexity(task, params, config, max_batches: int, eoi: int) -> float:
   """exp(mean next-token loss) over the text targets of the validation rows, images read clean.
 
@@ -169,8 +223,7 @@ def evaluate_tokenizer(config, task, params, *, num_examples: int = 200, out_dir
     return jnp.clip(jnp.round((recon + 1.0) * 127.5), 0, 255).astype(jnp.uint8), aux["indices"]
 
   results = {}
-  for name in sorted(config.data.sources.keys()):
-    spec = config.data.sources[name]
+  for name, spec in image_sources(config):
     captions, images = _pairs(spec, "test", config.data.data_dir, num_examples)
     recon, codes = [], []
     for start in range(0, len(images), 64):
@@ -208,6 +261,8 @@ def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffus
   """All metrics that apply to the config's embedded sources; a dict ready for eval.json."""
   if config.model.family == "vq":
     return {"tokenizer": evaluate_tokenizer(config, task, params, num_examples=num_examples, out_dir=out_dir)}
+  if config.model.family == "siglip":
+    return {"zero_shot": evaluate_siglip(config, task, params, tokenizer, num_examples=num_examples)}
   # pylint: disable=g-import-not-at-top
   from unimm.inference import generators, placement as placement_lib, prompts as prompts_lib
   # pylint: enable=g-import-not-at-top
@@ -216,8 +271,7 @@ def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffus
   results: dict = {"text": {"perplexity": perplexity(task, params, config, max_batches, tokenizer.specials.eoi)}}
   rng = jax.random.key(seed)
   slots = task.model.slots
-  for name in sorted(d.sources.keys()):
-    spec = d.sources[name]
+  for name, spec in image_sources(config):
     dataset = spec.get("tfds_name", "")
     if dataset not in ("shapes", "digits"):
       continue

@@ -1,11 +1,15 @@
 """Generation for families that write images as VQ codes in the vocabulary (Chameleon), KV-cached.
 
+The family's task says how prompt rows enter its model (`task.model_inputs`)
+and what its unconditional prompt is (`task.unconditional_prompt`: Chameleon
+`[BOS, BOI]`; Janus the prompt with its text replaced by PAD). Janus reuses
+this file unchanged: its logits are its LM and image heads' side by side.
+
 Modality-constrained decoding: outside an image the image codes (and the
 tokens only the generator writes: IMG, EOI, PAD) are masked out; after `BOI`
 only image codes may be sampled, exactly `slots` of them in raster order,
 then `EOI` is forced. Images use classifier-free guidance: each conditional
-row has an unconditional twin, the prompt `[BOS, BOI]`, run in the same
-batch, and the code logits are `l_u + s·(l_c − l_u)`; then temperature /
+row has an unconditional twin run in the same batch, and the code logits are `l_u + s·(l_c − l_u)`; then temperature /
 top-k / top-p over the codes. The codes go through the frozen VQ decoder.
 
 `CodeImageGenerator.generate` is text→image (the prompt, then an image);
@@ -67,24 +71,23 @@ class _CodeSteps:
     self.params = self.placement.params(self.model, params)
     self.specials = specials
 
-    def step(params, cache, tokens, positions, segments, image_ids):
-      logits, mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments, image_ids,
-                                         mutable=["cache"])
+    def step(params, cache, *inputs):
+      logits, mutated = self.model.apply({"params": params, "cache": cache}, *inputs, mutable=["cache"])
       return logits[:, -1], mutated["cache"]
     self._step_jit = jax.jit(step, donate_argnums=1)
 
-    self._row_tokens = jax.jit(self.task.row_tokens)  # the frozen tokenizer's encoder puts codes in image slots
+    # The family's model inputs for prompt rows: e.g. the frozen tokenizer's codes in image slots (Chameleon).
+    self._model_inputs = jax.jit(self.task.model_inputs)
     self._decode = jax.jit(self.task.decode_codes)
 
-  def _tokens_step(self, cache, tokens, positions, segments, image_ids):
+  def _tokens_step(self, cache, *inputs):
     with self.placement.context():
-      return self._step_jit(self.params, cache, tokens, positions, segments, image_ids)
+      return self._step_jit(self.params, cache, *inputs)
 
   def _prefill_rows(self, cache, rows: dict):
     with self.placement.context():
-      dev = self.placement.rows(rows)
-      tokens = self._row_tokens(dev)
-    return self._tokens_step(cache, tokens, dev["positions"], dev["segment_ids"], dev["image_ids"])
+      inputs = self._model_inputs(self.placement.rows(rows))
+    return self._tokens_step(cache, *inputs)
 
   def draw(self, cache, logits, first_slot: np.ndarray, image_index: np.ndarray, rng,
            options: CodeSampling) -> np.ndarray:
@@ -108,13 +111,23 @@ class _CodeSteps:
                                           (np.asarray(first_slot)[:, None] + s).astype(np.int32), ones, image_ids)
     return np.asarray(jnp.stack(codes, axis=1))
 
-  def _uncond_twins(self, k: int, length: int, index: int):
-    """k rows `[BOS, BOI]` written at `index - 2` of an empty cache of `length` slots: (logits, cache)."""
+  def _uncond_prompt(self, prompt: prompts_lib.Prompt) -> prompts_lib.Prompt:
+    """The guidance twin of `prompt` (which ends in BOI), as the family trained its unconditional case."""
+    tokens = self.task.unconditional_prompt(len(prompt), self.specials)
+    return prompts_lib.Prompt(tokens, [0] * len(tokens), [])
+
+  def _uncond_twins(self, prefix_lengths, length: int, index: int):
+    """The twins of rows whose documents hold `prefix_lengths` tokens up to their BOI, left-padded to end at
+    `index` of an empty cache of `length` slots: (logits, cache, the twins' lengths)."""
     s = self.specials
-    cache = cache_lib.with_index(cache_lib.empty(self.model, k, length, self.placement), index - 2)
-    return self._tokens_step(cache, np.tile([[s.bos, s.boi]], (k, 1)).astype(np.int32),
-                             np.tile([[0, 1]], (k, 1)).astype(np.int32), np.ones((k, 2), np.int32),
-                             np.zeros((k, 2), np.int32))
+    twins = [self._uncond_prompt(prompts_lib.Prompt([s.pad] * int(n), [0] * int(n), [])) for n in prefix_lengths]
+    rows = prompts_lib.batch(twins, pad_id=s.pad, max_images=self.model.max_images,
+                             image_shape=self.task.image_shape, multiple=1)
+    width = rows["tokens"].shape[1]
+    cache = cache_lib.with_index(cache_lib.empty(self.model, len(twins), length, self.placement), index - width)
+    logits, cache = self._tokens_step(cache, rows["tokens"], rows["positions"], rows["segment_ids"],
+                                      rows["image_ids"])
+    return logits, cache, np.array([len(t) for t in twins])
 
   def to_pixels(self, code_tokens) -> np.ndarray:
     return np.asarray(self._decode(jnp.asarray(code_tokens)))
@@ -139,7 +152,7 @@ class CodeImageGenerator(_CodeSteps):
     prompts = placement_lib.pad_to_multiple(list(prompts), self.placement.batch_multiple,
                                             prompts_lib.Prompt([s.bos], [0], []))
     cond = [prompts_lib.Prompt(p.tokens + [s.boi], p.image_ids + [0], p.images) for p in prompts]
-    uncond = [prompts_lib.Prompt([s.bos, s.boi], [0, 0], [])] * (len(prompts) if guidance is not None else 0)
+    uncond = [self._uncond_prompt(p) for p in cond] if guidance is not None else []
     both = cond + uncond
     new_image = np.array([len(p.images) for p in both])
     if (new_image >= m).any():
@@ -186,10 +199,10 @@ class CodeTextGenerator(_CodeSteps, text_lib.TextGenerator):
     rows_cache, rows_logits = cache_lib.take_rows(cache, padded), logits[jnp.asarray(padded)]
     first_slot, image_index = next_pos[padded], image_count[padded]
     if guidance is not None:
-      twin_logits, twins = self._uncond_twins(k, cache_lib.length(cache), filled)
+      twin_logits, twins, twin_lengths = self._uncond_twins(first_slot, cache_lib.length(cache), filled)
       rows_cache = cache_lib.concat_rows(rows_cache, twins)
       rows_logits = jnp.concatenate([rows_logits, twin_logits])
-      first_slot = np.concatenate([first_slot, np.full(k, 2)])
+      first_slot = np.concatenate([first_slot, twin_lengths])
       image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
     codes = self.draw(rows_cache, rows_logits, first_slot, image_index, rng, options)[:len(rows)]
     for r, pixels in zip(rows, self.to_pixels(codes)):

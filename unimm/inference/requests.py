@@ -133,10 +133,11 @@ def text_result(generation: text_lib.Generation, tokenizer, out_dir: str, stem: 
 def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str, *, context: int, rng,
                  sampling: text_lib.SamplingOptions, num_steps: int, guidance: float, sampler: str,
                  batch_size: int = 32, placement=None,
-                 code_sampling: text_lib.SamplingOptions | None = None) -> list[dict]:
+                 code_sampling: text_lib.SamplingOptions | None = None, images_per_prompt: int = 1) -> list[dict]:
   """Runs the valid requests in batches; writes PNGs and the manifest; returns the manifest rows.
 
   `code_sampling`: temperature / top-k / top-p over image codes, for families that write codes.
+  `images_per_prompt` > 1: an image request's line gets `images` (all of them; `image` is the first).
   """
   import jax  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
@@ -174,12 +175,15 @@ def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str,
       else:
         images_gen = images_gen or generators.image_generator(task, params, tokenizer.specials, placement,
                                                               code_sampling)
-        pixels = images_gen.generate([prompts[i] for i in chunk], sub, num_steps=num_steps, guidance=guidance,
-                                     sampler=sampler)
-        for i, im in zip(chunk, pixels):
-          name = safe_name(requests[i].id, used)
-          save_png(im, out_dir, name)
-          results[i] = {"image": name}
+        # Several images per prompt: the prompt repeated in one batch (drawn in parallel).
+        pixels = images_gen.generate([prompts[i] for i in chunk for _ in range(images_per_prompt)], sub,
+                                     num_steps=num_steps, guidance=guidance, sampler=sampler)
+        for n, i in enumerate(chunk):
+          names = []
+          for j in range(images_per_prompt):
+            names.append(safe_name(requests[i].id if j == 0 else f"{requests[i].id}_{j}", used))
+            save_png(pixels[n * images_per_prompt + j], out_dir, names[-1])
+          results[i] = {"image": names[0], **({"images": names} if images_per_prompt > 1 else {})}
   manifest = []
   for i, req in enumerate(requests):
     row = {"id": req.id, "prompt": req.prompt_text, "generate": req.generate}

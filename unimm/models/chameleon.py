@@ -105,6 +105,15 @@ class ChameleonTask:
     """The row's tokens with its images' codes in the image slots."""
     return place_codes(batch["tokens"], batch["image_ids"], self.code_tokens(batch["images"]))
 
+  def model_inputs(self, batch: dict) -> tuple:
+    """The model's positional inputs for packed rows (or prompt rows)."""
+    return self.row_tokens(batch), batch["positions"], batch["segment_ids"], batch["image_ids"]
+
+  def unconditional_prompt(self, length: int, specials) -> list[int]:
+    """The guidance twin of a prompt ending in BOI: `[BOS, BOI]` (trained by dropping the caption)."""
+    del length
+    return [specials.bos, specials.boi]
+
   def logits(self, params, batch: dict, rng=None):
     """Next-token logits of packed rows [B, T, V]; `rng` turns dropout on (training)."""
     return self.model.apply({"params": params}, self.row_tokens(batch), batch["positions"], batch["segment_ids"],

@@ -1,14 +1,16 @@
 """Model families by name: config → the task object the trainer drives.
 
 A task provides `init(rng, batch)`, `loss_terms(params, batch, rng, step)` (sums),
-`loss_counts(batch)`, `combine(sums, counts)`, `dummy_batch(...)` and, for
-families that generate images, `sample_images(...)`.
+`loss_counts(batch)`, `combine(sums, counts)`, `dummy_batch(...)`; families that
+generate have generators (`unimm.inference.generators`). Families: transfusion,
+chameleon, janus (the unified models); kl_vae, vq, siglip (the image codecs and
+encoder they are built on, trained through the same trainer).
 """
 
 from __future__ import annotations
 
 from unimm import diffusion
-from unimm.models import autoencoders, backbone, chameleon, transfusion, vq
+from unimm.models import autoencoders, backbone, chameleon, janus, transfusion, vit, vq
 
 
 def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.TransfusionTask:
@@ -67,9 +69,30 @@ def tokenizer_task(config, vocab_size: int, frozen_codec=None) -> vq.TokenizerTa
                           vq.TokenizerLoss.from_config(config.model.vq_loss))
 
 
-FAMILIES = {"transfusion": transfusion_task, "chameleon": chameleon_task, "kl_vae": autoencoder_task,
-            "vq": tokenizer_task}
-CODE_FAMILIES = ("chameleon",)  # families that read and write images as VQ codes
+def janus_task(config, vocab_size: int, frozen_codec=None) -> janus.JanusTask:
+  """Janus: ViT (model.vision) for images read, the frozen VQ tokenizer (model.vq.checkpoint) for images written."""
+  if frozen_codec is None:
+    raise ValueError("family janus needs a trained VQ tokenizer: set config.model.vq.checkpoint to a "
+                     "configs/tokenizers/... run's checkpoints dir (or pass its params).")
+  d = config.data
+  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  return janus.build(config, int(config.model.vocab_size) or vocab_size, frozen_codec, image_shape)
+
+
+def siglip_task(config, vocab_size: int, frozen_codec=None) -> vit.SigLIPTask:
+  """Pretrains the ViT of config.model.vision with the sigmoid image–text loss (for Janus to read with)."""
+  del frozen_codec
+  m = config.model
+  cfg = vit.ViTConfig.from_config(m.vision)
+  cfg.grid((int(config.data.image_size),) * 2)  # checks the patch size divides the images
+  model = vit.SigLIPModel(vit=cfg, text=backbone.BackboneConfig.from_config(m.siglip_text),
+                          vocab_size=int(m.vocab_size) or vocab_size, loss=vit.SigLIPLoss.from_config(m.siglip))
+  return vit.SigLIPTask(model=model, max_images=int(config.data.max_images_per_row))
+
+
+FAMILIES = {"transfusion": transfusion_task, "chameleon": chameleon_task, "janus": janus_task,
+            "kl_vae": autoencoder_task, "vq": tokenizer_task, "siglip": siglip_task}
+CODE_FAMILIES = ("chameleon", "janus")  # families that write images as VQ codes
 
 
 def random_frozen_codec(config, seed: int = 0):

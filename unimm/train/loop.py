@@ -24,7 +24,7 @@ import tqdm
 from unimm import imaging
 from unimm.data import documents, pipeline
 from unimm.inference import generators, placement, prompts as prompts_lib
-from unimm.models import chameleon, families
+from unimm.models import chameleon, families, janus
 from unimm.parallel import sharding
 from unimm.train import checkpoint, metrics as metrics_lib
 from unimm.train.setup import Setup, build, flops_per_token
@@ -42,6 +42,41 @@ def load_frozen_codec(config):
   if config.model.family != "transfusion" or ae.kind == "identity" or not ae.checkpoint:
     return None  # families that need one say so (transfusion_task), the codec families train it
   return checkpoint.Checkpointer(ae.checkpoint, async_save=False).restore_params()
+
+
+def graft(params, source, prefix: str = ""):
+  """`params` (placed arrays) with each leaf of `source` put at its path under `prefix`, placed like the
+  leaf it replaces. Every source leaf must exist with the same shape. Returns (params, grafted paths)."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  flat = traverse_util.flatten_dict(params, sep="/")
+  done = []
+  for path, value in traverse_util.flatten_dict(source, sep="/").items():
+    target = f"{prefix}/{path}" if prefix else path
+    if target not in flat:
+      raise ValueError(f"checkpoint param {target!r} is not in this model (its params start with "
+                       f"{sorted({k.split('/')[0] for k in flat})})")
+    if tuple(flat[target].shape) != tuple(np.shape(value)):
+      raise ValueError(f"checkpoint param {target!r} has shape {np.shape(value)}, the model's {flat[target].shape}")
+    flat[target] = jax.device_put(np.asarray(value, flat[target].dtype), flat[target].sharding)
+    done.append(target)
+  return traverse_util.unflatten_dict(flat, sep="/"), done
+
+
+def start_params(config, params):
+  """A fresh run's params: pretrained parts its config names (Janus: the SigLIP run's ViT,
+  model.vision.checkpoint), then a previous stage's params (train.init_from) over them."""
+  total = len(jax.tree.leaves(params))
+  if config.model.family == "janus" and config.model.vision.checkpoint:
+    vision = janus.vision_params(
+        checkpoint.Checkpointer(config.model.vision.checkpoint, async_save=False).restore_params())
+    params, done = graft(params, vision, "vision_encoder")
+    logging.info("ViT: %d params from %s.", len(done), config.model.vision.checkpoint)
+  if config.train.init_from:
+    previous = checkpoint.Checkpointer(config.train.init_from, async_save=False).restore_params()
+    params, done = graft(params, previous)
+    logging.info("Started from %s: %d of %d params (the rest initialised fresh).", config.train.init_from,
+                 len(done), total)
+  return params
 
 
 class _Preemption:
@@ -140,6 +175,7 @@ def train(config, workdir: str) -> dict:
   start = ckpt.latest_step()
   if start is None:
     state = setup.init(jax.random.key(int(config.seed)))
+    state = state.replace(params=start_params(config, state.params))
     start = 0
   else:
     state = ckpt.restore(start, setup.abstract_state, data)

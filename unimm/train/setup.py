@@ -45,19 +45,21 @@ def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
   optimizer = optimizer_lib.make_optimizer(config.train)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   init_batch = task.dummy_batch(1, int(config.data.seq_len), image_shape(config))
+  partition = step_lib.Partition(tuple(config.train.trainable))
 
   def init_boxed(rng, batch):  # the batch is an argument so tracing never sees constants
-    return step_lib.init_state(task, optimizer, rng, batch)
+    return step_lib.init_state(task, optimizer, rng, batch, partition)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0), init_batch)
     state_sharding = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  partition.check(abstract_boxed.params)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.meta.unbox(abstract_boxed), state_sharding)
   init = jax.jit(lambda rng, batch: nn.meta.unbox(init_boxed(rng, batch)), out_shardings=state_sharding)
   train_step = step_lib.make_train_step(task, optimizer, schedule,
                                         grad_accum_steps=int(config.train.grad_accum_steps),
-                                        skip_nonfinite=bool(config.train.skip_nonfinite))
+                                        skip_nonfinite=bool(config.train.skip_nonfinite), partition=partition)
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
@@ -73,15 +75,16 @@ def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
 
   params = abstract.params
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  # Not per-token matmuls: embedding tables, and an image encoder run once per image (Janus's ViT).
   embedding = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
-                  if "embedding" in jax.tree_util.keystr(path))
+                  if any(k in jax.tree_util.keystr(path) for k in ("embedding", "gen_embed", "vision_encoder")))
   return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
                init=run_init, step=run_step, matmul_params=total - embedding, total_params=total)
 
 
 def flops_per_token(setup: Setup, config) -> float:
   """Model FLOPs per trained token: 6·N (N = parameters in matmuls, i.e. all but the
-  embedding table) + 6·L·D·T for attention scores and values (12·L·D·T halved
+  embedding tables and a per-image encoder such as Janus's ViT, which like the frozen codecs is not counted) + 6·L·D·T for attention scores and values (12·L·D·T halved
   for the causal mask; T = the row length, an upper bound for packed rows)."""
   b = config.model.backbone
   return 6.0 * setup.matmul_params + 6.0 * b.num_layers * b.dim * int(config.data.seq_len)

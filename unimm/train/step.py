@@ -1,10 +1,19 @@
-"""The train state and the one jitted train step (gradient accumulation, clipping, non-finite guard)."""
+"""The train state and the one jitted train step (gradient accumulation, clipping, non-finite guard).
+
+Freezing: `Partition(prefixes)` splits the params into the trainable ones (paths
+starting with one of `prefixes`, all when empty) and the frozen rest. The step
+differentiates only with respect to the trainable part, so frozen params get no
+gradient computation, and the optimiser state covers only the trainable part
+(no moments for frozen params).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -17,10 +26,45 @@ class TrainState:
   opt_state: Any
 
 
-def init_state(task, optimizer, rng, batch) -> TrainState:
-  """A fresh state (params still boxed with their logical axes; unbox after sharding)."""
+@dataclasses.dataclass(frozen=True)
+class Partition:
+  """Which params train: those whose '/'-joined path is, or lies under, one of `prefixes` (all if empty)."""
+
+  prefixes: tuple[str, ...] = ()
+
+  def trains(self, path: str) -> bool:
+    return not self.prefixes or any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.prefixes)
+
+  def split(self, params) -> tuple[dict, dict]:
+    """(trainable, frozen) nested dicts; with no prefixes, (params, {})."""
+    if not self.prefixes:
+      return params, {}
+    flat = traverse_util.flatten_dict(params, sep="/")
+    train = {k: v for k, v in flat.items() if self.trains(k)}
+    frozen = {k: v for k, v in flat.items() if not self.trains(k)}
+    return traverse_util.unflatten_dict(train, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
+
+  def merge(self, trainable, frozen):
+    if not self.prefixes:
+      return trainable
+    flat = {**traverse_util.flatten_dict(trainable, sep="/"), **traverse_util.flatten_dict(frozen, sep="/")}
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+  def check(self, params) -> None:
+    """Raises if a prefix names no param (a typo would silently freeze everything it meant to train)."""
+    paths = list(traverse_util.flatten_dict(params, sep="/"))
+    for p in self.prefixes:
+      if not any(Partition((p,)).trains(path) for path in paths):
+        top = sorted({path.split("/")[0] for path in paths})
+        raise ValueError(f"config.train.trainable entry {p!r} matches no parameter; top-level names: {top}")
+
+
+def init_state(task, optimizer, rng, batch, partition: Partition = Partition()) -> TrainState:
+  """A fresh state (params still boxed with their logical axes; unbox after sharding); the optimiser
+  state covers the trainable params only."""
   params = task.init(rng, batch)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(partition.split(params)[0]))
 
 
 def split_microbatches(batch: dict, num: int) -> dict:
@@ -32,7 +76,8 @@ def split_microbatches(batch: dict, num: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, skip_nonfinite: bool = False):
+def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+                    partition: Partition = Partition()):
   """`step(state, batch, rng) → (state, metrics)`; the loss is exact under accumulation.
 
   Loss parts are sums normalised by whole-batch counts, so summing microbatch
@@ -41,36 +86,37 @@ def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, ski
   batch, rng, step)` edits the updated params (e.g. restarting dead VQ codes).
   """
 
-  def loss_fn(params, batch, rng, counts, step):
-    sums = task.loss_terms(params, batch, rng, step)
+  def loss_fn(trainable, frozen, batch, rng, counts, step):
+    sums = task.loss_terms(partition.merge(trainable, frozen), batch, rng, step)
     total, _ = task.combine(sums, counts)
     return total, sums
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # with respect to the trainable params only
 
   def step(state: TrainState, batch: dict, rng):
     rng = jax.random.fold_in(rng, state.step)
     counts = task.loss_counts(batch)
+    trainable, frozen = partition.split(state.params)
     if grad_accum_steps == 1:
-      (loss, sums), grads = grad_fn(state.params, batch, rng, counts, state.step)
+      (loss, sums), grads = grad_fn(trainable, frozen, batch, rng, counts, state.step)
     else:
       micro = split_microbatches(batch, grad_accum_steps)
 
       def body(carry, xs):
         mb, i = xs
-        (l, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), counts, state.step)
+        (l, s), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(rng, i), counts, state.step)
         acc_loss, acc_sums, acc_grads = carry
         return (acc_loss + l, jax.tree.map(jnp.add, acc_sums, s), jax.tree.map(jnp.add, acc_grads, g)), None
 
       zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(task.loss_terms, state.params,
                                                               jax.tree.map(lambda x: x[0], micro), rng,
                                                               state.step))
-      zero = (jnp.zeros((), jnp.float32), zero_sums, jax.tree.map(jnp.zeros_like, state.params))
+      zero = (jnp.zeros((), jnp.float32), zero_sums, jax.tree.map(jnp.zeros_like, trainable))
       (loss, sums, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(grad_accum_steps)))
     _, parts = task.combine(sums, counts)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    params = partition.merge(optax.apply_updates(trainable, updates), frozen)
     if hasattr(task, "after_update"):  # e.g. the VQ tokenizer restarting dead codes
       params = task.after_update(params, batch, jax.random.fold_in(rng, 1 << 30), state.step)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,197 @@
+"""Janus / Janus-Pro (arXiv 2410.13848, 2501.17811): one autoregressive transformer, decoupled visual encoders.
+
+An image the model *reads* (`image_written` False: it conditions later text)
+goes through a SigLIP-style ViT (`unimm.models.vit`, pretrained with family
+`siglip`); its feature grid, through the understanding adaptor (Linear → GELU →
+Linear), fills the image's slots. An image the model *writes* is turned into
+codes by the frozen VQ tokenizer (`unimm.models.vq`, as Chameleon's); each
+code's embedding (initialised from the tokenizer's codebook) goes through the
+generation adaptor (Linear → GELU → Linear) into the sequence, and a separate
+image head (Linear → GELU → Linear to the codebook) predicts the next code,
+while text keeps the LM head. Loss: cross-entropy on text targets (LM head,
+softmax over the text vocabulary) and on written images' codes (image head,
+softmax over the codebook), summed and divided by their total count, no task
+weights (as the papers).
+
+For the KV-cached generators (`unimm.inference.codes`, shared with
+Chameleon) the model speaks Chameleon's interface: ids ≥ `text_vocab` are
+codes (`text_vocab + c`) and the logits are the LM head's and the image head's
+side by side, [B, T, text_vocab + codebook]; the samplers mask one side or the
+other. Janus trains its unconditional case by replacing the prompt with PAD
+(`data.caption_dropout_mode="pad"`), so its guidance twin is the prompt with
+every token but BOS replaced by PAD (`unconditional_prompt`).
+
+The training stages (adaptors + image head; + the LLM; + the ViT) are configs
+naming what trains (`config.train.trainable`, see `unimm.train.step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimm.models import backbone, chameleon, layers, transfusion, vit as vit_lib, vq
+
+_named = nn.with_logical_partitioning
+
+
+class Adaptor(nn.Module):
+  """Linear → GELU → Linear to the model width (Janus's aligners and image head)."""
+
+  hidden: int
+  features: int
+  dtype: jnp.dtype
+  out_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    h = layers.dense(self.hidden, "embed_in", "mlp", dtype=self.dtype, name="fc1")(x.astype(self.dtype))
+    return layers.dense(self.features, "mlp", self.out_name, dtype=self.dtype, name="fc2")(nn.gelu(h))
+
+
+class JanusModel(nn.Module):
+  text_vocab: int
+  codebook_size: int
+  code_dim: int
+  backbone: backbone.BackboneConfig
+  vision: vit_lib.ViTConfig
+  max_images: int
+  slots: int  # slots per image: the ViT's patches = the tokenizer's codes
+  image_shape: tuple[int, int, int] = (384, 384, 3)
+  decode: bool = False
+
+  @property
+  def vocab_size(self) -> int:
+    return self.text_vocab + self.codebook_size
+
+  def setup(self):
+    c = self.backbone
+    if c.bidirectional_images:
+      raise ValueError("Janus predicts image codes left to right: set config.model.backbone."
+                       "bidirectional_images=False.")
+    dt = c.compute_dtype
+    self.embed = layers.Embed(self.text_vocab, c.dim, dtype=dt)
+    self.vision_encoder = vit_lib.ViT(self.vision)
+    self.und_aligner = Adaptor(c.dim, c.dim, dt)
+    self.gen_embed = self.param("gen_embed", _named(nn.initializers.normal(1.0), ("codes", "code_dim")),
+                                (self.codebook_size, self.code_dim), jnp.float32)
+    self.gen_aligner = Adaptor(c.dim, c.dim, dt)
+    self.decoder = backbone.Backbone(c, decode=self.decode)
+    self.lm_head = layers.DenseGeneral((self.text_vocab,), ("embed",), ("vocab",), dtype=dt)
+    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name="vocab")
+
+  def dummy_inputs(self, batch: int, length: int) -> tuple:
+    ids = jnp.zeros((batch, length), jnp.int32)
+    return ids, ids, ids, ids, jnp.zeros((batch, self.max_images, *self.image_shape), jnp.uint8)
+
+  def read_embeddings(self, images, image_ids):
+    """uint8 images [B, M, H, W, C] → [B, T, D]: at each slot of image k, its ViT feature's adaptor output."""
+    b, m = images.shape[:2]
+    feats = self.vision_encoder(images.reshape(b * m, *images.shape[2:]))  # [B·M, P, F]
+    p = feats.shape[1]
+    if p != self.slots:
+      raise ValueError(f"the ViT gives {p} patches per image but images have {self.slots} slots")
+    emb = self.und_aligner(feats.reshape(b, m * p, -1))
+    index = jnp.clip((image_ids - 1) * p + transfusion.image_slot_index(image_ids), 0, m * p - 1)
+    return jnp.take_along_axis(emb, index[..., None], axis=1)
+
+  def __call__(self, tokens, positions, segment_ids, image_ids, images=None):
+    """tokens: text ids, codes as `text_vocab + c` at written slots, anything at read slots (which take
+    `images`' ViT features; without `images` no slot is read). → logits [B, T, text_vocab + codebook]."""
+    is_code = tokens >= self.text_vocab
+    x = self.embed(jnp.where(is_code, 0, tokens))
+    codes = jnp.clip(tokens - self.text_vocab, 0, self.codebook_size - 1)
+    x = jnp.where(is_code[..., None], self.gen_aligner(self.gen_embed[codes]).astype(x.dtype), x)
+    if images is not None:
+      read = (image_ids > 0) & ~is_code
+      x = jnp.where(read[..., None], self.read_embeddings(images, image_ids).astype(x.dtype), x)
+    h = self.decoder(x, positions, segment_ids, image_ids)
+    logits = jnp.concatenate([self.lm_head(h).astype(jnp.float32), self.gen_head(h).astype(jnp.float32)], -1)
+    return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def written_slots(image_ids, image_written):
+  """bool [B, T]: slots of images the row writes."""
+  k = jnp.clip(image_ids - 1, 0, image_written.shape[1] - 1)
+  return (image_ids > 0) & jnp.take_along_axis(image_written, k, axis=1)
+
+
+@dataclasses.dataclass
+class JanusTask(chameleon.ChameleonTask):
+  """The Janus family for the trainer and the (Chameleon-shared) code generators."""
+
+  def __post_init__(self):
+    if self.model.codebook_size != self.codebook_size:
+      raise ValueError(f"model codebook {self.model.codebook_size} != tokenizer's {self.codebook_size}")
+    codes = self.tokenizer.cfg.num_codes(self.image_shape)
+    patches = self.model.vision.num_patches(self.image_shape)
+    if not self.model.slots == codes == patches:
+      raise ValueError(f"data.image_slots={self.model.slots}, but the tokenizer gives {codes} codes and the ViT "
+                       f"{patches} patches per {self.image_shape} image: all three must agree")
+
+  def init(self, rng, batch: dict):
+    params = self.model.init(rng, batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"],
+                             batch["images"])["params"]
+    return {**params, "gen_embed": params["gen_embed"].replace_boxed(self.codebook())}
+
+  def codebook(self):
+    """The frozen tokenizer's code vectors [K, code_dim] (L2-normalised if it looks codes up so)."""
+    book = self.frozen_tokenizer["quantizer"]["codebook"]
+    if self.tokenizer.cfg.l2_normalized:
+      book = book / jnp.linalg.norm(book, axis=-1, keepdims=True).clip(1e-6)
+    return jnp.asarray(book, jnp.float32)
+
+  def row_tokens(self, batch: dict):
+    """The row's tokens with written images' codes in their slots (read images' slots keep IMG)."""
+    written = batch.get("image_written")
+    if written is None:  # prompts: every image in them is read
+      return batch["tokens"]
+    tokens = chameleon.place_codes(batch["tokens"], batch["image_ids"], self.code_tokens(batch["images"]))
+    return jnp.where(written_slots(batch["image_ids"], written), tokens, batch["tokens"])
+
+  def model_inputs(self, batch: dict) -> tuple:
+    return (self.row_tokens(batch), batch["positions"], batch["segment_ids"], batch["image_ids"], batch["images"])
+
+  def logits(self, params, batch: dict, rng=None):
+    """The LM head's next-token logits of packed rows [B, T, text_vocab] (text targets: perplexity)."""
+    del rng
+    return self.model.apply({"params": params}, *self.model_inputs(batch))[..., :self.text_vocab]
+
+  def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
+    del step
+    inputs = self.model_inputs(batch)
+    logits = self.model.apply({"params": params}, *inputs, rngs={"dropout": rng})[:, :-1]
+    targets = inputs[0][:, 1:]
+    weights = batch["loss_weights"][:, :-1]
+    is_code = (batch["image_ids"][:, 1:] > 0).astype(jnp.float32)
+    v = self.text_vocab
+    text_ce, z_text = transfusion.cross_entropy(logits[..., :v], jnp.clip(targets, 0, v - 1),
+                                                weights * (1.0 - is_code), self.z_loss)
+    image_ce, z_image = transfusion.cross_entropy(logits[..., v:], jnp.clip(targets - v, 0, self.codebook_size - 1),
+                                                  weights * is_code, self.z_loss)
+    return {"text": text_ce, "image": image_ce, "z": z_text + z_image}
+
+  def unconditional_prompt(self, length: int, specials) -> list[int]:
+    """The guidance twin of a `length`-token prompt ending in BOI: BOS, PAD…, BOI (trained by PAD dropout)."""
+    return [specials.bos] + [specials.pad] * (length - 2) + [specials.boi]
+
+
+def vision_params(restored):
+  """A family-siglip checkpoint's params → the ViT's (Janus's `vision_encoder`)."""
+  if "image_encoder" not in restored:
+    raise ValueError(f"not a SigLIP checkpoint: its params hold {sorted(restored)}, no 'image_encoder'")
+  return restored["image_encoder"]
+
+
+def build(config, text_vocab: int, frozen_tokenizer, image_shape) -> JanusTask:
+  m, d = config.model, config.data
+  cfg = vq.VQConfig.from_config(m.vq)
+  model = JanusModel(text_vocab=text_vocab, codebook_size=cfg.codebook_size, code_dim=cfg.code_dim,
+                     backbone=backbone.BackboneConfig.from_config(m.backbone),
+                     vision=vit_lib.ViTConfig.from_config(m.vision), max_images=int(d.max_images_per_row),
+                     slots=int(d.image_slots), image_shape=tuple(image_shape))
+  return JanusTask(model=model, tokenizer=vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer=frozen_tokenizer,
+                   text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss))
