@@ -1,4 +1,4 @@
-"""Generation for families that write images as VQ codes in the vocabulary (Chameleon), KV-cached.
+"""Generation for families that write images as VQ codes (Chameleon, Janus), KV-cached.
 
 The family's task says how prompt rows enter its model (`task.model_inputs`)
 and what its unconditional prompt is (`task.unconditional_prompt`: Chameleon
@@ -9,8 +9,8 @@ Modality-constrained decoding: outside an image the image codes (and the
 tokens only the generator writes: IMG, EOI, PAD) are masked out; after `BOI`
 only image codes may be sampled, exactly `slots` of them in raster order,
 then `EOI` is forced. Images use classifier-free guidance: each conditional
-row has an unconditional twin run in the same batch, and the code logits are `l_u + s·(l_c − l_u)`; then temperature /
-top-k / top-p over the codes. The codes go through the frozen VQ decoder.
+row has an unconditional twin run in the same batch, and the code logits are
+`l_u + s·(l_c − l_u)`; then temperature / top-k / top-p over the codes. The codes go through the frozen VQ decoder.
 
 `CodeImageGenerator.generate` is text→image (the prompt, then an image);
 `CodeTextGenerator` is `unimm.inference.text.TextGenerator` with this
