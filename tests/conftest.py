@@ -56,7 +56,8 @@ def embedded_spec(name: str, builder_config: str = ""):
 @pytest.fixture(scope="session")
 def shapes_vq(data_dir, tmp_path_factory):
   """A tiny shapes VQ tokenizer (8×8 codes) trained through the CLI for 300 steps, ending with its
-  evaluation on 100 test images (eval.json): its workdir."""
+  evaluation on 100 test images (eval.json): its workdir. Session fixtures are per xdist worker: tests
+  using it carry `xdist_group("shapes_vq")` (the suite runs with --dist loadgroup) so it trains once."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("vq_shapes"))

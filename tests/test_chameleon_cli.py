@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs every test of the shapes_vq tokenizer, so it is trained once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("shapes_vq")]
 
 
 def command(data_dir, workdir, vq_workdir, *args):

@@ -20,7 +20,7 @@ def test_inspect_mode_prints_checked_rows(data_dir, tmp_path):
   summary = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
   assert summary["batch_shape"] == [16, 512]
   assert summary["fill_ratio"] > 0.85 and summary["documents_per_row"] > 5
-  assert "doc 1 (" in out.stdout and "[image 1: 64 slots" in out.stdout
+  assert "doc 1 (" in out.stdout and "[image 1 (read): 64 slots" in out.stdout
   grid = Image.open(summary["images_png"])
   assert grid.size[0] == 8 * 64 + 7 * 2  # 8 images a row, 32 px upscaled ×2, 2 px gaps
 

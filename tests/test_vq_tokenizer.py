@@ -155,6 +155,7 @@ def test_lpips_matches_numpy(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("shapes_vq")  # the worker that trains it for the family CLI tests
 def test_trained_tiny_tokenizer_reconstructs_shapes(shapes_vq):
   """The tiny shapes tokenizer (8×8 codes) after 300 steps through the CLI, which ends by evaluating it.
   (Its config's 1500 steps reach 32.5 dB and full detector agreement: README.)"""
