@@ -208,6 +208,14 @@ def test_guided_codes_from_one_doubled_cached_batch_equal_two_separate_uncached_
       g = u + guidance * (c - u)
       assert TEXT_VOCAB + int(np.argmax(g[TEXT_VOCAB:])) == got[2 * i, s]
   np.testing.assert_array_equal(images, np.asarray(task.decode_codes(got)))
+  # Mid-text images (generate_mixed) get twins of their rows' prefix lengths, written to end where the
+  # rows' caches end: their logits equal the PAD prompts' uncached ones.
+  text_gen = codes.CodeTextGenerator(task, params, SPECIALS)
+  logits, _, lengths = text_gen._uncond_twins(np.array([5, 3]), 32, 12)  # pylint: disable=protected-access
+  assert lengths.tolist() == [5, 3]
+  for row, n in enumerate((5, 3)):
+    want = full_logits(task, params, [SPECIALS.bos] + [SPECIALS.pad] * (n - 2) + [SPECIALS.boi])
+    np.testing.assert_allclose(np.asarray(logits[row]), want, rtol=1e-4, atol=1e-4)
 
 
 def test_cached_captioning_reads_the_image_and_equals_uncached():
