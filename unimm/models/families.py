@@ -95,6 +95,14 @@ FAMILIES = {"transfusion": transfusion_task, "chameleon": chameleon_task, "janus
 CODE_FAMILIES = ("chameleon", "janus")  # families that write images as VQ codes
 
 
+def pretrained_parts(config) -> list[tuple[str, str, object]]:
+  """Parts of a fresh model that start from another run: (param path prefix, that run's checkpoints dir,
+  a function from its params to the part's). Janus: the SigLIP run's ViT (model.vision.checkpoint)."""
+  if config.model.family == "janus" and config.model.vision.checkpoint:
+    return [("vision_encoder", config.model.vision.checkpoint, janus.vision_params)]
+  return []
+
+
 def random_frozen_codec(config, seed: int = 0):
   """Randomly initialised params of the frozen image codec `config`'s family reads images with (None if
   it needs none): for benchmarks, compile-only runs and tests, where shapes and cost are what matter."""

@@ -24,7 +24,7 @@ import tqdm
 from unimm import imaging
 from unimm.data import documents, pipeline
 from unimm.inference import generators, placement, prompts as prompts_lib
-from unimm.models import chameleon, families, janus
+from unimm.models import chameleon, families
 from unimm.parallel import sharding
 from unimm.train import checkpoint, metrics as metrics_lib
 from unimm.train.setup import Setup, build, flops_per_token
@@ -63,14 +63,13 @@ def graft(params, source, prefix: str = ""):
 
 
 def start_params(config, params):
-  """A fresh run's params: pretrained parts its config names (Janus: the SigLIP run's ViT,
-  model.vision.checkpoint), then a previous stage's params (train.init_from) over them."""
+  """A fresh run's params: the pretrained parts its family names (`families.pretrained_parts`), then a
+  previous stage's params (train.init_from) over them."""
   total = len(jax.tree.leaves(params))
-  if config.model.family == "janus" and config.model.vision.checkpoint:
-    vision = janus.vision_params(
-        checkpoint.Checkpointer(config.model.vision.checkpoint, async_save=False).restore_params())
-    params, done = graft(params, vision, "vision_encoder")
-    logging.info("ViT: %d params from %s.", len(done), config.model.vision.checkpoint)
+  for prefix, directory, extract in families.pretrained_parts(config):
+    part = extract(checkpoint.Checkpointer(directory, async_save=False).restore_params())
+    params, done = graft(params, part, prefix)
+    logging.info("%s: %d params from %s.", prefix, len(done), directory)
   if config.train.init_from:
     previous = checkpoint.Checkpointer(config.train.init_from, async_save=False).restore_params()
     params, done = graft(params, previous)
