@@ -66,6 +66,7 @@ def base_config() -> mlc.ConfigDict:
   d.image_slots = grid * grid  # sequence slots per image: one per latent patch
   d.seq_len = 4096
   d.batch_size = 256  # global, split over processes
+  d.shards = 0  # data shards, each packed on its own (0: one per process); fixes the global batch across process counts
   d.max_images_per_row = 8
   d.caption_first_prob = 0.8
   d.caption_dropout = 0.1

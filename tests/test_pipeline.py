@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -59,6 +60,30 @@ def test_pipeline_resumes_exactly_with_orbax(shapes_config, tmp_path):
   fresh = pipeline.build_pipeline(shapes_config, "train")
   mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   assert_batches_equal([next(fresh) for _ in range(3)], want)
+
+
+def test_data_shards_fix_the_global_batch_across_process_counts(shapes_config, tmp_path):
+  """One process packing both data shards yields the rows two processes (one shard each) yield, stacked;
+  its state (both shards') saves with orbax and resumes exactly."""
+  shapes_config.data.batch_size = 4
+  shapes_config.data.shards = 2
+  per_process = [pipeline.build_pipeline(shapes_config, "train", index, 2) for index in range(2)]
+  both = pipeline.build_pipeline(shapes_config, "train", 0, 1)
+  for _ in range(3):
+    parts = [next(it) for it in per_process]
+    fields = packed.ROW_FIELDS + packed.IMAGE_FIELDS
+    assert_batches_equal([next(both)], [{k: np.concatenate([p[k] for p in parts]) for k in fields}])
+  assert parts[0]["tokens"].shape[0] == 2
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt")
+  mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(both)))
+  mngr.wait_until_finished()
+  want = [next(both) for _ in range(2)]
+  fresh = pipeline.build_pipeline(shapes_config, "train", 0, 1)
+  mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  assert_batches_equal([next(fresh) for _ in range(2)], want)
+  shapes_config.data.shards = 3
+  with pytest.raises(ValueError, match="does not split over 2 processes"):
+    pipeline.build_pipeline(shapes_config, "train", 0, 2)
 
 
 def test_pipeline_with_worker_processes_resumes(shapes_config):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,25 @@ def test_sigterm_saves_and_resumes(data_dir, tmp_path, uninterrupted):
   out = run(command(data_dir, workdir))
   assert out.returncode == 0, out.stderr[-4000:]
   assert f"Resumed from step {preempted_at}" in out.stderr
+  assert losses(workdir) == losses(uninterrupted)
+
+
+def test_a_checkpoint_never_committed_is_set_aside(data_dir, tmp_path, uninterrupted):
+  """A job that died while writing step 12 (no commit marker) and one that died in orbax's temporary
+  directory: the restart moves both aside and resumes from step 8, the last complete one."""
+  workdir = str(tmp_path / "died_saving")
+  shutil.copytree(uninterrupted, workdir)
+  root = os.path.join(workdir, "checkpoints")
+  os.remove(os.path.join(root, "12", "commit_success.txt"))
+  os.makedirs(os.path.join(root, "16.orbax-checkpoint-tmp-1700000000", "state"))
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  assert checkpoint.Checkpointer(root, async_save=False).latest_step() == 8  # readers skip it too
+  out = run(command(data_dir, workdir))
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "Resumed from step 8." in out.stderr and "was never committed" in out.stderr
+  assert sorted(n.split("-")[0] for n in os.listdir(os.path.join(root, "incomplete"))) == [
+      "12", "16.orbax"]
+  assert os.path.exists(os.path.join(root, "12", "commit_success.txt"))  # saved again, complete
   assert losses(workdir) == losses(uninterrupted)
 
 

@@ -47,6 +47,14 @@ _CODE_TOP_K = flags.DEFINE_integer("code_top_k", 0, "sample: top-k over image co
 _CODE_TOP_P = flags.DEFINE_float("code_top_p", 1.0, "sample: nucleus mass over image codes (1 = off).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "sample: diffusion sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0 "
+                                   "(with --num_processes, --process_id; unset: detected on SLURM/TPU/MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "auto: the flags above, else a detected cluster; on: let JAX detect it (TPU pods).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "multi-process: seconds without a heartbeat after "
+                                  "which a process counts as dead and every other one aborts.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 4, "inspect: batches to pack and measure.")
 _SHOW_ROWS = flags.DEFINE_integer("show_rows", 2, "inspect: rows to print.")
 
@@ -209,15 +217,26 @@ def main(argv):
   if _MODE.value == "inspect":
     inspect(config, _WORKDIR.value)
     return
+  if _MODE.value != "train" and (_COORDINATOR.value or _NUM_PROCESSES.value):
+    raise app.UsageError(f"--mode={_MODE.value} runs as one process; the multi-process flags are for training")
   if _MODE.value in ("sample", "eval"):
     (sample if _MODE.value == "sample" else evaluate)(config, _WORKDIR.value)
     return
+  from unimm.parallel import distributed  # pylint: disable=g-import-not-at-top
   from unimm.train import loop  # pylint: disable=g-import-not-at-top
+  multiprocess = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                        _HEARTBEAT.value, _DISTRIBUTED.value)
+  # Process 0 writes the embedded data first; then the others find it (shared storage) or write their own.
   if jax_process_index() == 0:
+    prepare(config)
+  distributed.barrier("prepared")
+  if jax_process_index() != 0:
     prepare(config)
   result = loop.train(config, _WORKDIR.value)
   print(json.dumps(result))
-  if int(config.train.final_eval_examples):
+  if int(config.train.final_eval_examples) and multiprocess:
+    logging.warning("Multi-process run: no final evaluation here; run --mode=eval as one process.")
+  elif int(config.train.final_eval_examples):
     evaluate(config, _WORKDIR.value, int(config.train.final_eval_examples),
              int(config.train.final_eval_diffusion_steps))
 

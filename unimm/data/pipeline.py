@@ -1,7 +1,7 @@
 """The input pipeline: sources → mixture → layout → packing → per-host batches.
 
 Per source: read (ArrayRecord through TFDS or `prepare`'s files), shuffle with
-the run's seed, take this host's disjoint shard (``[process_index::process_count]``),
+the run's seed, take each of this host's data shards (``[shard::shards]``, one or more per host),
 repeat (reshuffled each epoch) for training. Sources are mixed by weight
 (documents drawn in proportion), laid out with a per-element seeded RNG (so a
 restored iterator reproduces caption order and dropout), packed into rows of
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import grain
+import numpy as np
 
 from unimm.data import documents, layout, packing, sources
 from unimm.data.tokenizer import Tokenizer
@@ -50,6 +51,35 @@ class _SourceView(grain.transforms.Map):
     return element
 
 
+def _concatenate(batches: list):
+  if isinstance(batches[0], dict):
+    return {k: _concatenate([b[k] for b in batches]) for k in batches[0]}
+  return np.concatenate(batches)
+
+
+class _ShardsIterator(grain.DatasetIterator):
+  """Batches of several data shards side by side (rows of shard 0, then shard 1, ...)."""
+
+  def __init__(self, parents):
+    super().__init__(parents)
+
+  def __next__(self):
+    return _concatenate([next(p) for p in self._parents])
+
+  def get_state(self):
+    return {"shards": [p.get_state() for p in self._parents]}
+
+  def set_state(self, state):
+    for p, s in zip(self._parents, state["shards"], strict=True):
+      p.set_state(s)
+
+
+class _Shards(grain.IterDataset):
+
+  def __iter__(self):
+    return _ShardsIterator([iter(p) for p in self._parents])
+
+
 class _Layout(grain.transforms.RandomMap):
   """Lays out one document with the element's own RNG (picklable for workers)."""
 
@@ -62,9 +92,9 @@ class _Layout(grain.transforms.RandomMap):
     return layout.layout_document(element, self._tokenizer, self._opts, rng)
 
 
-def mixture(data_config, split: str, *, process_index: int, process_count: int, seed: int,
+def mixture(data_config, split: str, *, shard: int, shards: int, seed: int,
             num_epochs: int | None) -> grain.MapDataset:
-  """The weighted mixture of this host's shards of every source: `Document | Skipped`."""
+  """The weighted mixture of one data shard of every source: `Document | Skipped`."""
   names = sorted(data_config.sources.keys())
   if not names:
     raise ValueError("config.data.sources is empty; name at least one source.")
@@ -80,7 +110,7 @@ def mixture(data_config, split: str, *, process_index: int, process_count: int, 
       ds = ds.map(_SourceView(text_only, None if caption_first is None else float(caption_first)))
     if seed is not None:
       ds = ds.shuffle(seed=seed + 7919 * i)
-    ds = ds[process_index::process_count]
+    ds = ds[shard::shards]
     if num_epochs != 1:
       ds = ds.repeat(num_epochs)
     datasets.append(ds)
@@ -92,33 +122,54 @@ def mixture(data_config, split: str, *, process_index: int, process_count: int, 
 
 def build_dataset(config, split: str, process_index: int = 0, process_count: int = 1, *,
                   num_epochs: int | None = None, shuffle: bool = True,
-                  batch_size: int | None = None) -> grain.IterDataset:
+                  batch_size: int | None = None, shards: int | None = None) -> grain.IterDataset:
   """This host's dataset of packed batches (numpy dicts, see `unimm.data.packed`).
 
   `num_epochs=None` repeats forever (training); evaluation passes 1 and
   `shuffle=False`. `batch_size` is per host; it defaults to the global
   `config.data.batch_size` divided by `process_count`.
+
+  The documents are split into `shards` disjoint shards (default `config.data.shards`; 0: one per
+  process), each packed on its own into an equal part of the global batch; a process packs its consecutive shards
+  and stacks their rows. The global batch so depends on the shard count only, not on how many
+  processes share the shards: 1 process × 2 shards reads what 2 processes × 1 shard read.
   """
   d = config.data
+  shards = int(d.shards if shards is None else shards) or process_count
+  if shards % process_count:
+    raise ValueError(f"config.data.shards={shards} does not split over {process_count} processes; "
+                     "use a multiple of the process count (or 0: one shard per process).")
+  per_process = shards // process_count
   if batch_size is None:
-    if d.batch_size % process_count:
-      raise ValueError(f"config.data.batch_size={d.batch_size} does not split over {process_count} processes.")
+    if d.batch_size % shards:
+      raise ValueError(f"config.data.batch_size={d.batch_size} does not split into {shards} data shards "
+                       f"({process_count} processes).")
     batch_size = d.batch_size // process_count
+  if batch_size % per_process:
+    raise ValueError(f"per-process batch {batch_size} does not split over this process's {per_process} shards.")
+  parts = [_shard_batches(config, split, process_index * per_process + j, shards, num_epochs=num_epochs,
+                          shuffle=shuffle, batch_size=batch_size // per_process) for j in range(per_process)]
+  batches = parts[0] if per_process == 1 else _Shards(parts)
+  if int(d.worker_count) > 0:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.worker_count)))
+  return batches
+
+
+def _shard_batches(config, split: str, shard: int, shards: int, *, num_epochs: int | None, shuffle: bool,
+                   batch_size: int) -> grain.IterDataset:
+  """One data shard's packed batches."""
+  d = config.data
   tokenizer = load_tokenizer(d)
   opts = layout.LayoutOptions.from_config(d)
   seed = int(config.seed) if shuffle else None
-  docs = mixture(d, split, process_index=process_index, process_count=process_count,
-                 seed=seed, num_epochs=num_epochs)
-  fragments = docs.random_map(_Layout(tokenizer, opts), seed=int(config.seed))
+  docs = mixture(d, split, shard=shard, shards=shards, seed=seed, num_epochs=num_epochs)
+  fragments = docs.random_map(_Layout(tokenizer, opts), seed=int(config.seed) + 7907 * shard)
   it = fragments.to_iter_dataset(grain.ReadOptions(
       num_threads=int(d.read_threads), prefetch_buffer_size=int(d.read_prefetch)))
   rows = packing.PackIterDataset(
       it, seq_len=int(d.seq_len), max_images=int(d.max_images_per_row), image_shape=opts.image_shape,
       pad_id=tokenizer.specials.pad, num_bins=int(d.packing_bins))
-  batches = rows.batch(batch_size, drop_remainder=num_epochs is None)
-  if int(d.worker_count) > 0:
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.worker_count)))
-  return batches
+  return rows.batch(batch_size, drop_remainder=num_epochs is None)
 
 
 def build_pipeline(config, split: str, process_index: int = 0, process_count: int = 1,

@@ -201,7 +201,7 @@ def perplexity(task, params, config, max_batches: int, eoi: int) -> float:
     return ce, jnp.sum(w)
 
   total = count = 0.0
-  it = pipeline.build_pipeline(config, "validation", num_epochs=1, shuffle=False)
+  it = pipeline.build_pipeline(config, "validation", num_epochs=1, shuffle=False, shards=1)
   for b, batch in enumerate(it):
     if b >= max_batches:
       break

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 
 from absl import logging
@@ -25,7 +24,7 @@ from unimm import imaging
 from unimm.data import documents, pipeline
 from unimm.inference import generators, placement, prompts as prompts_lib
 from unimm.models import chameleon, families
-from unimm.parallel import sharding
+from unimm.parallel import distributed, sharding
 from unimm.train import checkpoint, metrics as metrics_lib
 from unimm.train.setup import Setup, build, flops_per_token
 
@@ -76,29 +75,6 @@ def start_params(config, params):
     logging.info("Started from %s: %d of %d params (the rest initialised fresh).", config.train.init_from,
                  len(done), total)
   return params
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def sample_prompts(config, tokenizer, count: int) -> list[str]:
@@ -170,7 +146,7 @@ def train(config, workdir: str) -> dict:
 
   data = pipeline.build_pipeline(config, "train", jax.process_index(), jax.process_count())
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints),
-                                 async_save=bool(t.async_checkpoints))
+                                 async_save=bool(t.async_checkpoints), set_aside_incomplete=True)
   start = ckpt.latest_step()
   if start is None:
     state = setup.init(jax.random.key(int(config.seed)))
@@ -188,7 +164,7 @@ def train(config, workdir: str) -> dict:
   last = {}
   bar = tqdm.tqdm(total=int(t.num_steps), initial=start, disable=not lead, dynamic_ncols=True, desc="train")
   step = start
-  with _Preemption() as preemption:
+  with distributed.Preemption() as preemption:
     while step < int(t.num_steps):
       local = next(data)
       stats = local.pop("stats")
@@ -224,9 +200,10 @@ def train(config, workdir: str) -> dict:
         write_samples(setup, config, state, tokenizer, step, workdir, writer)
       if int(t.eval_every) and step % int(t.eval_every) == 0:
         run_eval(setup, config, state, tokenizer, step, writer)
-      if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps) or preemption.requested:
+      preempted = preemption.reached(step)  # every process agrees on the step
+      if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps) or preempted:
         ckpt.save(step, state, data)
-      if preemption.requested:
+      if preempted:
         logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
         break
   bar.close()

@@ -1,0 +1,50 @@
+"""What the launchers share: the unimm command every host runs, shell quoting, dry runs."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+
+def unimm_args(rest: list[str]) -> list[str]:
+  """The arguments after `--`: the unimm command line (--config=… --workdir=… and overrides)."""
+  if rest and rest[0] == "--":
+    rest = rest[1:]
+  if not any(a.startswith("--config=") for a in rest):
+    raise SystemExit("after `--`, give the unimm arguments: -- --config=FILE --workdir=DIR [--config.x=y ...]")
+  return rest
+
+
+def flag_value(args: list[str], name: str) -> str | None:
+  """The value of `--name=value` in `args` (the last one wins, as absl reads it)."""
+  values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+  return values[-1] if values else None
+
+
+def require_shared_workdir(args: list[str], what: str) -> str:
+  """The run's workdir, which every host must reach: a bucket (gs://, s3://) or a shared mount, never /tmp."""
+  workdir = flag_value(args, "workdir")
+  if not workdir:
+    raise SystemExit("--workdir=DIR is required; on several hosts it must be shared storage (gs://… or an NFS path)")
+  if workdir.startswith("/tmp") or not (workdir.startswith(("gs://", "s3://")) or workdir.startswith("/")):
+    raise SystemExit(f"--workdir={workdir} is not shared storage: every host of {what} writes its checkpoint "
+                     "shards there and must read the same files on restart; use gs://BUCKET/… or a shared mount.")
+  return workdir
+
+
+def python_command(args: list[str], python: str = "python3") -> str:
+  return shlex.join([python, "-m", "unimm.main", *args])
+
+
+def run_commands(commands: list[str], dry_run: bool) -> int:
+  """Prints each command (dry run) or runs them in turn, stopping at the first failure."""
+  for command in commands:
+    print(command, flush=True)
+    if dry_run:
+      continue
+    code = subprocess.call(command, shell=True)
+    if code:
+      print(f"failed with exit code {code}: {command}", file=sys.stderr)
+      return code
+  return 0

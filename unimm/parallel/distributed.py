@@ -1,0 +1,108 @@
+"""The multi-controller runtime: one process per host (or per GPU), joined by `jax.distributed`.
+
+    initialize(coordinator_address, num_processes, process_id)  # before any other JAX call
+
+Explicit arguments win; otherwise a cluster JAX detects itself (SLURM with more than one task,
+Open MPI, GKE/XPK through `JAX_COORDINATOR_ADDRESS`; TPU pods pass mode="on") starts it; otherwise
+the run is one process.
+Losing a process is fatal for all: the coordination service notices the missing heartbeats and every
+survivor aborts with "the JAX distributed service detected fatal errors" after `heartbeat_timeout_s`,
+instead of hanging in a collective. The launcher (or the scheduler) restarts all of them and the run
+resumes from its last complete checkpoint.
+
+SIGTERM (preemption) reaches one host first; `Preemption.reached(step)` turns it into one agreed step
+on every host (JAX's preemption sync point), so all hosts save the same step and exit together.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from absl import logging
+import jax
+
+# Environment variables by which a scheduler says that this is one task of several.
+_CLUSTER_SIGNS = {
+    "SLURM": lambda env: int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env,
+    "Open MPI": lambda env: int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1,
+    "JAX_COORDINATOR_ADDRESS": lambda env: "JAX_COORDINATOR_ADDRESS" in env,
+}
+
+
+def detected_cluster(env=None) -> str | None:
+  """The scheduler whose multi-task environment this process runs in, or None (one process)."""
+  env = os.environ if env is None else env
+  return next((name for name, sign in _CLUSTER_SIGNS.items() if sign(env)), None)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, heartbeat_timeout_s: int = 100, mode: str = "auto") -> bool:
+  """Joins the multi-process runtime when asked or detected; returns whether this run is multi-process.
+
+  `mode`: auto (explicit arguments, else a detected cluster, else one process), on (JAX detects the
+  cluster; what the TPU pod launcher passes, as TPU VMs say their topology through metadata), off.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"distributed mode {mode!r}: use auto, on or off")
+  if mode == "off":
+    return False
+  explicit = [coordinator_address, num_processes, process_id]
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ValueError("multi-process flags go together: --coordinator_address=HOST:PORT --num_processes=N "
+                       f"--process_id=I (got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    if num_processes == 1:
+      return False
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
+  elif mode == "on" or (cluster := detected_cluster()) is not None:
+    logging.info("Joining the JAX distributed runtime (%s).", "asked" if mode == "on" else f"{cluster} job")
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
+  else:
+    return False
+  logging.info("Process %d of %d; %d local of %d devices.", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return True
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+class Preemption:
+  """Whether to save and stop after this step. One process: a SIGTERM flag. Several: JAX's preemption
+  sync point, at which every process answers True at the same step once any of them got SIGTERM
+  (its handler is installed by `jax.distributed.initialize`; a Python handler here would replace it)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._multiprocess = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self._multiprocess:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
