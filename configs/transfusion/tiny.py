@@ -5,6 +5,9 @@
 
 `:shapes_vae` diffuses in the latent space of a KL-VAE trained with
 configs/vae/shapes.py (pass --config.model.autoencoder.checkpoint=VAE_WORKDIR/checkpoints).
+
+Sweeps (`get_sweep`; launch/sweep.py --config=configs/transfusion/tiny.py --sweep=NAME):
+`prediction` (ε vs v, the choice the demo made), `lr` (1e-3, 3e-3, 1e-2).
 """
 
 from configs import common
@@ -46,3 +49,12 @@ def get_config(arg=None):
   t.final_eval_examples = 100  # the demo ends by evaluating (about a minute) and printing the metrics
   t.final_eval_diffusion_steps = 50
   return c
+
+
+def get_sweep(name=None):
+  """The ablations around the demo's choices: a list of override sets (keys as in --config.KEY)."""
+  if name == "prediction":
+    return [{"model.prediction": p} for p in ("epsilon", "v")]
+  if name == "lr":
+    return [{"train.learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)]
+  raise ValueError(f"tiny.py's sweeps: --sweep=prediction or --sweep=lr, got {name!r}")
