@@ -33,7 +33,9 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "tensorboard>=2.15",
-                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.0", "matplotlib>=3.7"],
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.0", "matplotlib>=3.7",
+                 "jax[tpu]"],  # libtpu's compiler: --mode=compile for TPU slices, no TPU needed
+        "tpu": ["jax[tpu]"],
     },
     entry_points={
         "console_scripts": [

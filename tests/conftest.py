@@ -4,6 +4,10 @@ import os
 
 import pytest
 
+# Tests run on the CPU; with libtpu installed (the test extras bring it for --mode=compile), JAX would
+# otherwise try to start a TPU backend in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,8 @@
-"""Run as a script (8 fake CPU devices): one train step on a data×fsdp×tensor mesh vs one device.
+"""Run as a script (8 fake CPU devices): three train steps under each sharding strategy vs one device.
 
-    python tests/sharded_step_check.py DATA_DIR [GRAD_ACCUM [FAMILY]]  → prints JSON
+    python tests/sharded_step_check.py DATA_DIR [GRAD_ACCUM [FAMILY [STRATEGY,...]]]  → prints JSON
+
+STRATEGY: a name in STRATEGIES (the mesh that selects it; default fsdp_tp).
 
 FAMILY: transfusion (default), chameleon (with a randomly initialised frozen VQ tokenizer) or janus
 (stage II: the ViT frozen, so the optimiser state covers part of the params).
@@ -23,7 +25,18 @@ from unimm.parallel import sharding  # pylint: disable=wrong-import-position
 from unimm.train import setup as setup_lib  # pylint: disable=wrong-import-position
 
 
-def run(config, mesh_sizes, devices, batch, frozen_codec=None):
+# Each strategy is a mesh shape: the logical rules are fixed, the axes' sizes choose what is split.
+STRATEGIES = {
+    "dp": dict(data=8, fsdp=1, tensor=1, sequence=1),  # params replicated, batch split
+    "fsdp": dict(data=1, fsdp=8, tensor=1, sequence=1),  # ZeRO-3: params and optimiser state split on embed
+    "tp": dict(data=2, fsdp=1, tensor=4, sequence=1),  # heads, MLP hidden and vocabulary split
+    "fsdp_tp": dict(data=2, fsdp=2, tensor=2, sequence=1),
+    "sp": dict(data=2, fsdp=1, tensor=1, sequence=4),  # activations' length split (long rows)
+    "fsdp_tp_sp": dict(data=1, fsdp=2, tensor=2, sequence=2),
+}
+
+
+def run(config, mesh_sizes, devices, batch, frozen_codec=None, compiled=False):
   metrics2 = None
   config.mesh.update(mesh_sizes)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -31,18 +44,21 @@ def run(config, mesh_sizes, devices, batch, frozen_codec=None):
   state = setup.init(jax.random.key(0))
   init = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
           for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
-  specs = {jax.tree_util.keystr(p): str(x.sharding.spec)
+  # What each device holds of each parameter (the spec names mesh axes even where their size is 1).
+  specs = {jax.tree_util.keystr(p): [list(x.shape), list(x.sharding.shard_shape(x.shape)), str(x.sharding.spec)]
            for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  global_batch = sharding.global_batch(batch, mesh)
+  activations = setup.lower(state, global_batch, jax.random.key(1)).compile().as_text() if compiled else None
   # Step 0 has learning rate 0 (warm-up); steps 1 and 2 move the parameters.
   for _ in range(3):
-    state, metrics = setup.step(state, sharding.global_batch(batch, mesh), jax.random.key(1))
+    state, metrics = setup.step(state, global_batch, jax.random.key(1))
     metrics = jax.device_get(metrics)  # block each step (fake devices)
     if metrics2 is None:
       metrics2 = metrics
   params = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
             for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   update = max(float(np.abs(params[k] - init[k]).max()) for k in params)
-  return metrics, metrics2, params, specs, update
+  return metrics, metrics2, params, specs, update, activations
 
 
 def family_config(data_dir: str, family: str):
@@ -66,16 +82,24 @@ def main():
   config.train.grad_accum_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1
   batch = next(pipeline.build_pipeline(config, "train"))
   batch.pop("stats")
-  m1, m1b, p1, _, update = run(config, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1], batch, frozen)
-  m8, m8b, p8, specs, _ = run(config, dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices(), batch, frozen)
-  out = {
-      "metrics_1": {k: float(v) for k, v in m1.items()}, "metrics_8": {k: float(v) for k, v in m8.items()},
-      "metrics2_1": {k: float(v) for k, v in m1b.items()}, "metrics2_8": {k: float(v) for k, v in m8b.items()},
-      "max_param_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),
-      "worst_param": max(p1, key=lambda k: float(np.abs(p1[k] - p8[k]).max())),
-      "max_update": update,
-      "specs": specs, "devices": jax.device_count(),
-  }
+  strategies = sys.argv[4].split(",") if len(sys.argv) > 4 else ["fsdp_tp"]
+  m1, m1b, p1, _, update, _ = run(config, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1], batch, frozen)
+  out = {"metrics_1": {k: float(v) for k, v in m1.items()}, "metrics2_1": {k: float(v) for k, v in m1b.items()},
+         "max_update": update, "devices": jax.device_count(), "strategies": {}}
+  for name in strategies:
+    mesh = STRATEGIES[name]
+    m8, m8b, p8, specs, _, hlo = run(config, dict(mesh), jax.devices(), batch, frozen, compiled=mesh["sequence"] > 1)
+    out["strategies"][name] = {
+        "metrics_8": {k: float(v) for k, v in m8.items()}, "metrics2_8": {k: float(v) for k, v in m8b.items()},
+        "max_param_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),
+        "worst_param": max(p1, key=lambda k: float(np.abs(p1[k] - p8[k]).max())),
+        "specs": specs,
+    }
+    if hlo is not None:  # the per-device shape of the residual stream [batch, length, dim] in the compiled step
+      rows, length, dim = batch["tokens"].shape[0], batch["tokens"].shape[1], config.model.backbone.dim
+      local = f"f32[{rows // (mesh['data'] * mesh['fsdp'])},{length // mesh['sequence']},{dim}]"
+      out["strategies"][name]["local_residual_shape"] = local
+      out["strategies"][name]["local_residual_ops"] = hlo.count(local + "{")
   print("RESULT " + json.dumps(out))
 
 

@@ -1,4 +1,5 @@
-"""One train step on 8 fake CPU devices (data × fsdp × tensor) equals the 1-device step."""
+"""Three train steps under each sharding strategy on 8 fake CPU devices equal the 1-device steps, and the
+parameters are split as the strategy's mesh and the logical rules say."""
 
 import json
 import os
@@ -10,36 +11,54 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_check(data_dir, accum, family):
-  out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), data_dir, str(accum), family],
-                       capture_output=True, text=True, timeout=600)
+def run_check(data_dir, accum, family, strategies):
+  out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), data_dir, str(accum), family,
+                        ",".join(strategies)], capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.split("RESULT ", 1)[1])
 
 
+def split(specs, *words):
+  """How many ways each axis of the one param whose path holds every word is split across devices."""
+  found = [v for k, v in specs.items() if all(w in k for w in words)]
+  assert len(found) == 1, (words, sorted(specs))
+  shape, local, _ = found[0]
+  return tuple(g // l for g, l in zip(shape, local))
+
+
+# What each strategy's mesh and the rules split (8 devices): the MLP's up kernel [layers, embed, mlp],
+# the query kernel [layers, embed, heads, head_dim] and the embedding [vocab, embed].
+UP, Q, EMBED = ("decoder", "up", "kernel"), ("decoder", "'q'", "kernel"), ("['embed']['embedding']",)
+EXPECTED = {
+    "dp": {UP: (1, 1, 1), EMBED: (1, 1)},  # replicated
+    "fsdp": {UP: (1, 8, 1), Q: (1, 8, 1, 1), EMBED: (1, 8)},
+    "tp": {UP: (1, 1, 4), Q: (1, 1, 4, 1), EMBED: (4, 1)},
+    "fsdp_tp": {UP: (1, 2, 2), Q: (1, 2, 2, 1), EMBED: (2, 2)},
+    "sp": {UP: (1, 1, 1)},  # params replicated; activations split along the length
+    "fsdp_tp_sp": {UP: (1, 2, 2), EMBED: (2, 2)},
+}
+
+
 @pytest.mark.slow
-# Janus (stage II: the ViT frozen) with gradient accumulation: accumulation, freezing and sharding together.
-@pytest.mark.parametrize("accum,family", [(1, "transfusion"), (2, "janus")])
-def test_sharded_step_equals_single_device(data_dir, accum, family):
-  r = run_check(data_dir, accum, family)
-  assert r["devices"] == 8
-  parts = ("diffusion_loss",) if family == "transfusion" else ("text_loss", "image_loss")
-  for key in ("metrics_1", "metrics2_1"):
-    one, eight = r[key], r[key.replace("_1", "_8")]
-    for name in ("loss", "lm_loss", *parts, "grad_norm"):
-      assert abs(one[name] - eight[name]) <= 1e-4 * max(1.0, abs(one[name])), (key, name, one[name], eight[name])
+# Transfusion under every strategy; Janus (stage II: the ViT frozen) with gradient accumulation under FSDP × TP:
+# accumulation, freezing and sharding together.
+@pytest.mark.parametrize("accum,family,strategies", [(1, "transfusion", tuple(EXPECTED)), (2, "janus", ("fsdp_tp",))])
+def test_sharded_step_equals_single_device(data_dir, accum, family, strategies):
+  r = run_check(data_dir, accum, family, strategies)
+  assert r["devices"] == 8 and sorted(r["strategies"]) == sorted(strategies)
   assert r["max_update"] > 1e-3  # the steps really moved the parameters…
-  # …identically on both meshes, up to reduction order (Adam's normalised steps turn gradient rounding on
-  # near-zero gradients into ~1e-3 of a step: Janus's key projections reach 4e-5 after three 2e-2 steps).
-  assert r["max_param_diff"] < 5e-3 * r["max_update"], (r["max_param_diff"], r["worst_param"])
-  specs = r["specs"]
-  # Parameters really are sharded as the rules say.
-  mlp_up = next(v for k, v in specs.items() if "up" in k and "kernel" in k)
-  assert "fsdp" in mlp_up and "tensor" in mlp_up, mlp_up
-  embed = next(v for k, v in specs.items() if "embedding" in k)
-  assert "tensor" in embed and "fsdp" in embed, embed
-  q = next(v for k, v in specs.items() if "'q'" in k and "kernel" in k)
-  assert "tensor" in q, q
-  if family == "janus":  # the ViT (frozen in stage II) is sharded by the same rules
-    vit_mlp = next(v for k, v in specs.items() if "vision_encoder" in k and "fc1" in k and "kernel" in k)
-    assert "fsdp" in vit_mlp and "tensor" in vit_mlp, vit_mlp
+  parts = ("diffusion_loss",) if family == "transfusion" else ("text_loss", "image_loss")
+  for name, got in r["strategies"].items():
+    for key in ("metrics", "metrics2"):
+      one, eight = r[f"{key}_1"], got[f"{key}_8"]
+      for metric in ("loss", "lm_loss", *parts, "grad_norm"):
+        assert abs(one[metric] - eight[metric]) <= 1e-4 * max(1.0, abs(one[metric])), (name, key, metric)
+    # …identically on both meshes, up to reduction order (Adam's normalised steps turn gradient rounding on
+    # near-zero gradients into ~1e-3 of a step: Janus's key projections reach 4e-5 after three 2e-2 steps).
+    assert got["max_param_diff"] < 5e-3 * r["max_update"], (name, got["max_param_diff"], got["worst_param"])
+    for words, ways in EXPECTED[name].items():
+      assert split(got["specs"], *words) == ways, (name, words, split(got["specs"], *words))
+    if "sp" in name.split("_"):  # the compiled step's residual stream holds 1/sequence of each row per device
+      assert got["local_residual_ops"] > 10, (name, got["local_residual_shape"])
+  if family == "janus":  # the ViT (frozen in stage II) is sharded by the same rules: [layers, width, mlp]
+    assert split(r["strategies"]["fsdp_tp"]["specs"], "vision_encoder", "fc1", "kernel")[-2:] == (2, 2)

@@ -16,6 +16,10 @@ Modes:
   sample    run --prompts=FILE (JSON lines) with the workdir's latest
             checkpoint; write --out=DIR/manifest.jsonl and PNGs
             (see unimm/inference/requests.py for the contract).
+  compile   lower and compile the train step ahead of time for --topology
+            (a TPU slice through libtpu, or fake CPU devices standing in for
+            GPUs) and print its per-device memory, FLOPs and collectives;
+            writes WORKDIR/compile.json when --workdir is given.
 Overrides: ``--config.data.seq_len=512``; variants: ``--config=FILE:digits``.
 """
 
@@ -31,7 +35,9 @@ import numpy as np
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (FILE[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval", "compile"], "What to do.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile: the target (v5p-256, v5p:4x4x8, h100:64, cpu:8); "
+                                "see unimm/train/compile.py.")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 200, "eval: test examples per task.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "sample: JSON-lines requests.")
 _OUT = flags.DEFINE_string("out", None, "sample: output directory.")
@@ -199,6 +205,27 @@ def sample(config, workdir: str) -> list[dict]:
   return manifest
 
 
+def compile_step(config, workdir: str | None) -> dict:
+  """--mode=compile: the train step compiled for --topology, without that hardware (see unimm/train/compile.py)."""
+  if not _TOPOLOGY.value:
+    raise app.UsageError("--mode=compile needs --topology (v5p-256, v5p:4x4x8, h100:64, cpu:8)")
+  import jax  # pylint: disable=g-import-not-at-top
+  from unimm.train import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  _, physical, count = compile_lib.parse_topology(_TOPOLOGY.value)
+  if physical == "cpu":
+    jax.config.update("jax_num_cpu_devices", count)  # before the CPU backend starts
+  else:
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling touches no chip
+  report = compile_lib.compile_train_step(config, _TOPOLOGY.value)
+  text = json.dumps(report, indent=1)
+  print(text)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "compile.json"), "w") as f:
+      f.write(text + "\n")
+  return report
+
+
 def jax_process_index() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index()
@@ -211,6 +238,9 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/transfusion/tiny.py")
   if _MODE.value == "prepare":
     prepare(config)
+    return
+  if _MODE.value == "compile":
+    compile_step(config, _WORKDIR.value)
     return
   if not _WORKDIR.value:
     raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")

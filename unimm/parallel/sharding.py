@@ -10,6 +10,16 @@ their sizes (-1 = the rest of the devices). Modules name their axes logically
 * tensor parallelism: attention heads, the MLP hidden axis and the vocabulary
   over ``tensor``;
 * sequence: activations' length over ``sequence`` (long rows).
+
+A strategy is a mesh shape (`config.mesh`); the rules stay the same:
+
+  data parallel        mesh.data=-1                     params replicated
+  FSDP (ZeRO-3)        mesh.fsdp=-1                     params + optimiser state split on `embed`
+  tensor parallel      mesh.tensor=k (k | heads)        heads, MLP hidden, vocabulary split
+  sequence parallel    mesh.sequence=k (k | seq_len)    activations split along the row
+  combinations         e.g. data=-1, fsdp=16, tensor=4  (what docs/scaling.md compiles at 7B)
+
+tests/test_sharded_step.py checks each against one device on 8 fake devices.
 """
 
 from __future__ import annotations

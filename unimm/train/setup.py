@@ -30,6 +30,7 @@ class Setup:
   abstract_state: Any  # unboxed ShapeDtypeStructs carrying the shardings (for restore)
   init: Callable  # rng → sharded TrainState
   step: Callable  # (state, global batch, rng) → (state, metrics), jitted and donating
+  lower: Callable  # the same arguments, abstract or concrete → jax Lowered (`.compile()`: ahead of time)
   matmul_params: int
   total_params: int
 
@@ -50,8 +51,9 @@ def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
   def init_boxed(rng, batch):  # the batch is an argument so tracing never sees constants
     return step_lib.init_state(task, optimizer, rng, batch, partition)
 
+  key = jax.random.key(0)  # made outside the mesh: a compile-only mesh (TPU topology) has no live devices
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0), init_batch)
+    abstract_boxed = jax.eval_shape(init_boxed, key, init_batch)
     state_sharding = sharding.logical_shardings(abstract_boxed, mesh, rules)
   partition.check(abstract_boxed.params)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -69,6 +71,10 @@ def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jitted(state, batch, rng)
 
+  def lower(state, batch, rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted.lower(state, batch, rng)
+
   def run_init(rng):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return init(rng, init_batch)
@@ -79,7 +85,7 @@ def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
   embedding = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
                   if any(k in jax.tree_util.keystr(path) for k in ("embedding", "gen_embed", "vision_encoder")))
   return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
-               init=run_init, step=run_step, matmul_params=total - embedding, total_params=total)
+               init=run_init, step=run_step, lower=lower, matmul_params=total - embedding, total_params=total)
 
 
 def flops_per_token(setup: Setup, config) -> float:

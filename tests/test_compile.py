@@ -1,0 +1,78 @@
+"""--mode=compile: the train step compiled ahead of time for a mesh this machine does not have."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from unimm.train import compile as compile_lib
+
+
+def compile_report(tmp_path, *args):
+  out = subprocess.run([sys.executable, "-m", "unimm.main", "--mode=compile", f"--workdir={tmp_path}", *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  report = json.load(open(os.path.join(tmp_path, "compile.json")))
+  assert json.loads(out.stdout[out.stdout.index("{"):]) == report
+  return report
+
+
+def test_topologies_parse_to_chips_and_physical_shapes():
+  assert compile_lib.parse_topology("v5p-256") == ("v5p", "v5p:4x4x8", 128)
+  assert compile_lib.parse_topology("v4-128") == ("v4", "v4:4x4x4", 64)
+  assert compile_lib.parse_topology("v5e-256") == ("v5e", "v5e:16x16", 256)
+  assert compile_lib.parse_topology("v5p:2x2x1") == ("v5p", "v5p:2x2x1", 4)
+  assert compile_lib.parse_topology("h100:64") == ("h100", "cpu", 64)
+  with pytest.raises(ValueError, match="use a TPU slice"):
+    compile_lib.parse_topology("tpu-9000")
+
+
+def test_collectives_are_counted_from_hlo_text():
+  hlo = """
+  %all-gather-start.3 = (bf16[4,128]{1,0}, /*index=1*/bf16[16,128]{1,0}) all-gather-start(bf16[4,128]{1,0} %p)
+  %all-gather-done.3 = bf16[16,128]{1,0} all-gather-done(%all-gather-start.3)
+  %all-reduce.1 = f32[1024]{0} all-reduce(f32[1024]{0} %g), to_apply=%add
+  %reduce-scatter.2 = bf16[8,64]{1,0} reduce-scatter(bf16[32,64]{1,0} %h), dimensions={0}
+  %x = f32[8]{0} add(f32[8] %a, f32[8] %b)"""
+  assert compile_lib.collectives(hlo) == {
+      "all-gather": {"count": 1, "bytes": 16 * 128 * 2}, "all-reduce": {"count": 1, "bytes": 4096},
+      "reduce-scatter": {"count": 1, "bytes": 8 * 64 * 2}}
+
+
+@pytest.mark.slow
+def test_compile_for_eight_fake_devices_reports_memory_flops_and_collectives(data_dir, tmp_path):
+  r = compile_report(tmp_path, "--config=configs/transfusion/tiny.py", "--topology=cpu:8",
+                     f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small",
+                     "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+  assert r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
+  assert r["rows_per_device"] == 16 / 4 and r["compiler"] == "XLA:CPU (proxy)"
+  memory, params = r["memory_per_device_gib"], r["config"]["params"]
+  # The state is split 4 ways at least (fsdp × tensor on the big matrices): params and two Adam moments in f32.
+  state = 3 * 4 * params / 2**30
+  assert state / 8 < memory["arguments"] < state / 2, (memory["arguments"], state)
+  assert memory["aliased"] > 0.9 * state / 8  # the donated state is updated in place
+  assert memory["total"] == pytest.approx(memory["arguments"] + memory["outputs"] + memory["temporaries"]
+                                          - memory["aliased"])
+  # XLA's count of the partitioned program's FLOPs, times 8 devices, is the model's 6N + attention count
+  # within what the counting leaves out (norms, softmax, the patch layers) or adds (no remat here).
+  ratio = r["xla_flops_per_device"] * 8 / r["model_flops_per_step"]
+  assert 0.8 < ratio < 1.5, ratio
+  # FSDP gathers parameters; gradients are reduced.
+  assert r["collectives"]["all-gather"]["count"] > 0 and r["collectives"]["all-reduce"]["count"] > 0
+
+
+@pytest.mark.slow
+def test_compile_for_a_tpu_slice_with_libtpu(data_dir, tmp_path):
+  r = compile_report(tmp_path, "--config=configs/transfusion/tiny.py", "--topology=v5p-8",
+                     f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small",
+                     "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.backbone.dtype=bfloat16")
+  assert r["compiler"].startswith("XLA:TPU") and r["devices"] == 4 and r["mesh"]["fsdp"] == 4
+  assert r["device_memory_gib"] == 95 and r["fits"] is True
+  assert r["step_seconds_at_50pct_mfu"] == pytest.approx(r["model_flops_per_step"] / (4 * 459e12 * 0.5))
+  assert r["collectives"]["all-gather"]["count"] > 0
+  assert 0.5 < r["xla_flops_per_device"] * 4 / r["model_flops_per_step"] < 2.0
+  np.testing.assert_array_less(0, [r["memory_per_device_gib"][k] for k in ("arguments", "temporaries")])

@@ -1,0 +1,158 @@
+"""The train step compiled ahead of time for a target mesh, without that hardware.
+
+    python -m unimm.main --mode=compile --config=configs/transfusion/7b.py --topology=v5p-256
+    python -m unimm.main --mode=compile --config=configs/transfusion/7b.py --topology=h100:64
+
+A topology is a TPU slice (`v5p-256`, `v4-128`, `v5e-256`, `v6e-256`, or `v5p:4x4x8`), compiled by
+libtpu's compiler through `jax.experimental.topologies` (needs `pip install libtpu`, no TPU), or N
+fake CPU devices standing in for GPUs (`h100:64`, `cpu:8`; XLA:CPU's SPMD partitioning and buffer
+assignment of the same program: its memory figures are a proxy — CPU keeps some bf16 math in f32
+and fuses differently). What it prints (JSON): the mesh, per-device batch, remat policy, XLA's
+memory analysis per device (arguments, outputs, temporaries, and their sum less donated aliases)
+against the device's memory, XLA's FLOPs per step per device, the model FLOPs per step (6N + attention,
+as the trainer counts them), the step time those take at 50% MFU, and the collectives in the
+compiled program (count and bytes by kind).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+GiB = 2**30
+# Per chip: memory (bytes) and peak dense bf16 FLOP/s (vendor figures).
+HARDWARE = {
+    "v4": (32 * GiB, 275e12), "v5p": (95 * GiB, 459e12), "v5e": (16 * GiB, 197e12), "v6e": (32 * GiB, 918e12),
+    "h100": (80 * GiB, 989e12), "h200": (141 * GiB, 989e12), "a100": (80 * GiB, 312e12), "cpu": (None, None),
+}
+# Chips of a TPU slice name → physical topology (v4/v5p names count TensorCores, two per chip).
+_TPU_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+           512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_TPU_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+                "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+def parse_topology(topology: str) -> tuple[str, str, int]:
+  """'v5p-256' → ('v5p', 'v5p:4x4x8', 128 chips); 'h100:64' → ('h100', 'cpu', 64)."""
+  if ":" in topology and topology.split(":")[0] in ("cpu", "h100", "h200", "a100"):
+    kind, count = topology.split(":")
+    return kind, "cpu", int(count)
+  if ":" in topology:  # an explicit physical topology, e.g. v5p:4x4x8
+    kind, shape = topology.split(":")
+    return kind, topology, int(np.prod([int(x) for x in shape.split("x")]))
+  match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", topology)
+  if not match:
+    raise ValueError(f"--topology={topology}: use a TPU slice (v5p-256, v4-128, v5e-256, v6e-256, v5p:4x4x8) "
+                     "or fake CPU devices for N GPUs (h100:64, cpu:8)")
+  kind, n = ("v5e" if match.group(1) == "v5litepod" else match.group(1)), int(match.group(2))
+  chips = n // 2 if kind in ("v4", "v5p") else n
+  table = _TPU_3D if kind in ("v4", "v5p") else _TPU_2D
+  if chips not in table:
+    raise ValueError(f"--topology={topology}: no known physical shape for {chips} chips; give it as {kind}:AxBxC")
+  return kind, f"{kind}:{table[chips]}", chips
+
+
+def target_devices(topology: str) -> tuple[str, list]:
+  """(chip kind, the devices to build the mesh from) for `topology`."""
+  kind, physical, count = parse_topology(topology)
+  if physical == "cpu":
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+      raise ValueError(f"--topology={topology} needs {count} CPU devices, there are {len(devices)}: set "
+                       f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before JAX starts "
+                       "(--mode=compile does this itself when it runs first)")
+    return kind, devices[:count]
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # Compiling touches no chip: let several compile-only processes load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    description = topologies.get_topology_desc(topology_name=physical, platform="tpu")
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f"--topology={topology} needs libtpu's compiler (pip install libtpu; no TPU needed): {e}")
+  return kind, list(description.devices)
+
+
+def collectives(hlo: str) -> dict:
+  """{kind: {count, bytes}} of the collective ops in compiled HLO text; an op's bytes are its largest
+  array (the gathered result of an all-gather, the input of a reduce-scatter), async starts counted once."""
+  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  opcode = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+  for line in hlo.splitlines():
+    if " = " not in line:
+      continue
+    result = line.split(" = ", 1)[1]
+    match = opcode.search(result)
+    if not match:
+      continue
+    sizes = [_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+             for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", result[:match.start()]) if dtype in _DTYPE_BYTES]
+    out[match.group(1)]["count"] += 1
+    out[match.group(1)]["bytes"] += max(sizes, default=0)
+  return dict(out)
+
+
+def compile_train_step(config, topology: str) -> dict:
+  """Lowers and compiles `config`'s train step for `topology`; returns the report (see the module doc)."""
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unimm.models import families  # pylint: disable=g-import-not-at-top
+  from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from unimm.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  kind, devices = target_devices(topology)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  vocab = int(config.model.vocab_size) or pipeline.load_tokenizer(config.data).vocab_size
+  # Frozen codecs (VAE, VQ) with random weights: their shapes and cost are what compiling needs.
+  codec = families.random_frozen_codec(config)
+  setup = setup_lib.build(config, mesh, vocab, codec)
+  rows, length = int(config.data.batch_size), int(config.data.seq_len)
+  batch = setup.task.dummy_batch(rows, length, setup_lib.image_shape(config))
+  batch_sharding = sharding.batch_sharding(mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sharding)
+                    for k, v in batch.items()}
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  t0 = time.time()
+  lowered = setup.lower(setup.abstract_state, abstract_batch, rng)
+  t1 = time.time()
+  compiled = lowered.compile()
+  t2 = time.time()
+  logging.info("Lowered in %.0fs, compiled in %.0fs.", t1 - t0, t2 - t1)
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  device_memory, peak = HARDWARE.get(kind, (None, None))
+  per_device = {
+      "arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+      "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes,
+      "generated_code": memory.generated_code_size_in_bytes,
+  }
+  per_device["total"] = (per_device["arguments"] + per_device["outputs"] + per_device["temporaries"]
+                         - per_device["aliased"])
+  tokens = rows * length
+  model_flops = setup_lib.flops_per_token(setup, config) * tokens
+  b = config.model.backbone
+  report = {
+      "config": {"family": config.model.family, "layers": int(b.num_layers), "dim": int(b.dim),
+                 "params": setup.total_params, "matmul_params": setup.matmul_params, "remat": b.remat,
+                 "scan": bool(b.scan), "dtype": b.dtype},
+      "topology": topology, "device_kind": kind, "devices": len(devices),
+      "compiler": "XLA:CPU (proxy)" if devices[0].platform == "cpu" else f"XLA:TPU ({devices[0].device_kind})",
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "global_batch": {"rows": rows, "seq_len": length, "tokens": tokens},
+      "rows_per_device": rows / (mesh.shape["data"] * mesh.shape["fsdp"]),
+      "memory_per_device_gib": {k: v / GiB for k, v in per_device.items()},
+      "device_memory_gib": device_memory / GiB if device_memory else None,
+      "fits": per_device["total"] <= device_memory if device_memory else None,
+      "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
+      "model_flops_per_step": model_flops,
+      "step_seconds_at_50pct_mfu": model_flops / (len(devices) * peak * 0.5) if peak else None,
+      "collectives": collectives(compiled.as_text()),
+      "seconds": {"lower": t1 - t0, "compile": t2 - t1},
+  }
+  return report
