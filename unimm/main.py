@@ -19,7 +19,8 @@ Modes:
   compile   lower and compile the train step ahead of time for --topology
             (a TPU slice through libtpu, or fake CPU devices standing in for
             GPUs) and print its per-device memory, FLOPs and collectives;
-            writes WORKDIR/compile.json when --workdir is given.
+            writes WORKDIR/compile.json and the compiled HLO
+            (compile.hlo.txt) when --workdir is given.
 Overrides: ``--config.data.seq_len=512``; variants: ``--config=FILE:digits``.
 """
 
@@ -216,11 +217,13 @@ def compile_step(config, workdir: str | None) -> dict:
     jax.config.update("jax_num_cpu_devices", count)  # before the CPU backend starts
   else:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling touches no chip
-  report = compile_lib.compile_train_step(config, _TOPOLOGY.value)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+  report = compile_lib.compile_train_step(config, _TOPOLOGY.value,
+                                          os.path.join(workdir, "compile.hlo.txt") if workdir else None)
   text = json.dumps(report, indent=1)
   print(text)
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "compile.json"), "w") as f:
       f.write(text + "\n")
   return report

@@ -16,6 +16,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from unimm.models import attention, layers, settings
@@ -26,6 +27,10 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     # Keep projections (no batch dims in their dot), recompute attention scores.
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep only the named activations (checkpoint_name in Attention): less memory, the MLP recomputed.
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "qkv_out_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj",
+                                                                  "out_proj"),
 }
 
 
@@ -100,14 +105,15 @@ class Attention(nn.Module):
     q = layers.constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = layers.constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
     v = layers.constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+    q, k, v = (checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj"))
     cache_ids = {}
     if self.decode:
       k, v, cache_ids = self._update_cache(k, v, segment_ids, image_ids)
     out = attention.attend(q, k, v, segment_ids, image_ids, bidirectional_images=c.bidirectional_images,
                            implementation=c.attention, **cache_ids)
     out = layers.constrain(out, ("act_batch", "act_length", "act_heads", None))
-    return layers.DenseGeneral((c.dim,), ("heads", "head_dim"), ("embed",), num_in_axes=2, dtype=dt,
-                               name="o")(out)
+    return checkpoint_name(layers.DenseGeneral((c.dim,), ("heads", "head_dim"), ("embed",), num_in_axes=2,
+                                               dtype=dt, name="o")(out), "out_proj")
 
 
   def _update_cache(self, k, v, segment_ids, image_ids):

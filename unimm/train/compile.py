@@ -99,8 +99,9 @@ def collectives(hlo: str) -> dict:
   return dict(out)
 
 
-def compile_train_step(config, topology: str) -> dict:
-  """Lowers and compiles `config`'s train step for `topology`; returns the report (see the module doc)."""
+def compile_train_step(config, topology: str, hlo_path: str | None = None) -> dict:
+  """Lowers and compiles `config`'s train step for `topology`; returns the report (see the module doc).
+  `hlo_path`: where to write the compiled (partitioned, per-device) HLO text."""
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   from unimm.models import families  # pylint: disable=g-import-not-at-top
   from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
@@ -124,6 +125,10 @@ def compile_train_step(config, topology: str) -> dict:
   t2 = time.time()
   logging.info("Lowered in %.0fs, compiled in %.0fs.", t1 - t0, t2 - t1)
   memory = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(hlo)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   device_memory, peak = HARDWARE.get(kind, (None, None))
@@ -140,7 +145,8 @@ def compile_train_step(config, topology: str) -> dict:
   report = {
       "config": {"family": config.model.family, "layers": int(b.num_layers), "dim": int(b.dim),
                  "params": setup.total_params, "matmul_params": setup.matmul_params, "remat": b.remat,
-                 "scan": bool(b.scan), "dtype": b.dtype},
+                 "scan": bool(b.scan), "dtype": b.dtype, "grad_accum_steps": int(config.train.grad_accum_steps),
+                 "attention": b.attention},
       "topology": topology, "device_kind": kind, "devices": len(devices),
       "compiler": "XLA:CPU (proxy)" if devices[0].platform == "cpu" else f"XLA:TPU ({devices[0].device_kind})",
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
@@ -149,10 +155,12 @@ def compile_train_step(config, topology: str) -> dict:
       "memory_per_device_gib": {k: v / GiB for k, v in per_device.items()},
       "device_memory_gib": device_memory / GiB if device_memory else None,
       "fits": per_device["total"] <= device_memory if device_memory else None,
+      # XLA's cost analysis counts a while loop's body once: with scan over layers this is about one
+      # layer's FLOPs plus the rest, not the step's. The model FLOPs below are the step's.
       "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
       "model_flops_per_step": model_flops,
       "step_seconds_at_50pct_mfu": model_flops / (len(devices) * peak * 0.5) if peak else None,
-      "collectives": collectives(compiled.as_text()),
+      "collectives": collectives(hlo),
       "seconds": {"lower": t1 - t0, "compile": t2 - t1},
   }
   return report
