@@ -26,13 +26,20 @@ def flag_value(args: list[str], name: str) -> str | None:
 
 
 def require_shared_workdir(args: list[str], what: str) -> str:
-  """The run's workdir, which every host must reach: a bucket (gs://, s3://) or a shared mount, never /tmp."""
+  """The run's workdir, which every host must reach: a shared mount (NFS, Lustre, a bucket mounted with
+  gcsfuse at /gcs/BUCKET), never a host's own /tmp. unimm writes the workdir through the file system,
+  so a bucket URL is refused with the mount to use instead."""
   workdir = flag_value(args, "workdir")
   if not workdir:
-    raise SystemExit("--workdir=DIR is required; on several hosts it must be shared storage (gs://… or an NFS path)")
-  if workdir.startswith("/tmp") or not (workdir.startswith(("gs://", "s3://")) or workdir.startswith("/")):
+    raise SystemExit("--workdir=DIR is required; on several hosts it must be shared storage (a shared mount)")
+  if "://" in workdir:
+    bucket = workdir.split("://", 1)[1]
+    raise SystemExit(f"--workdir={workdir}: unimm writes its workdir through the file system; mount the bucket "
+                     f"on every host (gcsfuse; tpu_pod.py --bucket does it) and pass --workdir=/gcs/{bucket}")
+  if workdir.startswith("/tmp") or not workdir.startswith("/"):
     raise SystemExit(f"--workdir={workdir} is not shared storage: every host of {what} writes its checkpoint "
-                     "shards there and must read the same files on restart; use gs://BUCKET/… or a shared mount.")
+                     "shards there and must read the same files on restart; use a shared mount "
+                     "(/gcs/BUCKET/… through gcsfuse, NFS).")
   return workdir
 
 

@@ -5,11 +5,12 @@
     python launch/sweep.py … --gather   # only collect the table
 
 The config file defines `get_sweep(name)` (big_vision's way of keeping a sweep beside its config): a
-list of override dicts, one per member, keys as in `--config.KEY=VALUE`; `--sweep=NAME` picks one. Member NAME (its overrides,
-`key=value,…`) trains in WORKDIR/NAME with `python -m unimm.main --config=FILE:ARG --config.KEY=VALUE…`
-plus the arguments after `--` (shared by all members). `--launcher=local` (default) runs the members
-here, one after another, skipping those that finished (final_metrics.json) — rerun to resume a sweep;
-`slurm`, `tpu_pod`, `xpk` or `local_multiprocess` submit each member through that launcher instead.
+list of override dicts, one per member, keys as in `--config.KEY=VALUE`; `--sweep=NAME` picks one.
+Member NAME (its overrides, `key=value,…`) trains in WORKDIR/NAME with `python -m unimm.main
+--config=FILE:ARG --config.KEY=VALUE…` plus the arguments after `--` (shared by all members).
+`--launcher=local` (default) runs the members here, one after another, skipping those that finished
+(final_metrics.json) — rerun to resume a sweep; `slurm`, `tpu_pod`, `xpk` or `local_multiprocess`
+submit each member through that launcher instead.
 Then every member's final_metrics.json and eval.json go into WORKDIR/sweep.md and sweep.csv.
 """
 

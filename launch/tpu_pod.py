@@ -1,12 +1,15 @@
 """A Cloud TPU pod slice: the same unimm command on every host, over `gcloud … tpu-vm ssh --worker=all`.
 
     python launch/tpu_pod.py --tpu=my-v5p --zone=us-east5-a --project=P --accelerator=v5p-256 \\
-        [--create] [--setup] [--dry-run] -- --config=configs/transfusion/7b.py --workdir=gs://BUCKET/run
+        [--create] [--setup] [--bucket=BUCKET] [--dry-run] -- --config=configs/transfusion/7b.py \
+        --workdir=/gcs/BUCKET/run
 
 --create makes the slice (queued, spot with --spot); --setup copies this checkout (`git archive HEAD`)
-to every worker and installs it with jax[tpu]; then every worker runs `python3 -m unimm.main
+to every worker and installs it with jax[tpu]; --bucket mounts gs://BUCKET at /gcs/BUCKET on every
+worker (gcsfuse, which the TPU VM image must have); then every worker runs `python3 -m unimm.main
 --distributed=on …` (JAX reads the slice's topology from the TPU metadata: one process per host,
-process 0 coordinates). The workdir must be a bucket: every host writes its checkpoint shards there.
+process 0 coordinates). The workdir must be shared (the mounted bucket): every host writes its
+checkpoint shards there.
 A preempted spot slice sends SIGTERM: the run saves the agreed step and exits; rerun this command
 (without --create) to resume.
 """
@@ -52,6 +55,10 @@ def commands(args, unimm: list[str]) -> list[str]:
     install = ("rm -rf ~/unimm && mkdir -p ~/unimm && tar xzf ~/unimm.tar.gz -C ~/unimm && "
                "python3 -m pip install -q -e ~/unimm 'jax[tpu]'")
     out.append(shlex.join(gcloud + ["ssh", args.tpu, *where, "--worker=all", f"--command={install}"]))
+  if args.bucket:
+    mount = f"sudo mkdir -p /gcs/{args.bucket} && sudo chmod 777 /gcs/{args.bucket} && " \
+            f"(mountpoint -q /gcs/{args.bucket} || gcsfuse --implicit-dirs {args.bucket} /gcs/{args.bucket})"
+    out.append(shlex.join(gcloud + ["ssh", args.tpu, *where, "--worker=all", f"--command={mount}"]))
   run = f"cd ~/unimm && {_common.python_command(['--distributed=on', *unimm])} 2>&1 | tee -a ~/unimm.log"
   out.append(shlex.join(gcloud + ["ssh", args.tpu, *where, "--worker=all", f"--command={run}"]))
   return out
@@ -68,6 +75,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--spot", action="store_true")
   parser.add_argument("--setup", action="store_true", help="copy this checkout to every worker and install it")
   parser.add_argument("--checkout", default=_common.REPO, help="the git checkout --setup copies")
+  parser.add_argument("--bucket", default="", help="mount gs://BUCKET at /gcs/BUCKET on every worker")
   parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   args, rest = parser.parse_known_args(argv)
   unimm = _common.unimm_args(rest)

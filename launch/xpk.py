@@ -2,12 +2,13 @@
 
     python launch/xpk.py --cluster=my-cluster --workload=tf7b --device=v5p-256 --num_slices=2 \\
         --docker_image=gcr.io/P/unimm:latest [--dry-run] -- --config=configs/transfusion/7b.py \\
-        --workdir=gs://BUCKET/run
+        --workdir=/gcs/BUCKET/run
 
 XPK (github.com/AI-Hypercomputer/xpk) schedules the pods of every slice and sets the environment JAX
 reads (`--distributed=on`: one process per host across all slices; the data axis spans slices).
-The image must hold this checkout installed (`pip install -e .` and jax for the device). GPU node
-pools take `--device=h100-80gb-8` (8 GPUs per node, one process per node).
+The image must hold this checkout installed (`pip install -e .` and jax for the device), and the
+cluster must mount the bucket at /gcs/BUCKET in the pods (GKE's Cloud Storage FUSE CSI driver). GPU
+node pools take `--device=h100-80gb-8` (8 GPUs per node, one process per node).
 """
 
 from __future__ import annotations

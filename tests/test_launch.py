@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 
-RUN = ["--", "--config=configs/transfusion/7b.py", "--workdir=gs://bucket/tf7b", "--config.train.num_steps=10"]
+RUN = ["--", "--config=configs/transfusion/7b.py", "--workdir=/gcs/bucket/tf7b", "--config.train.num_steps=10"]
 
 
 def launch(script, *args, check=True):
@@ -35,7 +35,7 @@ def test_local_launcher_starts_one_process_per_index_on_one_coordinator():
 
 def test_tpu_pod_runs_the_same_command_on_every_worker():
   out = launch("tpu_pod.py", "--tpu=pod", "--zone=us-east5-a", "--project=p", "--accelerator=v5p-256",
-               "--create", "--setup", "--dry-run", *RUN)
+               "--create", "--setup", "--bucket=bucket", "--dry-run", *RUN)
   lines = out.stdout.splitlines()
   assert lines[0].startswith("# v5p-256: 128 chips on 32 hosts")
   create, run = shlex.split(lines[1]), shlex.split(lines[-1])
@@ -43,10 +43,12 @@ def test_tpu_pod_runs_the_same_command_on_every_worker():
   assert run[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in run
   remote = shlex.split(next(a for a in run if a.startswith("--command=")).split("=", 1)[1])
   assert remote[remote.index("unimm.main") + 1:][:4] == [
-      "--distributed=on", "--config=configs/transfusion/7b.py", "--workdir=gs://bucket/tf7b",
+      "--distributed=on", "--config=configs/transfusion/7b.py", "--workdir=/gcs/bucket/tf7b",
       "--config.train.num_steps=10"]
-  # Setup reaches every worker too: the checkout is copied to all and installed with jax[tpu].
-  assert sum("--worker=all" in l for l in lines) == 3 and "jax[tpu]" in out.stdout
+  # Setup reaches every worker too: the checkout is copied to all and installed with jax[tpu], the bucket
+  # the workdir lives in is mounted on all.
+  assert sum("--worker=all" in l for l in lines) == 4 and "jax[tpu]" in out.stdout
+  assert "gcsfuse --implicit-dirs bucket /gcs/bucket" in lines[-2]
   for accelerator, hosts in (("v4-128", 16), ("v5litepod-256", 64), ("v6e-8", 1)):
     first = launch("tpu_pod.py", "--tpu=t", "--zone=z", "--project=p", f"--accelerator={accelerator}",
                    "--dry-run", *RUN).stdout.splitlines()[0]
@@ -54,6 +56,8 @@ def test_tpu_pod_runs_the_same_command_on_every_worker():
 
 
 def test_launchers_refuse_a_workdir_other_hosts_cannot_see():
+  out = launch("slurm.py", "--nodes=2", "--dry-run", "--", "--config=c.py", "--workdir=gs://b/run", check=False)
+  assert out.returncode != 0 and "--workdir=/gcs/b/run" in out.stderr, out.stderr
   for script, args in (("tpu_pod.py", ["--tpu=t", "--zone=z", "--project=p", "--accelerator=v5p-16"]),
                        ("slurm.py", ["--nodes=2"]),
                        ("xpk.py", ["--cluster=c", "--workload=w", "--device=v5p-16", "--docker_image=i"])):
@@ -124,3 +128,21 @@ def test_two_member_sweep_runs_and_gathers_one_table(data_dir, tmp_path):
                  *small)
   assert again.stdout.count("finished before; skipped") == 2
   assert open(os.path.join(workdir, "sweep.md")).read() == table
+
+
+def test_clusters_are_detected_from_their_environment():
+  from unimm.parallel import distributed  # pylint: disable=g-import-not-at-top
+  assert distributed.detected_cluster({}) is None
+  step = {"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "3"}
+  assert distributed.detected_cluster(step) == "SLURM"
+  # An sbatch script's shell (no srun step) or a one-task step is one process, not a cluster member.
+  assert distributed.detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) is None
+  assert distributed.detected_cluster({**step, "SLURM_STEP_NUM_TASKS": "1"}) is None
+  assert distributed.detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
+  assert distributed.detected_cluster({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}) == "JAX_COORDINATOR_ADDRESS"
+  with pytest.raises(ValueError, match="go together"):
+    distributed.initialize("127.0.0.1:1234", None, 0)
+  with pytest.raises(ValueError, match="must be in"):
+    distributed.initialize("127.0.0.1:1234", 2, 2)
+  assert distributed.initialize("127.0.0.1:1234", 1, 0) is False  # one process: nothing to join
+  assert distributed.initialize(mode="off") is False

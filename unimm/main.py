@@ -36,7 +36,8 @@ import numpy as np
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (FILE[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval", "compile"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval", "compile"],
+                          "What to do.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile: the target (v5p-256, v5p:4x4x8, h100:64, cpu:8); "
                                 "see unimm/train/compile.py.")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 200, "eval: test examples per task.")

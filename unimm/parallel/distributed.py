@@ -24,7 +24,8 @@ import jax
 
 # Environment variables by which a scheduler says that this is one task of several.
 _CLUSTER_SIGNS = {
-    "SLURM": lambda env: int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env,
+    # Inside an srun step of several tasks (a batch script's own shell is not one of them).
+    "SLURM": lambda env: int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env,
     "Open MPI": lambda env: int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1,
     "JAX_COORDINATOR_ADDRESS": lambda env: "JAX_COORDINATOR_ADDRESS" in env,
 }

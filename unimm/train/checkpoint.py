@@ -38,7 +38,8 @@ def incomplete_step_dirs(directory: str) -> list[str]:
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, set_aside_incomplete: bool = False):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               set_aside_incomplete: bool = False):
     self.directory = os.path.abspath(directory)
     if set_aside_incomplete:
       if jax.process_index() == 0:

@@ -117,7 +117,8 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sharding)
                     for k, v in batch.items()}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
   t0 = time.time()
   lowered = setup.lower(setup.abstract_state, abstract_batch, rng)
   t1 = time.time()

@@ -89,8 +89,9 @@ def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
 
 
 def flops_per_token(setup: Setup, config) -> float:
-  """Model FLOPs per trained token: 6·N (N = parameters in matmuls, i.e. all but the
-  embedding tables and a per-image encoder such as Janus's ViT, which like the frozen codecs is not counted) + 6·L·D·T for attention scores and values (12·L·D·T halved
-  for the causal mask; T = the row length, an upper bound for packed rows)."""
+  """Model FLOPs per trained token: 6·N (N = parameters in matmuls, i.e. all but the embedding tables
+  and a per-image encoder such as Janus's ViT, which like the frozen codecs is not counted) + 6·L·D·T
+  for attention scores and values (12·L·D·T halved for the causal mask; T = the row length, an upper
+  bound for packed rows)."""
   b = config.model.backbone
   return 6.0 * setup.matmul_params + 6.0 * b.num_layers * b.dim * int(config.data.seq_len)
