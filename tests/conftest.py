@@ -1,12 +1,18 @@
 """Shared fixtures: the embedded datasets (small configs) and a tokenizer, built once per session."""
 
 import os
+import tempfile
 
 import pytest
 
 # Tests run on the CPU; with libtpu installed (the test extras bring it for --mode=compile), JAX would
 # otherwise try to start a TPU backend in every process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this test run (both xdist workers and every subprocess they
+# start): the CLI tests launch the same programs many times (resume after a kill, relaunches of several
+# processes), and a tiny model's step compiles in seconds but loads from the cache in milliseconds.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "unimm-test-jax-cache-" + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -48,10 +48,13 @@ def run(config, mesh_sizes, devices, batch, frozen_codec=None, compiled=False):
   specs = {jax.tree_util.keystr(p): [list(x.shape), list(x.sharding.shard_shape(x.shape)), str(x.sharding.spec)]
            for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   global_batch = sharding.global_batch(batch, mesh)
-  activations = setup.lower(state, global_batch, jax.random.key(1)).compile().as_text() if compiled else None
+  step, activations = setup.step, None
+  if compiled:  # compiled ahead of time (to read its HLO), then run: one compile, not two
+    step = setup.lower(state, global_batch, jax.random.key(1)).compile()
+    activations = step.as_text()
   # Step 0 has learning rate 0 (warm-up); steps 1 and 2 move the parameters.
   for _ in range(3):
-    state, metrics = setup.step(state, global_batch, jax.random.key(1))
+    state, metrics = step(state, global_batch, jax.random.key(1))
     metrics = jax.device_get(metrics)  # block each step (fake devices)
     if metrics2 is None:
       metrics2 = metrics

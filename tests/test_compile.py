@@ -27,6 +27,8 @@ def test_topologies_parse_to_chips_and_physical_shapes():
   assert compile_lib.parse_topology("v5e-256") == ("v5e", "v5e:16x16", 256)
   assert compile_lib.parse_topology("v5p:2x2x1") == ("v5p", "v5p:2x2x1", 4)
   assert compile_lib.parse_topology("h100:64") == ("h100", "cpu", 64)
+  assert compile_lib.parse_topology("2xv5p-256") == ("v5p", "v5p:4x4x8", 128)
+  assert (compile_lib.slice_count("2xv5p-256"), compile_lib.slice_count("v5p-256")) == (2, 1)
   with pytest.raises(ValueError, match="use a TPU slice"):
     compile_lib.parse_topology("tpu-9000")
 
@@ -76,3 +78,27 @@ def test_compile_for_a_tpu_slice_with_libtpu(data_dir, tmp_path):
   assert r["collectives"]["all-gather"]["count"] > 0
   assert 0.5 < r["xla_flops_per_device"] * 4 / r["model_flops_per_step"] < 2.0
   np.testing.assert_array_less(0, [r["memory_per_device_gib"][k] for k in ("arguments", "temporaries")])
+
+
+def test_over_two_slices_the_data_axis_spans_them():
+  """Multislice: each slice holds data/slices of the data axis and all of the others (only the gradient
+  reduction crosses the data-center network)."""
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
+  _, devices = compile_lib.target_devices("2xv5p-8")  # libtpu's topology: 2 slices × 4 chips
+  assert sharding.num_slices(devices) == 2
+  mesh = sharding.make_mesh(mlc.ConfigDict(dict(data=2, fsdp=-1, tensor=1, sequence=1)), devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}
+  for i in range(2):
+    assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+  with pytest.raises(ValueError, match="multiple of 2"):
+    sharding.make_mesh(mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1)), devices)
+
+
+@pytest.mark.slow
+def test_compile_for_two_tpu_slices(data_dir, tmp_path):
+  r = compile_report(tmp_path, "--config=configs/transfusion/tiny.py", "--topology=2xv5p-8",
+                     f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small",
+                     "--config.mesh.data=2", "--config.mesh.fsdp=-1")
+  assert r["slices"] == 2 and r["devices"] == 8 and r["mesh"]["data"] == 2 and r["mesh"]["fsdp"] == 4
+  assert r["compiler"].startswith("XLA:TPU") and r["fits"] is True

@@ -213,7 +213,7 @@ def compile_step(config, workdir: str | None) -> dict:
     raise app.UsageError("--mode=compile needs --topology (v5p-256, v5p:4x4x8, h100:64, cpu:8)")
   import jax  # pylint: disable=g-import-not-at-top
   from unimm.train import compile as compile_lib  # pylint: disable=g-import-not-at-top
-  _, physical, count = compile_lib.parse_topology(_TOPOLOGY.value)
+  _, physical, count = compile_lib.parse_topology(_TOPOLOGY.value)  # one slice's
   if physical == "cpu":
     jax.config.update("jax_num_cpu_devices", count)  # before the CPU backend starts
   else:

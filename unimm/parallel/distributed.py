@@ -11,16 +11,19 @@ instead of hanging in a collective. The launcher (or the scheduler) restarts all
 resumes from its last complete checkpoint.
 
 SIGTERM (preemption) reaches one host first; `Preemption.reached(step)` turns it into one agreed step
-on every host (JAX's preemption sync point), so all hosts save the same step and exit together.
+on every host (the hosts gather their SIGTERM flags after each step), so all hosts save the same step
+and exit together.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 from absl import logging
 import jax
+import numpy as np
 
 # Environment variables by which a scheduler says that this is one task of several.
 _CLUSTER_SIGNS = {
@@ -64,6 +67,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
   else:
     return False
+  catch_sigterm()
   logging.info("Process %d of %d; %d local of %d devices.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
@@ -76,34 +80,48 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+_SIGTERM = threading.Event()
+
+
+def catch_sigterm() -> None:
+  """From now on SIGTERM sets a flag (`Preemption` reads it) instead of ending the process. Called right
+  after `jax.distributed.initialize` (which installs a handler of its own for JAX's preemption sync
+  points, whose sync step comes from call counters that a resumed run or orbax's own calls do not keep
+  in step), so a SIGTERM during startup is not lost."""
+  try:
+    signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+  except ValueError:  # not the main thread: leave signals alone
+    pass
+
+
 class Preemption:
-  """Whether to save and stop after this step. One process: a SIGTERM flag. Several: JAX's preemption
-  sync point, at which every process answers True at the same step once any of them got SIGTERM
-  (its handler is installed by `jax.distributed.initialize`; a Python handler here would replace it)."""
+  """Whether to save and stop after this step: a SIGTERM flag, agreed across processes. After every
+  step all processes gather their flags (one small host collective), so each answers True at the same
+  step once any of them got SIGTERM."""
 
   def __init__(self):
-    self.requested = False
     self._previous = None
     self._multiprocess = jax.process_count() > 1
 
+  @property
+  def requested(self) -> bool:
+    return _SIGTERM.is_set()
+
   def __enter__(self):
-    if not self._multiprocess:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread: leave signals alone
-        self._previous = None
+    self._previous = signal.getsignal(signal.SIGTERM)
+    catch_sigterm()
     return self
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
   def reached(self, step: int) -> bool:
-    if self._multiprocess:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    del step  # every process calls this once per step, so the gathers line up
+    if not self._multiprocess:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.max(flags))
 
   def __exit__(self, *exc):
-    if self._previous is not None:
+    try:
       signal.signal(signal.SIGTERM, self._previous)
+    except (ValueError, TypeError):  # not the main thread, or a handler Python did not install
+      pass

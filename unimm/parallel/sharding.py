@@ -85,11 +85,28 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def num_slices(devices) -> int:
+  """How many TPU slices (joined by the data-center network, DCN) the devices span; 1 elsewhere."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
+  """The config's mesh over `devices`. Over several TPU slices the `data` axis spans them: each slice
+  holds data/slices of it (and every other axis whole), so only the gradient reduction crosses DCN."""
   devices = devices if devices is not None else jax.devices()
   shape = mesh_shape(mesh_config, len(devices))
-  # Auto axes: the logical-rules style (constraints, not explicit types).
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)  # the logical-rules style (constraints, not explicit types)
+  slices = num_slices(devices)
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  if shape[0] % slices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} over {slices} slices: the data axis spans the slices, "
+                     f"so mesh.data must be a multiple of {slices} (e.g. data={slices}, fsdp=-1)")
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  ici = (shape[0] // slices, *shape[1:])
+  dcn = (slices,) + (1,) * (len(shape) - 1)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

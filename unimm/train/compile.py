@@ -3,7 +3,8 @@
     python -m unimm.main --mode=compile --config=configs/transfusion/7b.py --topology=v5p-256
     python -m unimm.main --mode=compile --config=configs/transfusion/7b.py --topology=h100:64
 
-A topology is a TPU slice (`v5p-256`, `v4-128`, `v5e-256`, `v6e-256`, or `v5p:4x4x8`), compiled by
+A topology is a TPU slice (`v5p-256`, `v4-128`, `v5e-256`, `v6e-256`, or `v5p:4x4x8`; `2xv5p-256`:
+two slices over DCN, the data axis spanning them), compiled by
 libtpu's compiler through `jax.experimental.topologies` (needs `pip install libtpu`, no TPU), or N
 fake CPU devices standing in for GPUs (`h100:64`, `cpu:8`; XLA:CPU's SPMD partitioning and buffer
 assignment of the same program: its memory figures are a proxy — CPU keeps some bf16 math in f32
@@ -41,7 +42,9 @@ _DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "s8
 
 
 def parse_topology(topology: str) -> tuple[str, str, int]:
-  """'v5p-256' → ('v5p', 'v5p:4x4x8', 128 chips); 'h100:64' → ('h100', 'cpu', 64)."""
+  """'v5p-256' → ('v5p', 'v5p:4x4x8', 128 chips); 'h100:64' → ('h100', 'cpu', 64). A slice count in
+  front ('2xv5p-256') is for `slice_count`; the chips here are one slice's."""
+  topology = topology.split("x", 1)[1] if re.match(r"\d+x[a-z]", topology) else topology
   if ":" in topology and topology.split(":")[0] in ("cpu", "h100", "h200", "a100"):
     kind, count = topology.split(":")
     return kind, "cpu", int(count)
@@ -60,10 +63,19 @@ def parse_topology(topology: str) -> tuple[str, str, int]:
   return kind, f"{kind}:{table[chips]}", chips
 
 
+def slice_count(topology: str) -> int:
+  """'2xv5p-256' → 2 slices joined by DCN (multislice); 1 otherwise."""
+  match = re.match(r"(\d+)x[a-z]", topology)
+  return int(match.group(1)) if match else 1
+
+
 def target_devices(topology: str) -> tuple[str, list]:
   """(chip kind, the devices to build the mesh from) for `topology`."""
   kind, physical, count = parse_topology(topology)
+  slices = slice_count(topology)
   if physical == "cpu":
+    if slices > 1:
+      raise ValueError(f"--topology={topology}: several slices are TPU slices (e.g. 2xv5p-256)")
     devices = jax.devices("cpu")
     if len(devices) < count:
       raise ValueError(f"--topology={topology} needs {count} CPU devices, there are {len(devices)}: set "
@@ -74,7 +86,7 @@ def target_devices(topology: str) -> tuple[str, list]:
   # Compiling touches no chip: let several compile-only processes load libtpu at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    description = topologies.get_topology_desc(topology_name=physical, platform="tpu")
+    description = topologies.get_topology_desc(topology_name=physical, platform="tpu", num_slices=slices)
   except Exception as e:  # pylint: disable=broad-except
     raise RuntimeError(f"--topology={topology} needs libtpu's compiler (pip install libtpu; no TPU needed): {e}")
   return kind, list(description.devices)
@@ -148,7 +160,7 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
                  "params": setup.total_params, "matmul_params": setup.matmul_params, "remat": b.remat,
                  "scan": bool(b.scan), "dtype": b.dtype, "grad_accum_steps": int(config.train.grad_accum_steps),
                  "attention": b.attention},
-      "topology": topology, "device_kind": kind, "devices": len(devices),
+      "topology": topology, "device_kind": kind, "devices": len(devices), "slices": sharding.num_slices(devices),
       "compiler": "XLA:CPU (proxy)" if devices[0].platform == "cpu" else f"XLA:TPU ({devices[0].device_kind})",
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "global_batch": {"rows": rows, "seq_len": length, "tokens": tokens},
