@@ -109,7 +109,7 @@ def test_two_member_sweep_runs_and_gathers_one_table(data_dir, tmp_path):
            "--config.model.backbone.num_layers=1", "--config.model.backbone.dim=32",
            "--config.model.backbone.num_heads=2", "--config.model.backbone.mlp_hidden=64",
            "--config.data.batch_size=4", "--config.train.num_steps=3", "--config.train.sample_every=0",
-           "--config.train.final_eval_examples=2", "--config.train.final_eval_diffusion_steps=2"]
+           "--config.train.final_eval_examples=1", "--config.train.final_eval_diffusion_steps=2"]
   out = launch("sweep.py", "--config=configs/transfusion/tiny.py", "--sweep=prediction", f"--workdir={workdir}",
                *small)
   rows = list(csv.DictReader(open(os.path.join(workdir, "sweep.csv"))))
