@@ -88,7 +88,8 @@ def target_devices(topology: str) -> tuple[str, list]:
   try:
     description = topologies.get_topology_desc(topology_name=physical, platform="tpu", num_slices=slices)
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f"--topology={topology} needs libtpu's compiler (pip install libtpu; no TPU needed): {e}")
+    raise RuntimeError(f"--topology={topology} needs libtpu's compiler, the version matching jax "
+                       f"(pip install -e '.[tpu]'; no TPU needed): {e}") from e
   return kind, list(description.devices)
 
 
