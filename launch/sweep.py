@@ -63,18 +63,9 @@ def member_args(config: str, workdir: str, overrides: dict, shared: list[str]) -
           *[f"--config.{k}={format_value(v)}" for k, v in overrides.items()], *shared]
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}/"))
-    elif isinstance(v, (int, float)) and not isinstance(v, bool):
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def gather(workdir: str, names: list[str], overrides: list[dict]) -> tuple[list[str], list[dict]]:
   """(columns, one row per member): its overrides, final training metrics and eval metrics."""
+  from unimm.eval.evaluate import flatten  # pylint: disable=g-import-not-at-top
   keys = sorted({k for o in overrides for k in o})
   rows, eval_columns = [], []
   for name, member in zip(names, overrides):
