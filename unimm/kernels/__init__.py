@@ -1,0 +1,1 @@
+"""Attention kernels for the mixed mask; `unimm.models.attention.attend` chooses among them."""
