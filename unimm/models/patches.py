@@ -52,7 +52,7 @@ class LinearPatch(nn.Module):
   def encode(self, latents, t_emb):
     b, m = latents.shape[:2]
     x = patchify(latents.reshape(b * m, *latents.shape[2:]), self.patch_size)
-    x = self.proj_in(x).reshape(b, m, -1, self.dim)
+    x = self.proj_in(x).reshape(b, m, x.shape[1], self.dim)  # explicit sizes: m may be 0 (text-only rows)
     return x + t_emb[:, :, None, :].astype(x.dtype), None
 
   def decode(self, hidden, t_emb, aux):
@@ -116,7 +116,7 @@ class UNetPatch(nn.Module):
 
   def encode(self, latents, t_emb):
     b, m = latents.shape[:2]
-    te = t_emb.reshape(b * m, -1)
+    te = t_emb.reshape(b * m, t_emb.shape[-1])
     x = self.stem(latents.reshape(b * m, *latents.shape[2:]).astype(self.dtype))
     skips = []
     for i, blocks in enumerate(self.down):
@@ -131,7 +131,7 @@ class UNetPatch(nn.Module):
 
   def decode(self, hidden, t_emb, skips):
     b, m, p, _ = hidden.shape
-    te = t_emb.reshape(b * m, -1)
+    te = t_emb.reshape(b * m, t_emb.shape[-1])
     h, w, _ = self.latent_shape
     k = self.patch_size
     x = self.from_model(hidden.reshape(b * m, h // k, w // k, self.dim))
