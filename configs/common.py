@@ -33,6 +33,7 @@ def base_config() -> mlc.ConfigDict:
   m.prediction = "epsilon"  # the patch head's output: epsilon (the paper) | v (well posed at high noise)
   m.guidance = 3.0  # classifier-free guidance scale for sampling and eval (--guidance overrides; Janus: 5)
   m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)
+  m.lm_loss_chunk = 0  # Transfusion: > 0 computes the LM loss over chunks of this many positions (no [B,T,V] logits)
   # The VQ image tokenizer (LlamaGen's): trained by family vq, used frozen by code families via `checkpoint`.
   m.vq = mlc.ConfigDict(dict(
       channels=128, channel_mults=(1, 1, 2, 2, 4), blocks_per_level=2, attention=True, z_channels=256,

@@ -30,7 +30,7 @@ def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.
   return transfusion.TransfusionTask(
       model=model, autoencoder=ae, schedule=diffusion.Schedule.cosine(int(m.num_timesteps)),
       diffusion_weight=float(m.diffusion_weight), prediction=str(m.prediction), z_loss=float(m.z_loss),
-      frozen_autoencoder=frozen_codec, image_shape=image_shape)
+      frozen_autoencoder=frozen_codec, image_shape=image_shape, lm_loss_chunk=int(m.lm_loss_chunk))
 
 
 def autoencoder_task(config, vocab_size: int, frozen_codec=None) -> autoencoders.AutoencoderTask:

@@ -96,16 +96,23 @@ class TransfusionModel(nn.Module):
     latents = jnp.zeros((batch, self.max_images, *self.latent_shape), jnp.float32)
     return ids, ids, ids, ids, latents, jnp.zeros((batch, self.max_images), jnp.int32)
 
-  def __call__(self, tokens, positions, segment_ids, image_ids, noisy_latents, timesteps):
-    """→ logits [B, T, V] (float32), image output [B, M, h, w, c] (ε or v, see TransfusionTask.prediction)."""
+  def __call__(self, tokens, positions, segment_ids, image_ids, noisy_latents, timesteps, return_hidden=False):
+    """→ logits [B, T, V] (float32), image output [B, M, h, w, c] (ε or v, see TransfusionTask.prediction).
+
+    `return_hidden`: the final hidden states [B, T, D] instead of the logits (chunked LM loss).
+    """
     x = self.embed(tokens)
     t_emb = self.time(timesteps)
     image_vectors, aux = self.patch.encode(noisy_latents, t_emb)
     x = place_patches(x, image_vectors, image_ids)
     h = self.decoder(x, positions, segment_ids, image_ids)
+    eps = self.patch.decode(gather_patches(h, image_ids, self.max_images, self.slots), t_emb, aux)
+    if return_hidden:
+      if self.is_initializing():
+        self.lm_head(h[:, :1])  # create the head's params
+      return h, eps.astype(jnp.float32)
     logits = self.lm_head(h).astype(jnp.float32)
     logits = layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
-    eps = self.patch.decode(gather_patches(h, image_ids, self.max_images, self.slots), t_emb, aux)
     return logits, eps.astype(jnp.float32)
 
 
@@ -115,6 +122,35 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   ce = log_z - target_logit
   return jnp.sum(ce * weights), jnp.sum(z_loss * jnp.square(log_z) * weights)
+
+
+def chunked_cross_entropy(hidden, kernel, targets, weights, *, chunk: int, z_loss: float = 0.0,
+                          dtype=jnp.float32):
+  """`cross_entropy(hidden @ kernel, …)` without ever holding the [B, T, V] logits.
+
+  hidden [B, T, D], kernel [D, V] (the LM head), targets/weights [B, T]. A scan
+  over T in chunks of `chunk` positions; each chunk's logits are recomputed in
+  the backward pass (jax.checkpoint), so the memory is B·chunk·V instead of
+  B·T·V (float32 logits and their gradient: 4 GiB each at 8×4096 rows and a 32k
+  vocabulary) for one more LM-head matmul. Same numerics as the model's head:
+  a `dtype` matmul, float32 softmax.
+  """
+  b, t, d = hidden.shape
+  if t % chunk:
+    raise ValueError(f"model.lm_loss_chunk={chunk} does not divide the row length {t}")
+  to_chunks = lambda x: jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def one_chunk(sums, xs):
+    h, y, w = xs
+    logits = jax.lax.dot_general(h.astype(dtype), kernel.astype(dtype), (((2,), (0,)), ((), ())))
+    logits = layers.constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+    ce, z = cross_entropy(logits, y, w, z_loss)
+    return (sums[0] + ce, sums[1] + z), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (ce, z), _ = jax.lax.scan(one_chunk, (zero, zero), (to_chunks(hidden), to_chunks(targets), to_chunks(weights)))
+  return ce, z
 
 
 @dataclasses.dataclass
@@ -129,6 +165,7 @@ class TransfusionTask:
   frozen_autoencoder: Any = None  # kl_vae params, or None for identity
   image_shape: tuple[int, int, int] = (0, 0, 0)  # H, W, C of the pixels the autoencoder takes
   prediction: str = "epsilon"  # what the patch head outputs: epsilon (the paper) | v
+  lm_loss_chunk: int = 0  # > 0: the LM loss in chunks of this many positions, no [B, T, V] logits
 
   def to_epsilon(self, output, x_t, t):
     """The model's image output at x_t, timestep t [...] → ε, what the samplers take."""
@@ -185,10 +222,18 @@ class TransfusionTask:
     t = diffusion.sample_timesteps(rng_t, batch["image_t_max"])
     noise = jax.random.normal(rng_noise, latents.shape, jnp.float32)
     noisy = diffusion.add_noise(self.schedule, latents, noise, t)
+    chunked = self.lm_loss_chunk > 0
     logits, out = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                   batch["image_ids"], noisy, t, rngs={"dropout": rng_dropout})
+                                   batch["image_ids"], noisy, t, return_hidden=chunked,
+                                   rngs={"dropout": rng_dropout})
     weights = batch["loss_weights"][:, :-1]
-    lm_sum, z_sum = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
+    if chunked:  # `logits` are the hidden states: every position, the last with weight 0
+      pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
+      lm_sum, z_sum = chunked_cross_entropy(logits, params["lm_head"]["kernel"], pad(batch["tokens"][:, 1:]),
+                                            pad(weights), chunk=self.lm_loss_chunk, z_loss=self.z_loss,
+                                            dtype=self.model.backbone.compute_dtype)
+    else:
+      lm_sum, z_sum = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
     per_image = diffusion.per_image_error(out, diffusion.target(self.schedule, self.prediction, latents, noise, t))
     valid = batch["image_valid"].astype(jnp.float32)
     return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}
