@@ -37,8 +37,8 @@ def command(config: str, topology: str, overrides: list[str], workdir: str) -> l
 
 
 def table(out: str) -> str:
-  lines = ["| model | target | compiler | mesh (data×fsdp×tensor×seq) | rows/device × seq | remat | params | "
-           "args | temps | total | device | fits | step at 50% MFU |", "|" + "---|" * 13]
+  lines = ["| model | target | compiler | mesh (data×fsdp×tensor×seq) | rows/device × seq | remat | attention | "
+           "params | args | temps | total | device | fits | step at 50% MFU |", "|" + "---|" * 14]
   # (rows per device are per step; with accumulation, each microbatch holds rows / grad_accum_steps)
   for name, (config, targets) in ROWS.items():
     for topology in targets:
@@ -52,7 +52,8 @@ def table(out: str) -> str:
       rows = f"{r['rows_per_device']:g}" + (f" ({accum} × {r['rows_per_device'] / accum:g})" if accum > 1 else "")
       lines.append(
           f"| {name} | {topology} | {r['compiler']} | {mesh} | {rows} × {r['global_batch']['seq_len']}"
-          f" | {r['config']['remat']} | {r['config']['params'] / 1e9:.2f}B | {mem['arguments']:.1f} GiB | "
+          f" | {r['config']['remat']} | {r['config'].get('attention_kernel', 'xla')} | {r['config']['params'] / 1e9:.2f}B"
+          f" | {mem['arguments']:.1f} GiB | "
           f"{mem['temporaries']:.1f} GiB | {mem['total']:.1f} GiB | {r['device_memory_gib']:.0f} GiB | "
           f"{'yes' if r['fits'] else 'NO'} | {r['step_seconds_at_50pct_mfu']:.2f} s |")
   return "\n".join(lines) + "\n"

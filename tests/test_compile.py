@@ -87,7 +87,9 @@ def test_compile_for_two_tpu_slices_with_libtpu(data_dir, tmp_path):
   """libtpu's compiler (the test extras install it) compiles for two v5p-8 slices without a TPU."""
   r = compile_report(tmp_path, "--config=configs/transfusion/tiny.py", "--topology=2xv5p-8",
                      f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small",
-                     "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.model.backbone.dtype=bfloat16")
+                     "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.model.backbone.dtype=bfloat16",
+                     "--config.model.backbone.attention=auto")
+  assert r["config"]["attention_kernel"] == "splash"  # traced for TPU slices: the splash kernel, per shard
   assert r["slices"] == 2 and r["devices"] == 8 and r["mesh"]["data"] == 2 and r["mesh"]["fsdp"] == 4
   assert r["compiler"].startswith("XLA:TPU") and r["device_memory_gib"] == 95 and r["fits"] is True
   assert r["rows_per_device"] == 16 / 8

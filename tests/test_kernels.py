@@ -158,15 +158,20 @@ def test_mixed_flash_lowers_to_triton_for_gpu():
 
 
 @pytest.mark.slow
-def test_splash_compiles_for_tpu_with_libtpu():
-  """libtpu's Mosaic compiler takes the per-row dynamic masks (forward and backward), no TPU needed."""
+def test_auto_compiles_splash_for_a_tpu_mesh_with_libtpu():
+  """Traced for a TPU slice (libtpu's compiler, no TPU), `auto` picks splash, runs it per shard and
+  Mosaic compiles it, forward and backward."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
   from unimm.train import compile as compile_lib  # pylint: disable=g-import-not-at-top
   _, devices = compile_lib.target_devices("v5p-8")
-  on_tpu = jax.sharding.SingleDeviceSharding(devices[0])
-  shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt, sharding=on_tpu)
-  q, kv, ids = shape(2, 1024, 8, 128), shape(2, 1024, 4, 128), shape(2, 1024, dt=jnp.int32)
-  f = lambda q, k, v, s, i: splash.splash_mixed_attention(q, k, v, s, i).astype(jnp.float32).sum()
-  compiled = jax.jit(jax.grad(f, argnums=(0, 1, 2))).trace(q, kv, kv, ids, ids).lower().compile()
+  mesh = jax.sharding.Mesh(np.array(devices[:4]).reshape(1, 4, 1, 1), sharding.MESH_AXES)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt, sharding=rows)
+  q, kv, ids = shape(4, 1024, 8, 128), shape(4, 1024, 4, 128), shape(4, 1024, dt=jnp.int32)
+  f = lambda q, k, v, s, i: attention.attend(q, k, v, s, i).astype(jnp.float32).sum()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES["default"]):
+    compiled = jax.jit(jax.grad(f, argnums=(0, 1, 2))).trace(q, kv, kv, ids, ids).lower().compile()
   assert compiled.as_text().count("tpu_custom_call") == 3  # forward, dq, dkv
 
 

@@ -43,11 +43,20 @@ def kernel_takes(implementation: str, length: int, head_dim: int) -> bool:
   return True
 
 
+def target_platform() -> str:
+  """gpu, tpu or cpu: the platform of the mesh being traced for (compiling for a TPU slice on a CPU host
+  picks the TPU kernel), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = getattr(device, "platform", None) or jax.default_backend()
+  return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
 def resolve_implementation(implementation: str, *, length: int = 0, head_dim: int = 0, decode: bool = False,
                            sequence_sharded: bool = False) -> str:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
-  backend = jax.default_backend()
+  backend = target_platform()
   dense = "cudnn" if backend == "gpu" else "xla"
   if implementation == "auto":
     kernel = {"gpu": "pallas", "tpu": "splash"}.get(backend)
@@ -72,17 +81,36 @@ def _mesh_specs():
   return mesh, specs
 
 
+def _axes_size(mesh, axes) -> int:
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return n
+
+
+def _kernel_specs(mesh_specs, q, k):
+  """shard_map specs for (q, k, v, seg, img) and the output: rows over the batch axes, heads over
+  `tensor`, the sequence whole. An axis that does not divide its dimension (a one-row init batch over
+  fsdp, 2 key heads over tensor=4) is dropped: that dimension is computed whole on every device."""
+  mesh, (q_spec, kv_spec, _) = mesh_specs
+  batch = q_spec[0] if q.shape[0] % _axes_size(mesh, q_spec[0]) == 0 else None
+  heads = q_spec[2] if (q_spec[2] == kv_spec[2] and q.shape[2] % _axes_size(mesh, q_spec[2]) == 0
+                        and k.shape[2] % _axes_size(mesh, kv_spec[2]) == 0) else None
+  qkv = jax.sharding.PartitionSpec(batch, None, heads, None)
+  ids = jax.sharding.PartitionSpec(batch, None)
+  return (qkv, qkv, qkv, ids, ids), qkv
+
+
 def _sequence_sharded(mesh_specs) -> bool:
   if mesh_specs is None:
     return False
   mesh, (q_spec, _, _) = mesh_specs
-  axes = q_spec[1] if len(q_spec) > 1 else None
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return any(mesh.shape[a] > 1 for a in axes)
+  return _axes_size(mesh, q_spec[1]) > 1
 
 
 def _kernel(implementation: str, bidirectional_images: bool):
-  interpret = jax.default_backend() != KERNEL_BACKENDS[implementation]  # CPU: the same kernel, interpreted
+  interpret = target_platform() != KERNEL_BACKENDS[implementation]  # CPU: the same kernel, interpreted
   if implementation == "pallas":
     from unimm.kernels import mixed_flash  # pylint: disable=g-import-not-at-top
     return lambda q, k, v, seg, img: mixed_flash.mixed_flash_attention(
@@ -108,9 +136,8 @@ def attend(q, k, v, segment_ids, image_ids, *, bidirectional_images: bool = True
   if impl in KERNEL_BACKENDS:
     kernel = _kernel(impl, bidirectional_images)
     if mesh_specs is not None:
-      mesh, (q_spec, kv_spec, id_spec) = mesh_specs
-      kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, id_spec, id_spec),
-                             out_specs=q_spec, check_vma=False)
+      in_specs, out_spec = _kernel_specs(mesh_specs, q, k)
+      kernel = jax.shard_map(kernel, mesh=mesh_specs[0], in_specs=in_specs, out_specs=out_spec, check_vma=False)
     return kernel(q, k, v, segment_ids, image_ids)
   mask = attention_mask(segment_ids, image_ids, bidirectional_images=bidirectional_images,
                         key_segment_ids=key_segment_ids, key_image_ids=key_image_ids,

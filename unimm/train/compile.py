@@ -116,7 +116,7 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
   """Lowers and compiles `config`'s train step for `topology`; returns the report (see the module doc).
   `hlo_path`: where to write the compiled (partitioned, per-device) HLO text."""
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
-  from unimm.models import families  # pylint: disable=g-import-not-at-top
+  from unimm.models import attention, backbone, families  # pylint: disable=g-import-not-at-top
   from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
   from unimm.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   kind, devices = target_devices(topology)
@@ -156,11 +156,15 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
   tokens = rows * length
   model_flops = setup_lib.flops_per_token(setup, config) * tokens
   b = config.model.backbone
+  with jax.set_mesh(mesh):  # what `auto` picks when traced for this mesh's platform
+    kernel = attention.resolve_implementation(
+        b.attention, length=length, head_dim=backbone.BackboneConfig.from_config(b).head_size,
+        sequence_sharded=mesh.shape["sequence"] > 1)
   report = {
       "config": {"family": config.model.family, "layers": int(b.num_layers), "dim": int(b.dim),
                  "params": setup.total_params, "matmul_params": setup.matmul_params, "remat": b.remat,
                  "scan": bool(b.scan), "dtype": b.dtype, "grad_accum_steps": int(config.train.grad_accum_steps),
-                 "attention": b.attention},
+                 "attention": b.attention, "attention_kernel": kernel},
       "topology": topology, "device_kind": kind, "devices": len(devices), "slices": sharding.num_slices(devices),
       "compiler": "XLA:CPU (proxy)" if devices[0].platform == "cpu" else f"XLA:TPU ({devices[0].device_kind})",
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
