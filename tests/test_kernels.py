@@ -26,7 +26,7 @@ def packed_rows(length: int, seed: int = 0):
   third = length // 3
   seg[0, :third], seg[0, third:] = 1, 2
   img[0, :third // 2] = 1  # opens the row
-  img[0, third + 5:third + 5 + length // 8] = 2
+  img[0, third + 5:third + 5 + length // 2 - 8] = 2  # long: whole tiles inside one image
   img[0, length - length // 6:] = 3  # closes the row
   t, s, k = 0, 0, 0
   while t < length - length // 10:  # row 1: stops early, the rest is padding

@@ -10,7 +10,9 @@ in ``[min(k, first position of its image), last position of its document]``.
 The spans hold for any ids (they use first/last occurrences, not contiguity),
 so skipping never drops a visible key; for packed rows they are tight, which
 makes a text-only row cost what causal flash attention costs and an image add
-only its own square.
+only its own square. Inside the visited range, a tile whose queries all see all
+its keys (one document, keys before the queries or all one image: most tiles,
+told from the ids' min/max per block) skips the mask arithmetic.
 
 The algorithm is FlashAttention-2's: the forward loops over key blocks with an
 online softmax (base 2) and saves the log-sum-exp; the backward runs one
@@ -66,6 +68,23 @@ def _block_range(lo_ref, hi_ref, block: int):
   return lax.div(lo, block), lax.div(hi + block - 1, block)
 
 
+def _ids_summary(seg, img):
+  """(min, max) of a block's segment and image ids: enough to tell a tile every query fully sees."""
+  return jnp.min(seg), jnp.max(seg), jnp.min(img), jnp.max(img)
+
+
+def _tile_is_full(q_ids, q_first, k_ids, k_last, bidirectional_images: bool):
+  """Whether every query of the tile sees every key: one document throughout, and the keys all at or
+  before the first query (or everything one image). Such tiles (most of them) skip the mask."""
+  q_seg_lo, q_seg_hi, q_img_lo, q_img_hi = q_ids
+  k_seg_lo, k_seg_hi, k_img_lo, k_img_hi = k_ids
+  one_document = (q_seg_lo == q_seg_hi) & (q_seg_lo != 0) & (k_seg_lo == q_seg_lo) & (k_seg_hi == q_seg_lo)
+  seen = k_last <= q_first
+  if bidirectional_images:
+    seen = seen | ((q_img_lo == q_img_hi) & (q_img_lo != 0) & (k_img_lo == q_img_lo) & (k_img_hi == q_img_lo))
+  return one_document & seen
+
+
 def _mask(q_seg, q_img, q_pos, k_seg, k_img, k_pos, bidirectional_images: bool):
   """DESIGN's rule on one [bq, bk] tile."""
   allowed = k_pos[None, :] <= q_pos[:, None]
@@ -81,18 +100,29 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, img_ref, kv_lo_ref, kv_hi_ref,
   q_pos = i * block_q + jnp.arange(block_q)
   q_slice = pl.ds(i * block_q, block_q)
   q_seg, q_img = seg_ref[q_slice], img_ref[q_slice]
+  q_ids = _ids_summary(q_seg, q_img)
   qk_scale = scale * LOG2_E  # exp2 below: e^x = 2^(x·log2 e)
 
   def body(j, carry):
     acc, m_prev, l_prev = carry
     k_slice = pl.ds(j * block_k, block_k)
     k, v = k_ref[k_slice, :], v_ref[k_slice, :]
+    k_seg, k_img = seg_ref[k_slice], img_ref[k_slice]
     s = plgpu.dot(q, k, trans_b=True) * qk_scale
-    mask = _mask(q_seg, q_img, q_pos, seg_ref[k_slice], img_ref[k_slice], j * block_k + jnp.arange(block_k),
-                 bidirectional_images)
-    s = jnp.where(mask, s, MASKED)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
+
+    def every_key():
+      m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      return jnp.exp2(s - m_next[:, None]), m_next
+
+    def some_keys():
+      mask = _mask(q_seg, q_img, q_pos, k_seg, k_img, j * block_k + jnp.arange(block_k), bidirectional_images)
+      masked = jnp.where(mask, s, MASKED)
+      m_next = jnp.maximum(m_prev, jnp.max(masked, axis=1))
+      return jnp.where(mask, jnp.exp2(masked - m_next[:, None]), 0.0), m_next
+
+    full = _tile_is_full(q_ids, i * block_q, _ids_summary(k_seg, k_img), j * block_k + block_k - 1,
+                         bidirectional_images)
+    p, m_next = lax.cond(full, every_key, some_keys)
     correction = jnp.exp2(m_prev - m_next)
     acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return acc, m_next, l_prev * correction + jnp.sum(p, axis=1)
@@ -113,14 +143,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, i
                      scale: float, block: int, bidirectional_images: bool):
   j = pl.program_id(2)
   own = pl.ds(j * block, block)
-  own_pos = j * block + jnp.arange(block)
   own_seg, own_img = seg_ref[own], img_ref[own]
   qk_scale = scale * LOG2_E
 
-  def tile(q, k, v, do, lse, delta, mask):
-    """P and dS of one [block, block] tile."""
-    s = plgpu.dot(q, k, trans_b=True) * qk_scale
-    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+  def tile(q, k, v, do, lse, delta, q_ids, k_ids, q_block, k_block):
+    """P and dS of one [block, block] tile (the mask only where the tile is not fully visible)."""
+    p = jnp.exp2(plgpu.dot(q, k, trans_b=True) * qk_scale - lse[:, None])
+    q_pos, k_pos = q_block * block + jnp.arange(block), k_block * block + jnp.arange(block)
+    full = _tile_is_full(_ids_summary(*q_ids), q_block * block, _ids_summary(*k_ids), k_block * block + block - 1,
+                         bidirectional_images)
+    p = lax.cond(full, lambda: p, lambda: jnp.where(_mask(*q_ids, q_pos, *k_ids, k_pos, bidirectional_images), p, 0.0))
     dp = plgpu.dot(do, v, trans_b=True)
     return p, p * (dp - delta[:, None]) * scale
 
@@ -131,9 +163,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, i
     dk, dv = carry
     sl = pl.ds(i * block, block)
     q, do = q_ref[sl, :], do_ref[sl, :]
-    mask = _mask(seg_ref[sl], img_ref[sl], i * block + jnp.arange(block), own_seg, own_img, own_pos,
-                 bidirectional_images)
-    p, ds = tile(q, k, v, do, lse_ref[sl], delta_ref[sl], mask)
+    p, ds = tile(q, k, v, do, lse_ref[sl], delta_ref[sl], (seg_ref[sl], img_ref[sl]), (own_seg, own_img), i, j)
     dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
     dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
@@ -150,9 +180,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, i
   def over_keys(i, dq):
     sl = pl.ds(i * block, block)
     kb, vb = k_ref[sl, :], v_ref[sl, :]
-    mask = _mask(own_seg, own_img, own_pos, seg_ref[sl], img_ref[sl], i * block + jnp.arange(block),
-                 bidirectional_images)
-    _, ds = tile(q, kb, vb, do, lse, delta, mask)
+    _, ds = tile(q, kb, vb, do, lse, delta, (own_seg, own_img), (seg_ref[sl], img_ref[sl]), j, i)
     return dq + plgpu.dot(ds.astype(kb.dtype), kb)
 
   first, last = _block_range(kv_lo_ref, kv_hi_ref, block)
