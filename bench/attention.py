@@ -12,7 +12,8 @@ forward and forward+backward of every kernel the backend has:
 
 * GPU: `pallas` (unimm's mixed flash kernel), `cudnn` and `xla` (dense mixed
   mask), against `causal_cudnn` (cuDNN flash attention, is_causal, no
-  documents) — the reference the targets are stated against.
+  documents) — the reference the targets are stated against; `causal_pallas`
+  is the Pallas kernel on plain causal rows (its speed vs cuDNN's, mask aside).
 * TPU: `splash` (per-row dynamic mask) and `xla`, against `causal_splash`
   (splash with its static causal mask).
 * CPU: `xla` against `causal_xla` (for trying the script).
@@ -97,6 +98,9 @@ def kernels(backend: str, pallas_blocks: list[str]):
          for name in KERNELS[backend]}
   if backend == "gpu":
     from unimm.kernels import mixed_flash  # pylint: disable=g-import-not-at-top
+    # The same kernel on one causal document a row: its own speed against cuDNN's, mask aside.
+    out["causal_pallas"] = lambda q, k, v, seg, img: attention.attend(
+        q, k, v, jnp.ones_like(seg), jnp.zeros_like(img), implementation="pallas")
     for spec in pallas_blocks:
       bq, bk, bb = (int(x) for x in spec.split("x"))
       out[f"pallas_{spec}"] = (lambda bq, bk, bb: lambda q, k, v, seg, img: mixed_flash.mixed_flash_attention(
