@@ -223,17 +223,17 @@ class TransfusionTask:
     noise = jax.random.normal(rng_noise, latents.shape, jnp.float32)
     noisy = diffusion.add_noise(self.schedule, latents, noise, t)
     chunked = self.lm_loss_chunk > 0
-    logits, out = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                   batch["image_ids"], noisy, t, return_hidden=chunked,
-                                   rngs={"dropout": rng_dropout})
+    logits_or_hidden, out = self.model.apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"], noisy, t,
+        return_hidden=chunked, rngs={"dropout": rng_dropout})
     weights = batch["loss_weights"][:, :-1]
-    if chunked:  # `logits` are the hidden states: every position, the last with weight 0
+    if chunked:  # every position's hidden state; the last (no next token) with weight 0
       pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
-      lm_sum, z_sum = chunked_cross_entropy(logits, params["lm_head"]["kernel"], pad(batch["tokens"][:, 1:]),
+      lm_sum, z_sum = chunked_cross_entropy(logits_or_hidden, params["lm_head"]["kernel"], pad(batch["tokens"][:, 1:]),
                                             pad(weights), chunk=self.lm_loss_chunk, z_loss=self.z_loss,
                                             dtype=self.model.backbone.compute_dtype)
     else:
-      lm_sum, z_sum = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
+      lm_sum, z_sum = cross_entropy(logits_or_hidden[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
     per_image = diffusion.per_image_error(out, diffusion.target(self.schedule, self.prediction, latents, noise, t))
     valid = batch["image_valid"].astype(jnp.float32)
     return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}
