@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 8's GPU figures in one run (device tool; ~8 min on one H100): the attention kernels on the mixed
-# mask vs causal cuDNN, then Transfusion 0.37B and 1.4B train steps at T=4096 (multimodal beside
-# text-only; the 1.4B multimodal step again with cuDNN's dense mask and with MaxText's XLA GPU flags).
-#   bash bench/gpu_benchmarks.sh [attention] [train]      # default: both; JSON lands in $OUT
-#   SMOKE=1 bash bench/gpu_benchmarks.sh                  # tiny shapes, any backend: checks the script
+# Issue 8's GPU figures (device tool, one H100): `attention` — the kernels on the mixed mask vs causal
+# cuDNN (~5 min); `train` — Transfusion 1.4B and 0.37B train steps at T=4096, multimodal beside
+# text-only (~7 min); `extra` — the 1.4B multimodal step with cuDNN's dense mask and with MaxText's
+# XLA GPU flags (~5 min). A device call runs 10 minutes at most: one section per call, in that order.
+#   bash bench/gpu_benchmarks.sh attention                # JSON lands in $OUT
+#   SMOKE=1 bash bench/gpu_benchmarks.sh attention train extra   # tiny shapes, any backend: checks the script
 # Carry grain, ml-collections, clu, array-record and portpicker as wheels in .whl/ (the GPU image lacks them).
 set -uo pipefail
 if ! python3 -c "import grain, ml_collections, clu, array_record" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -14,7 +15,7 @@ else
 fi
 OUT=${OUT:-/tmp/unimm_gpu_out}
 mkdir -p "$OUT"
-SECTIONS=${*:-attention train}
+SECTIONS=${*:-attention}
 GPU_FLAGS=$(cd launch && python3 -c "import slurm; print(slurm.GPU_XLA_FLAGS)")
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true) | tee "$OUT/gpu.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
@@ -22,9 +23,9 @@ if [ -n "${SMOKE:-}" ]; then
   ATTN=(--batch=1 --seq_len=512 --heads=2 --image_patches=64 --steps=2)
   BIG=(--config=configs/transfusion/tiny.py --steps=2); SMALL=("${BIG[@]}")
 else
-  ATTN=(--steps=20 --pallas_blocks=64x64x32,128x128x64,64x32x32)
-  SMALL=(--config=configs/transfusion/370m.py --batch=8 --seq_len=4096 --steps=10)
-  BIG=(--config=configs/transfusion/1_4b.py --batch=4 --seq_len=4096 --steps=10)
+  ATTN=(--steps=10 --pallas_blocks=64x64x32,128x128x64)
+  SMALL=(--config=configs/transfusion/370m.py --batch=8 --seq_len=4096 --steps=8)
+  BIG=(--config=configs/transfusion/1_4b.py --batch=4 --seq_len=4096 --steps=8)
 fi
 run() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2
@@ -37,12 +38,13 @@ for section in $SECTIONS; do
     attention)
       run attention 300 python3 bench/attention.py "${ATTN[@]}" ;;
     train)
-      run train_1_4b 240 python3 bench/train_step.py "${BIG[@]}" --set model.backbone.remat=qkv_proj
-      run train_370m 200 python3 bench/train_step.py "${SMALL[@]}"
+      run train_1_4b 280 python3 bench/train_step.py "${BIG[@]}" --set model.backbone.remat=qkv_proj
+      run train_370m 220 python3 bench/train_step.py "${SMALL[@]}" ;;
+    extra)
       run train_1_4b_cudnn 150 python3 bench/train_step.py "${BIG[@]}" --runs=multimodal \
           --set model.backbone.remat=qkv_proj --set model.backbone.attention=cudnn
       XLA_FLAGS="$GPU_FLAGS" run train_1_4b_xla_flags 150 python3 bench/train_step.py "${BIG[@]}" --runs=multimodal \
           --set model.backbone.remat=qkv_proj ;;
-    *) echo "unknown section $section (attention, train)"; exit 2 ;;
+    *) echo "unknown section $section (attention, train, extra)"; exit 2 ;;
   esac
 done
