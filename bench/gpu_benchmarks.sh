@@ -38,13 +38,13 @@ for section in $SECTIONS; do
     attention)
       run attention 300 python3 bench/attention.py "${ATTN[@]}" ;;
     train)
-      run train_1_4b 280 python3 bench/train_step.py "${BIG[@]}" --set model.backbone.remat=qkv_proj
+      run train_1_4b 280 python3 bench/train_step.py "${BIG[@]}" --set model.backbone.remat=qkv_attention
       run train_370m 220 python3 bench/train_step.py "${SMALL[@]}" ;;
     extra)
       run train_1_4b_cudnn 150 python3 bench/train_step.py "${BIG[@]}" --runs=multimodal \
-          --set model.backbone.remat=qkv_proj --set model.backbone.attention=cudnn
+          --set model.backbone.remat=qkv_attention --set model.backbone.attention=cudnn
       XLA_FLAGS="$GPU_FLAGS" run train_1_4b_xla_flags 150 python3 bench/train_step.py "${BIG[@]}" --runs=multimodal \
-          --set model.backbone.remat=qkv_proj ;;
+          --set model.backbone.remat=qkv_attention ;;
     *) echo "unknown section $section (attention, train, extra)"; exit 2 ;;
   esac
 done

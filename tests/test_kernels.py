@@ -229,23 +229,36 @@ def test_kernel_runs_per_shard_under_a_mesh():
   assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-def test_backbone_with_the_kernel_matches_xla_under_scan_and_remat(policy="qkv_proj"):
-  """The custom-VJP kernel inside nn.scan + nn.remat: same hidden states and parameter gradients."""
+def test_backbone_with_the_kernel_matches_xla_under_scan_and_remat():
+  """The custom-VJP kernel inside nn.scan + nn.remat: same hidden states and parameter gradients; remat
+  policy qkv_attention keeps the kernel's named residuals, so its forward never runs again."""
+  import re  # pylint: disable=g-import-not-at-top
   from unimm.models import backbone  # pylint: disable=g-import-not-at-top
   seg, img = packed_rows(128)
   pos = jnp.asarray(np.concatenate([np.arange(128)[None]] * 3))  # positions only feed RoPE here
   x = jax.random.normal(jax.random.key(4), (3, 128, 64))
   weights = (seg > 0)[..., None]
 
-  def model(impl):
+  def model(impl, policy="qkv_proj"):
     cfg = backbone.BackboneConfig(num_layers=2, dim=64, num_heads=4, num_kv_heads=2, dtype="float32",
                                   remat=policy, scan=True, attention=impl)
     return backbone.Backbone(cfg)
 
   params = model("xla").init(jax.random.key(0), x, pos, seg, img)["params"]
-  loss = lambda impl: jax.jit(jax.value_and_grad(
-      lambda p: jnp.sum(jnp.sin(model(impl).apply({"params": p}, x, pos, seg, img)) * weights)))
+  loss = lambda impl, policy="qkv_proj": jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(jnp.sin(model(impl, policy).apply({"params": p}, x, pos, seg, img)) * weights)))
   (want, want_grads), (got, grads) = loss("xla")(params), loss("pallas")(params)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
                grads, want_grads)
+
+  def recomputes_forward_kernel(policy):  # does the compiled backward run the forward kernel again?
+    text = loss("pallas", policy).lower(params).compile().as_text()
+    places = set(re.findall(r'op_name="([^"]*)mixed_flash_forward', text))
+    assert places, "the forward kernel is in the step"
+    return any("rematted_computation" in p for p in places)
+  assert recomputes_forward_kernel("qkv_proj")
+  assert not recomputes_forward_kernel("qkv_attention")
+  _, kept_grads = loss("pallas", "qkv_attention")(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
+               kept_grads, want_grads)

@@ -29,10 +29,12 @@ import math
 
 import jax
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+RESIDUALS = "attention_residuals"  # the name a remat policy keeps to skip recomputing the forward
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: an all-masked block must not produce inf - inf
 LOG2_E = math.log2(math.e)
 
@@ -248,6 +250,9 @@ def _forward(q, k, v, segment_ids, image_ids, bidirectional_images, block_q, blo
       interpret=interpret,
       name="mixed_flash_forward",
   )(q, k, v, segment_ids, image_ids, kv_lo, kv_hi)
+  # Named (the output itself too: the next projection's backward needs it), so remat policy
+  # `qkv_attention` can keep them instead of running this kernel again in the backward pass.
+  out, lse = checkpoint_name(out, RESIDUALS), checkpoint_name(lse, RESIDUALS)
   return out, (q, k, v, segment_ids, image_ids, out, lse)
 
 

@@ -31,6 +31,10 @@ REMAT_POLICIES = {
     "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
     "qkv_out_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj",
                                                                   "out_proj"),
+    # With a kernel (attention pallas/splash): also keep its output and log-sum-exp, so the backward
+    # runs the kernel's backward only, not its forward again.
+    "qkv_attention": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj",
+                                                                   "attention_residuals"),
 }
 
 
