@@ -70,7 +70,7 @@ def check_against_reference(kernel, dtype, *, length, heads, kv_heads, head_dim,
   grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
   want_grads = jax.grad(loss(ref), argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
   valid = np.asarray(seg > 0)
-  rtol = 1e-5 if dtype == jnp.float32 else 2e-2
+  rtol = 1e-5 if dtype == jnp.float32 else 5e-3  # bf16: 1% of the largest value, 2% of the largest gradient
   scale = np.abs(np.asarray(want)).max()
   np.testing.assert_allclose(np.asarray(f32(out))[valid], np.asarray(want)[valid], atol=rtol * scale * 2, rtol=0)
   assert np.isfinite(np.asarray(f32(out))).all()
