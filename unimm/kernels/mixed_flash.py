@@ -34,7 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-RESIDUALS = "attention_residuals"  # the name a remat policy keeps to skip recomputing the forward
+from unimm.kernels import RESIDUALS
+
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: an all-masked block must not produce inf - inf
 LOG2_E = math.log2(math.e)
 

@@ -17,7 +17,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 import jax.numpy as jnp
 
 from unimm.data.packed import attention_mask
-from unimm.kernels import mixed_flash
+from unimm.kernels import RESIDUALS
 
 
 def _mask(segment_ids, image_ids, bidirectional_images: bool):
@@ -34,7 +34,7 @@ def _block_sizes(length: int, block: int) -> splash.BlockSizes:
 
 def _row_kernel(mask, block_sizes, interpret):
   kernel = splash.make_splash_mha(mask[None], block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
-                                  residual_checkpoint_name=mixed_flash.RESIDUALS, interpret=interpret)
+                                  residual_checkpoint_name=RESIDUALS, interpret=interpret)
   # Built under jit, the mask infos' `is_dynamic_mask` flag becomes a traced bool that the kernel's
   # __call__ then branches on; it is a Python fact here.
   flag = lambda info: None if info is None else info._replace(is_dynamic_mask=True)  # pylint: disable=protected-access

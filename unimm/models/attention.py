@@ -71,13 +71,12 @@ def resolve_implementation(implementation: str, *, length: int = 0, head_dim: in
 
 
 def _mesh_specs():
-  """(mesh, specs for q, k/v, ids) when tracing under a mesh with logical rules; else None."""
+  """(mesh, the logical specs of q and k/v) when tracing under a mesh with logical rules; else None."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
   specs = tuple(nn.logical_to_mesh_axes(names) for names in (
-      ("act_batch", "act_length", "act_heads", None), ("act_batch", "act_length", "act_kv_heads", None),
-      ("act_batch", "act_length")))
+      ("act_batch", "act_length", "act_heads", None), ("act_batch", "act_length", "act_kv_heads", None)))
   return mesh, specs
 
 
@@ -93,7 +92,7 @@ def _kernel_specs(mesh_specs, q, k):
   """shard_map specs for (q, k, v, seg, img) and the output: rows over the batch axes, heads over
   `tensor`, the sequence whole. An axis that does not divide its dimension (a one-row init batch over
   fsdp, 2 key heads over tensor=4) is dropped: that dimension is computed whole on every device."""
-  mesh, (q_spec, kv_spec, _) = mesh_specs
+  mesh, (q_spec, kv_spec) = mesh_specs
   batch = q_spec[0] if q.shape[0] % _axes_size(mesh, q_spec[0]) == 0 else None
   heads = q_spec[2] if (q_spec[2] == kv_spec[2] and q.shape[2] % _axes_size(mesh, q_spec[2]) == 0
                         and k.shape[2] % _axes_size(mesh, kv_spec[2]) == 0) else None
@@ -105,7 +104,7 @@ def _kernel_specs(mesh_specs, q, k):
 def _sequence_sharded(mesh_specs) -> bool:
   if mesh_specs is None:
     return False
-  mesh, (q_spec, _, _) = mesh_specs
+  mesh, (q_spec, _) = mesh_specs
   return _axes_size(mesh, q_spec[1]) > 1
 
 

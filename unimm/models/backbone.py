@@ -19,6 +19,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from unimm.kernels import RESIDUALS
 from unimm.models import attention, layers, settings
 
 REMAT_POLICIES = {
@@ -34,7 +35,7 @@ REMAT_POLICIES = {
     # With a kernel (attention pallas/splash): also keep its output and log-sum-exp, so the backward
     # runs the kernel's backward only, not its forward again.
     "qkv_attention": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj",
-                                                                   "attention_residuals"),
+                                                                   RESIDUALS),
 }
 
 
