@@ -16,18 +16,14 @@ import shlex
 import subprocess
 import sys
 
-FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
-# On 64 H100s a 7B step holds twice the rows per device of a v5p-256 (128 chips) with less memory:
-# keep only the q/k/v projections for the backward pass (the MLP and attention are recomputed).
-LEAN = [*FSDP, "--config.model.backbone.remat=qkv_proj"]
-# name → (config, the overrides that pick mesh, batch and remat for each target)
+# name → (config, targets). Each row is the bare command (config and topology only): the configs' defaults
+# (FSDP over every device; remat and accumulation per target, see unimm/parallel/targets.py) must fit.
 ROWS = {
-    "transfusion_1.4b": ("configs/transfusion/1_4b.py", {"v5p-256": FSDP, "h100:64": FSDP}),
-    "transfusion_7b": ("configs/transfusion/7b.py", {"v5p-256": FSDP, "h100:64": LEAN}),
-    "chameleon_7b": ("configs/chameleon/7b.py", {"v5p-256": FSDP, "h100:64": LEAN}),
-    # Stage II: the largest batch (512 rows), the ViT frozen; on H100s two microbatches of 4 rows each.
-    "janus_pro_7b_stage2": ("configs/janus/pro_7b.py:stage2", {
-        "v5p-256": FSDP, "h100:64": [*LEAN, "--config.train.grad_accum_steps=2"]}),
+    "transfusion_1.4b": ("configs/transfusion/1_4b.py", {"v5p-256": [], "h100:64": []}),
+    "transfusion_7b": ("configs/transfusion/7b.py", {"v5p-256": [], "h100:64": []}),
+    "chameleon_7b": ("configs/chameleon/7b.py", {"v5p-256": [], "h100:64": []}),
+    # Stage II: the largest batch (512 rows), the ViT frozen.
+    "janus_pro_7b_stage2": ("configs/janus/pro_7b.py:stage2", {"v5p-256": [], "h100:64": []}),
 }
 
 

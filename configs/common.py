@@ -25,12 +25,18 @@ def base_config() -> mlc.ConfigDict:
   m.patch_size = mlc.FieldReference(2)  # latent patch side (k×k latent pixels per slot)
   m.unet_channels = (128, 256, 512)  # U-Net widths per level (log2(patch_size)+1 used)
   m.unet_blocks = 1
+  # kl_vae latents enter the diffusion as (z − shift)·scale. scale 0: from the VAE run's
+  # checkpoints/latent_stats.json (1/std of `stats_images` training images' latents; shift = their mean
+  # if `stats_center`), measured at the end of VAE training or on a consumer's first use; scale > 0 pins
+  # scale and shift (e.g. 0.18215 for an imported SD VAE) and the file is never read or written.
   m.autoencoder = mlc.ConfigDict(dict(
       kind="identity", downsample=mlc.FieldReference(1), latent_channels=8, channels=64,
-      channel_mults=(1, 2, 2), blocks_per_level=1, scale=1.0, checkpoint=""))
+      channel_mults=(1, 2, 2), blocks_per_level=1, shift=0.0, scale=0.0, checkpoint="", stats_images=1024,
+      stats_center=False))
   m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
   m.num_timesteps = 1000
   m.prediction = "epsilon"  # the patch head's output: epsilon (the paper) | v (well posed at high noise)
+  m.clip_x0 = -1.0  # samplers clip x̂₀ to [-c, c]: -1 auto (1 for pixels, off for KL-VAE latents), 0 off, c > 0
   m.guidance = 3.0  # classifier-free guidance scale for sampling and eval (--guidance overrides; Janus: 5)
   m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)
   m.lm_loss_chunk = 0  # Transfusion: > 0 computes the LM loss over chunks of this many positions (no [B,T,V] logits)
@@ -60,7 +66,10 @@ def base_config() -> mlc.ConfigDict:
   d = c.data = mlc.ConfigDict()
   d.data_dir = paths.default_data_dir()
   d.sources = mlc.ConfigDict()
-  d.tokenizer = mlc.ConfigDict(dict(path="", vocab_size=128, model_type="bpe", train_documents=20_000))
+  d.mix_by = "documents"  # sources' weights are shares of documents | tokens (measured per source at start)
+  # --mode=prepare trains `path` if missing; builtin_specials=False lays it out like Llama's (specials appended).
+  d.tokenizer = mlc.ConfigDict(dict(path="", vocab_size=128, model_type="bpe", train_documents=20_000,
+                                    builtin_specials=True))
   d.image_size = mlc.FieldReference(256)
   d.image_channels = 3
   grid = d.get_ref("image_size") // (m.get_ref("patch_size") * m.autoencoder.get_ref("downsample"))
@@ -77,12 +86,18 @@ def base_config() -> mlc.ConfigDict:
   d.image_token_weight = 0.0  # continuous images: no token loss on image slots
   d.train_read_images = True  # False: only written images' slots are targets (Janus: read ones go through the ViT)
   d.packing_bins = 16
+  d.split_long_documents = True  # a document longer than a row is split into chunks (False: skipped, counted)
   d.read_threads = 1  # 0–1 suit 2 cores; raise on real hosts
   d.read_prefetch = 16
   d.worker_count = 0  # grain worker processes; 0 = in the main process
 
   # -- parallelism ------------------------------------------------------------------
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))  # -1: the rest of the devices
+  # What "auto" settings become per target platform, resolved when the step is built for a mesh (train
+  # start-up; --mode=compile for its --topology; unimm/train/setup.py resolve_targets): model.backbone.remat
+  # ="auto" takes targets.<platform>.remat; train.grad_accum_steps=0 splits each device's rows into
+  # microbatches of at most targets.<platform>.max_rows_per_device (0: no cap). Explicit values win.
+  c.targets = mlc.ConfigDict({p: dict(remat="dots_no_batch", max_rows_per_device=0) for p in ("tpu", "gpu", "cpu")})
   c.sharding = mlc.ConfigDict()
   c.sharding.rules = "default"  # a name in unimm/parallel/sharding.py, or a list of (logical, mesh axes)
 
@@ -94,8 +109,11 @@ def base_config() -> mlc.ConfigDict:
   t.final_learning_rate = 1.5e-5  # cosine decay to this
   t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
   t.weight_decay = 0.1
+  # Which params decay, by path (unimm/train/optimizer.py): (regex, multiplier of weight_decay), first match
+  # wins, no match → 0. Default: kernels of dense and conv layers; not norms, biases, embeddings, codebooks.
+  t.wd_mults = ((r"(.*/)?kernel", 1.0),)
   t.grad_clip = 1.0
-  t.grad_accum_steps = 1
+  t.grad_accum_steps = 1  # 0: per target (c.targets)
   # Param path prefixes that train ("vision_encoder", "decoder/layer_0", ...); empty: all. Frozen params
   # get no gradient and no optimiser state (a Janus stage names its trainable parts).
   t.trainable = ()
@@ -127,6 +145,28 @@ def embedded_data(c: mlc.ConfigDict, dataset: str) -> None:
   d.image_channels = 3 if dataset == "shapes" else 1
 
 
+def smoke_data(c: mlc.ConfigDict, views: dict) -> None:
+  """A paper recipe's sources as views of the embedded shapes data (32×32 RGB), one per source name the
+  recipe mixes, with the view's keys (`weight`, `text_only`, `caption_first_prob`), and rows sized for it."""
+  c.data.sources = mlc.ConfigDict({name: {"kind": "tfds", "tfds_name": "shapes", "builder_config": "", **view}
+                                   for name, view in views.items()})
+  c.data.image_size = 32
+  c.data.image_channels = 3
+  c.data.seq_len = 256
+  c.data.batch_size = 8
+  c.data.max_images_per_row = 3
+
+
+def smoke_training(c: mlc.ConfigDict, learning_rate: float, steps: int = 24) -> None:
+  """A paper recipe's schedule at `steps` steps: the same shape (warm-up, then cosine to the same fraction
+  of the peak, or constant), checkpoints every 10 steps, no in-training samples or evaluation."""
+  t = c.train
+  fraction = float(t.final_learning_rate) / float(t.learning_rate)
+  t.warmup_steps = max(1, steps // 6) if int(t.warmup_steps) else 0
+  t.num_steps, t.learning_rate, t.final_learning_rate = steps, learning_rate, learning_rate * fraction
+  t.update(log_every=1, checkpoint_every=10, sample_every=0, eval_every=0, final_eval_examples=0)
+
+
 def paper_size(c: mlc.ConfigDict, layers: int, dim: int, heads: int) -> mlc.ConfigDict:
   """A Table 2 size: Llama-2 tokenizer (32k), 4096 tokens, latent 32×32×8 (256 px, VAE /8), patch 2."""
   c.model.backbone.update(num_layers=layers, dim=dim, num_heads=heads)
@@ -134,4 +174,11 @@ def paper_size(c: mlc.ConfigDict, layers: int, dim: int, heads: int) -> mlc.Conf
   c.model.autoencoder.update(kind="kl_vae", downsample=8, latent_channels=8, channel_mults=(1, 2, 4, 4))
   c.model.patch_size = 2
   c.data.image_size = 256
+  paper_mesh(c)
   return c
+
+
+def paper_mesh(c: mlc.ConfigDict) -> None:
+  """FSDP over every device (ZeRO-3: params, gradients and Adam state split N ways, each layer gathered in
+  the scan), what fits the paper sizes on a v5p-256 slice and 64 H100s (docs/scaling.md)."""
+  c.mesh.update(data=1, fsdp=-1)

@@ -63,6 +63,31 @@ def embedded_spec(name: str, builder_config: str = ""):
 
 
 
+# What a consumer of the `shapes_vae` fixture's VAE adds to configs/transfusion/tiny.py:shapes_vae (the
+# fixture trains a narrower VAE than configs/vae/shapes.py, to train in seconds).
+SHAPES_VAE_OVERRIDES = ("--config.model.autoencoder.channels=8",)
+SHAPES_VAE_STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def shapes_vae(data_dir, tmp_path_factory):
+  """A tiny shapes KL-VAE (configs/vae/shapes.py, 8 channels, batch 4) trained through the CLI for 30 steps:
+  its workdir. Its checkpoints dir holds the latent statistics the run measured at its end
+  (latent_stats.json); consumers set --config.model.autoencoder.checkpoint=WORKDIR/checkpoints plus
+  SHAPES_VAE_OVERRIDES, and must not change that dir (copy it first). Tests using it carry
+  `xdist_group("shapes_vae")` so it trains once."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("vae_shapes"))
+  out = subprocess.run([sys.executable, "-m", "unimm.main", "--config=configs/vae/shapes.py", f"--workdir={workdir}",
+                        f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small",
+                        *SHAPES_VAE_OVERRIDES, "--config.data.batch_size=4", "--config.train.warmup_steps=2",
+                        f"--config.train.num_steps={SHAPES_VAE_STEPS}", "--config.train.log_every=10"],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+
 @pytest.fixture(scope="session")
 def shapes_vq(data_dir, tmp_path_factory):
   """A tiny shapes VQ tokenizer (8×8 codes) trained through the CLI for 300 steps, ending with its

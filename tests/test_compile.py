@@ -33,6 +33,22 @@ def test_topologies_parse_to_chips_and_physical_shapes():
     compile_lib.parse_topology("tpu-9000")
 
 
+def test_a_step_that_does_not_fit_says_what_to_change():
+  import types  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/transfusion/160m.py")
+  config.mesh.update(data=-1, fsdp=1)  # pure data parallelism, 16 rows a device
+  mesh = types.SimpleNamespace(shape={"data": 16, "fsdp": 1, "tensor": 1, "sequence": 1})
+  advice = compile_lib.advice(config, mesh)
+  assert "--config.mesh.data=1 --config.mesh.fsdp=-1" in advice[0]
+  assert "--config.model.backbone.remat=qkv_out_proj" in advice[1]  # the next leaner than dots_no_batch
+  assert "--config.train.grad_accum_steps=2" in advice[2] and "--config.model.lm_loss_chunk" in advice[3]
+  config.model.backbone.remat, config.train.grad_accum_steps, config.model.lm_loss_chunk = "full", 16, 512
+  mesh.shape.update(data=1, fsdp=16)
+  assert compile_lib.advice(config, mesh) == [
+      "split the model over more devices (--config.mesh.tensor=k) or use more devices"]
+
+
 def test_collectives_are_counted_from_hlo_text():
   hlo = """
   %all-gather-start.3 = (bf16[4,128]{1,0}, /*index=1*/bf16[16,128]{1,0}) all-gather-start(bf16[4,128]{1,0} %p)

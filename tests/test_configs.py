@@ -111,3 +111,116 @@ def test_janus_tiny_stages(arg):
   assert config.model.vision.to_dict() == load_config("configs/siglip/tiny.py", dataset).model.vision.to_dict()
   with pytest.raises(ValueError, match="stageN"):
     load_config("configs/janus/tiny.py", "stage4")
+
+
+PAPER_CONFIGS = [("configs/transfusion/160m.py", ""), ("configs/transfusion/370m.py", ""),
+                 ("configs/transfusion/760m.py", ""), ("configs/transfusion/1_4b.py", ""),
+                 ("configs/transfusion/7b.py", ""), ("configs/chameleon/7b.py", ""),
+                 *[(f"configs/janus/pro_{size}.py", f"stage{n}") for size in ("1b", "7b") for n in (1, 2, 3)]]
+# What a smoke variant must keep of its recipe (everything but sizes).
+STRUCTURAL = ["model.family", "model.autoencoder.kind", "model.autoencoder.latent_channels", "model.patch_kind",
+              "model.patch_size", "model.prediction", "model.diffusion_weight", "model.num_timesteps", "model.z_loss",
+              "model.guidance", "model.backbone.qk_norm", "model.backbone.dropout", "model.backbone.norm_order",
+              "model.backbone.bidirectional_images", "model.backbone.attention", "model.backbone.remat",
+              "model.backbone.scan", "model.backbone.dtype", "model.vq.code_dim", "model.vq.l2_normalized",
+              "model.vision.feature_layer", "data.tokenizer.model_type", "data.tokenizer.builtin_specials",
+              "data.mix_by", "data.caption_dropout", "data.caption_dropout_mode", "data.caption_first_prob",
+              "data.image_token_weight", "data.train_read_images", "data.split_long_documents", "train.b1",
+              "train.b2", "train.eps", "train.grad_clip", "train.weight_decay", "train.wd_mults", "train.trainable",
+              "train.grad_accum_steps", "mesh", "targets"]
+
+
+def lookup(config, dotted: str):
+  for key in dotted.split("."):
+    config = config[key]
+  return config.to_dict() if hasattr(config, "to_dict") else config
+
+
+@pytest.mark.parametrize("path,stage", PAPER_CONFIGS)
+def test_smoke_variants_keep_the_recipe_and_build(path, stage):
+  from unimm.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  recipe = load_config(path, stage or None)
+  smoke = load_config(path, f"{stage}_smoke" if stage else "smoke")
+  for key in STRUCTURAL:
+    assert lookup(smoke, key) == lookup(recipe, key), key
+  views = lambda c: {name: (float(s.weight), bool(s.get("text_only", False))) for name, s in c.data.sources.items()}
+  assert views(smoke) == views(recipe)  # the same mix of the same kinds of data
+  for name, source in recipe.data.sources.items():  # pair order a recipe fixes (Janus's generation/understanding)
+    if source.get("caption_first_prob") is not None:
+      assert smoke.data.sources[name].caption_first_prob == source.caption_first_prob, name
+  shape = lambda t: (float(t.final_learning_rate) / float(t.learning_rate), int(t.warmup_steps) > 0)
+  assert shape(smoke.train) == shape(recipe.train)  # the schedule's shape: warm-up or not, final / peak
+  assert int(recipe.model.vocab_size) % 128 == 0 and int(smoke.model.vocab_size) % 128 == 0
+  assert smoke.model.backbone.dim < 100 and smoke.train.num_steps >= 20 and smoke.data.image_size == 32
+  params = setup_lib.abstract_params(smoke, None)
+  assert 1e5 < count(params) < 3e6, count(params)  # trains in seconds a step on 2 CPU cores
+
+
+# docs/scaling.md's targets: (chips, platform) → the remat policy and microbatches the bare config resolves to.
+FITTING_DEFAULTS = {
+    ("configs/transfusion/1_4b.py", ""): {(128, "tpu"): ("dots_no_batch", 1), (64, "gpu"): ("dots_no_batch", 1)},
+    ("configs/transfusion/7b.py", ""): {(128, "tpu"): ("dots_no_batch", 1), (64, "gpu"): ("qkv_proj", 1)},
+    ("configs/chameleon/7b.py", ""): {(128, "tpu"): ("dots_no_batch", 1), (64, "gpu"): ("qkv_proj", 1)},
+    ("configs/janus/pro_7b.py", "stage2"): {(128, "tpu"): ("dots_no_batch", 1), (64, "gpu"): ("qkv_proj", 2)},
+    ("configs/janus/pro_7b.py", "stage1"): {(64, "gpu"): ("qkv_proj", 1)},
+    ("configs/janus/pro_7b.py", "stage3"): {(64, "gpu"): ("qkv_proj", 1), (256, "gpu"): ("qkv_proj", 1)},
+}
+
+
+@pytest.mark.parametrize("path,stage", sorted(FITTING_DEFAULTS))
+def test_paper_defaults_are_the_fitting_strategy(path, stage):
+  """The bare config (no overrides) is FSDP over every device with the remat and accumulation that fit each
+  target of docs/scaling.md; explicit values are kept."""
+  import types  # pylint: disable=g-import-not-at-top
+  from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from unimm.parallel import targets  # pylint: disable=g-import-not-at-top
+  config = load_config(path, stage or None)
+  for (chips, platform), (remat, accum) in FITTING_DEFAULTS[(path, stage)].items():
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, chips)))
+    assert shape == {"data": 1, "fsdp": chips, "tensor": 1, "sequence": 1}
+    mesh = types.SimpleNamespace(shape=shape)
+    resolved = targets.resolve_targets(config, platform, targets.rows_per_device(config, mesh))
+    assert (resolved.model.backbone.remat, resolved.train.grad_accum_steps) == (remat, accum), (chips, platform)
+  config.model.backbone.remat, config.train.grad_accum_steps = "full", 4
+  kept = targets.resolve_targets(config, "gpu", 8)
+  assert (kept.model.backbone.remat, kept.train.grad_accum_steps) == ("full", 4)
+
+
+# One per family at paper size (Janus-Pro-7B through the CLI below), and the tiny ones.
+ALL_CONFIGS = [("configs/transfusion/7b.py", ""), ("configs/chameleon/7b.py", ""), ("configs/transfusion/tiny.py", "shapes_vae"), ("configs/chameleon/tiny.py", ""),
+               ("configs/janus/tiny.py", "stage3"), ("configs/siglip/tiny.py", ""), ("configs/tokenizers/tiny.py", ""),
+               ("configs/vae/shapes.py", "")]
+
+
+@pytest.mark.parametrize("path,arg", ALL_CONFIGS)
+def test_param_table_of_every_config(path, arg):
+  """--mode=params' table: one row per parameter, totals that add up, the split the FLOP count uses."""
+  from unimm.train import param_table, setup as setup_lib  # pylint: disable=g-import-not-at-top
+  config = load_config(path, arg or None)
+  vocab = None if int(config.model.vocab_size) else 128
+  rows = param_table.param_rows(config, vocab, 64)
+  totals = param_table.summary(rows, {})
+  assert totals["total"] == count(setup_lib.abstract_params(config, vocab)) == sum(r["count"] for r in rows)
+  assert totals["matmul"] + totals["non_matmul"] == totals["total"] and sum(totals["by_module"].values()) == totals["total"]
+  for r in rows:
+    assert len(r["shape"]) == len(r["logical_axes"]) == len(r["partition_spec"]) == len(r["per_device_shape"])
+    assert r["weight_decay"] == (1.0 if r["path"].endswith("/kernel") else 0.0)
+  if int(config.mesh.fsdp) == -1:  # paper configs: every embed axis split 64 ways
+    embed = next(r for r in rows if r["path"] == "embed/embedding")
+    assert embed["per_device_shape"][1] * 64 == embed["shape"][1]
+
+
+def test_params_mode_prints_the_7b_table(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "-m", "unimm.main", "--mode=params", "--config=configs/janus/pro_7b.py:stage2",
+                        "--topology=h100:64", f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "decoder/layers/attn/q/kernel" in out.stdout and "per device on mesh" in out.stdout
+  table = json.load(open(tmp_path / "params.json"))
+  assert 7.2e9 < table["totals"]["total"] < 7.5e9
+  frozen = {r["path"].split("/")[0] for r in table["rows"] if not r["trains"]}
+  assert frozen == {"vision_encoder"}  # stage II: the ViT stays frozen

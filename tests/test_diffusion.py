@@ -63,7 +63,7 @@ def test_samplers_with_the_true_noise_recover_x0():
   eps = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
   t = jnp.array([999, 500, 10])
   xt = diffusion.add_noise(sched, x0, eps, t)
-  out = diffusion.ddim_step(sched, xt, eps, t, jnp.array([-1, -1, -1]))
+  out = diffusion.ddim_step(sched, xt, eps, t, jnp.array([-1, -1, -1]), clip=1.0)
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-3)
 
 
@@ -82,7 +82,7 @@ def test_ddpm_step_is_the_posterior():
   key = jax.random.key(3)
   z = np.asarray(jax.random.normal(key, x0.shape, jnp.float32))
   got = diffusion.ddpm_step(sched, key, jnp.asarray(xt, jnp.float32), jnp.asarray(eps, jnp.float32),
-                            jnp.array([t]), jnp.array([t - 1]))
+                            jnp.array([t]), jnp.array([t - 1]), clip=1.0)
   np.testing.assert_allclose(np.asarray(got), mean + np.sqrt(var) * z, rtol=1e-4, atol=1e-4)
 
 
@@ -113,3 +113,65 @@ def test_v_prediction_target_and_epsilon_match_reference():
   np.testing.assert_allclose(np.asarray(x0_hat)[0, 1], x0[0, 1], atol=2e-3)
   with pytest.raises(ValueError, match="expected one of"):
     diffusion.target(sched, "x0", f32(x0), f32(noise), t)
+
+
+def numpy_step(abar, x_t, eps, t, t_prev, clip, z=None):
+  """One DDIM (z None) or DDPM (noise z) step per row from t to t_prev in float64, x̂₀ clipped to
+  [-clip, clip] (ε re-derived from it) unless clip is None."""
+  shape = (-1,) + (1,) * (x_t.ndim - 1)
+  a_t = abar[t].reshape(shape)
+  a_prev = np.where(t_prev >= 0, abar[np.maximum(t_prev, 0)], 1.0).reshape(shape)
+  x0 = (x_t - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+  if clip is not None:
+    x0 = np.clip(x0, -clip, clip)
+    eps = (x_t - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
+  if z is None:
+    return np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+  beta = 1 - a_t / a_prev
+  mean = np.sqrt(a_prev) * beta / (1 - a_t) * x0 + np.sqrt(a_t / a_prev) * (1 - a_prev) / (1 - a_t) * x_t
+  return mean + np.where((t_prev >= 0).reshape(shape), np.sqrt(beta * (1 - a_prev) / (1 - a_t)), 0.0) * z
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_x0_is_clipped_only_when_asked(sampler):
+  """Steps and whole samples against float64 NumPy, with an x̂₀ far outside [-1, 1] (a KL-VAE latent's
+  range): clip=None leaves it as it is, clip=c bounds it to [-c, c]."""
+  sched = diffusion.Schedule.cosine(1000)
+  abar = numpy_cosine_alphas_cumprod()
+  rng = np.random.default_rng(4)
+  x0 = rng.uniform(-3, 3, size=(3, 4, 4, 2))
+  eps = rng.normal(size=x0.shape)
+  t, t_prev = np.array([950, 500, 10]), np.array([800, 250, -1])
+  x_t = np.sqrt(abar[t])[:, None, None, None] * x0 + np.sqrt(1 - abar[t])[:, None, None, None] * eps
+  key = jax.random.key(7)
+  z = np.asarray(jax.random.normal(key, x0.shape, jnp.float32), np.float64) if sampler == "ddpm" else None
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+
+  def step(clip):
+    if sampler == "ddim":
+      return diffusion.ddim_step(sched, f32(x_t), f32(eps), jnp.asarray(t), jnp.asarray(t_prev), clip=clip)
+    return diffusion.ddpm_step(sched, key, f32(x_t), f32(eps), jnp.asarray(t), jnp.asarray(t_prev), clip=clip)
+  for clip in (None, 1.0, 2.0):  # float32 x̂₀ = (x_t − √(1-ᾱ)·ε)/√ᾱ cancels at high t: 1e-3
+    np.testing.assert_allclose(np.asarray(step(clip)), numpy_step(abar, x_t, eps, t, t_prev, clip, z),
+                               rtol=1e-3, atol=1e-3)
+  if sampler == "ddim":  # to x₀ (the last row) unclipped, the true ε gives back x₀ itself, beyond ±1
+    np.testing.assert_allclose(np.asarray(step(None))[2], x0[2], atol=1e-3)
+    assert np.abs(x0[2]).max() > 2
+
+  # diffusion.sample hands its clip to every step: 3 steps with a fixed ε (x̂₀ ≈ 160 at t = 999).
+  noise = rng.normal(size=(2, 4, 4, 2))
+  fixed_eps = rng.normal(size=noise.shape)
+  steps = diffusion.timestep_sequence(1000, 3)
+  for clip in (None, 1.0):
+    got = diffusion.sample(sched, lambda x, _: f32(fixed_eps), f32(noise), num_steps=3, clip=clip, guidance=None,
+                           sampler=sampler, rng=key)
+    want, sample_rng = noise, key
+    for i, ti in enumerate(steps):
+      tp = int(steps[i + 1]) if i + 1 < len(steps) else -1
+      zi = None
+      if sampler == "ddpm":
+        sample_rng, sub = jax.random.split(sample_rng)
+        zi = np.asarray(jax.random.normal(sub, noise.shape, jnp.float32), np.float64)
+      want = numpy_step(abar, want, fixed_eps, np.full(2, ti), np.full(2, tp), clip, zi)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-3)
+    assert (np.abs(want).max() > 1) == (clip is None)

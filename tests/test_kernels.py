@@ -145,6 +145,15 @@ def test_splash_matches_reference(dtype):
   check_against_reference(kernel, dtype, length=256, heads=2, kv_heads=1, head_dim=128, bidirectional=True)
 
 
+def test_splash_takes_every_multiple_of_128():
+  """`auto` picks splash on TPU for any length that is a multiple of 128; a length its default 512 block
+  does not divide (640) runs in blocks of 128, matching the reference."""
+  assert [splash.block_for(n) for n in (128, 256, 384, 512, 640, 1536, 4096, 100)] == [128, 256, 384, 512, 128,
+                                                                                          512, 512, 0]
+  check_against_reference(lambda q, k, v, s, i: splash.splash_mixed_attention(q, k, v, s, i, interpret=True),
+                          jnp.float32, length=640, heads=1, kv_heads=1, head_dim=128, bidirectional=True)
+
+
 def test_mixed_flash_lowers_to_triton_for_gpu():
   """Pallas → Triton IR happens at lowering, on any host: what reaches a GPU is a Triton kernel."""
   shape = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
@@ -177,15 +186,17 @@ def test_auto_compiles_splash_for_a_tpu_mesh_with_libtpu():
 
 def test_auto_picks_the_kernel_for_the_backend(monkeypatch):
   resolve = attention.resolve_implementation
-  for backend, want in (("gpu", "pallas"), ("tpu", "splash"), ("cpu", "xla")):
+  # GPU: cuDNN's dense mask, the path that has run on a GPU; the Pallas kernel only by name until then.
+  for backend, want in (("gpu", "cudnn"), ("tpu", "splash"), ("cpu", "xla")):
     monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
     assert resolve("auto", length=4096, head_dim=128) == want
     dense = "cudnn" if backend == "gpu" else "xla"
     assert resolve("auto", length=4096, head_dim=128, decode=True) == dense  # a KV cache
     assert resolve("auto", length=4096, head_dim=128, sequence_sharded=True) == dense
     assert resolve("auto", length=100, head_dim=128) == dense  # the kernels tile by 128
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert resolve("auto", length=640, head_dim=128) == "splash"  # 5 × 128: splash tiles it in blocks of 128
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert resolve("auto", length=4096, head_dim=24) == "cudnn"  # Triton tiles need a power-of-two head
   assert resolve("xla") == "xla" and resolve("pallas", length=256, head_dim=64) == "pallas"
   with pytest.raises(ValueError, match="mesh.sequence"):
     resolve("splash", length=256, head_dim=128, sequence_sharded=True)

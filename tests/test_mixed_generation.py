@@ -66,7 +66,7 @@ def reference_image(task, params, tokens, image_ids, earlier, noise, options):
     _, u = apply_row(task, params, twin, twin_ids, [x2[1]], [t, 0])
     out = jnp.stack([c[0, k], u[0, 0]])
     return task.to_epsilon(out, x2, jnp.full((2,), t, jnp.int32))
-  return diffusion.sample(task.schedule, eps_fn, noise[None], num_steps=options.num_steps,
+  return diffusion.sample(task.schedule, eps_fn, noise[None], num_steps=options.num_steps, clip=task.x0_clip,
                           guidance=options.guidance, sampler=options.sampler)[0]
 
 

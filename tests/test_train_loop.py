@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHAPES_VAE_OVERRIDES
 
 pytestmark = pytest.mark.slow
 
@@ -144,19 +144,14 @@ def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
   assert final["skipped_updates"] == 1.0
 
 
-def test_vae_trains_and_transfusion_uses_it_frozen(data_dir, tmp_path):
-  vae_dir = str(tmp_path / "vae")
-  out = run([sys.executable, "-m", "unimm.main", "--config=configs/vae/shapes.py", f"--workdir={vae_dir}",
-             f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small",
-             "--config.model.autoencoder.channels=8", "--config.data.batch_size=4", "--config.train.num_steps=20",
-             "--config.train.log_every=5", "--config.train.warmup_steps=2"])
-  assert out.returncode == 0, out.stderr[-4000:]
-  rec = [r["reconstruction_loss"] for r in map(json.loads, open(os.path.join(vae_dir, "metrics.jsonl")))]
+@pytest.mark.xdist_group("shapes_vae")
+def test_vae_trains_and_transfusion_uses_it_frozen(data_dir, shapes_vae, tmp_path):
+  rec = [r["reconstruction_loss"] for r in map(json.loads, open(os.path.join(shapes_vae, "metrics.jsonl")))]
   assert rec[-1] < rec[0]
   workdir = str(tmp_path / "latent_transfusion")
   cmd = [c.replace("tiny.py", "tiny.py:shapes_vae") for c in command(data_dir, workdir)]
-  out = run(cmd + [f"--config.model.autoencoder.checkpoint={vae_dir}/checkpoints",
-                   "--config.model.autoencoder.channels=8", "--config.train.num_steps=4",
+  out = run(cmd + [f"--config.model.autoencoder.checkpoint={shapes_vae}/checkpoints", *SHAPES_VAE_OVERRIDES,
+                   "--config.train.num_steps=4",
                    "--config.train.sample_every=4", "--config.train.sample_steps=2", "--config.train.sample_prompts=2"])
   assert out.returncode == 0, out.stderr[-4000:]
   assert sorted(losses(workdir)) == [1, 2, 3, 4]

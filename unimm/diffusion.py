@@ -12,6 +12,9 @@ with β clipped at 0.999. Noising: x_t = √ᾱ_t·x₀ + √(1-ᾱ_t)·ε; the 
 ε; the loss is the mean squared error per image, averaged over real images.
 Samplers (DDPM ancestral and DDIM) step from x_t to an earlier timestep given
 the model's ε; classifier-free guidance mixes conditional and unconditional ε.
+They clip the x₀ estimate to [-c, c] only where the latent space is bounded
+(`x0_clip`): pixels in [-1, 1] yes, a KL-VAE's unbounded latents no, since
+clipping those would cut off real latent values and bias every step.
 """
 
 from __future__ import annotations
@@ -104,8 +107,21 @@ def predict_x0(schedule: Schedule, x_t, eps, t):
   return (x_t - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
 
 
-def ddim_step(schedule: Schedule, x_t, eps, t, t_prev, *, clip: float | None = 1.0):
-  """Deterministic DDIM (η = 0) from t to t_prev (t_prev = -1 means to x₀)."""
+def x0_clip(setting: float, latents_bounded: bool) -> float | None:
+  """The bound samplers clip x̂₀ to, from config `model.clip_x0`: -1 = auto (1.0 where the latents are
+  bounded to [-1, 1], i.e. pixels; None for a KL-VAE's unbounded latents), 0 = off, c > 0 = [-c, c]."""
+  setting = float(setting)
+  if setting == -1:
+    return 1.0 if latents_bounded else None
+  if setting == 0:
+    return None
+  if setting > 0:
+    return setting
+  raise ValueError(f"model.clip_x0={setting}; expected -1 (auto), 0 (off) or c > 0 (clip x̂₀ to [-c, c])")
+
+
+def ddim_step(schedule: Schedule, x_t, eps, t, t_prev, *, clip: float | None):
+  """Deterministic DDIM (η = 0) from t to t_prev (t_prev = -1 means to x₀); clip: x̂₀'s bound or None."""
   x0 = predict_x0(schedule, x_t, eps, t)
   if clip is not None:
     x0 = jnp.clip(x0, -clip, clip)
@@ -116,8 +132,9 @@ def ddim_step(schedule: Schedule, x_t, eps, t, t_prev, *, clip: float | None = 1
   return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
 
 
-def ddpm_step(schedule: Schedule, rng, x_t, eps, t, t_prev, *, clip: float | None = 1.0):
-  """Ancestral DDPM step from t to t_prev (posterior q(x_prev | x_t, x₀̂)), with skipped steps allowed."""
+def ddpm_step(schedule: Schedule, rng, x_t, eps, t, t_prev, *, clip: float | None):
+  """Ancestral DDPM step from t to t_prev (posterior q(x_prev | x_t, x₀̂)), with skipped steps allowed;
+  clip: x̂₀'s bound or None."""
   a_t = _bcast(schedule.alphas_cumprod[t], x_t)
   a_prev = _bcast(jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0), x_t)
   x0 = predict_x0(schedule, x_t, eps, t)
@@ -140,9 +157,12 @@ def guide(eps_cond, eps_uncond, scale: float):
   return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, guidance: float | None = 1.0, sampler: str = "ddim",
-           rng=None):
+def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, clip: float | None, guidance: float | None = 1.0,
+           sampler: str = "ddim", rng=None):
   """Denoises x [N, ...] from pure noise, with classifier-free guidance unless `guidance` is None.
+
+  `clip`: the bound on each step's x̂₀ (None: none), the task's `x0_clip` (no default: a latent
+  space's range is the caller's to know).
 
   With guidance, `eps_fn(x2, t)` returns ε for the 2N rows [conditional;
   unconditional] at integer timestep t (the same x for both halves), mixed by
@@ -161,8 +181,8 @@ def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, guidance: float | N
       eps = guide(eps[:n], eps[n:], guidance)
     tn, tp = jnp.full((n,), t, jnp.int32), jnp.full((n,), t_prev, jnp.int32)
     if sampler == "ddim":
-      x = ddim_step(schedule, x, eps, tn, tp)
+      x = ddim_step(schedule, x, eps, tn, tp, clip=clip)
     else:
       rng, sub = jax.random.split(rng)
-      x = ddpm_step(schedule, sub, x, eps, tn, tp)
+      x = ddpm_step(schedule, sub, x, eps, tn, tp, clip=clip)
   return x

@@ -21,6 +21,12 @@ Modes:
             GPUs) and print its per-device memory, FLOPs and collectives;
             writes WORKDIR/compile.json and the compiled HLO
             (compile.hlo.txt) when --workdir is given.
+  params    print the model's parameter table without making a weight
+            (eval_shape; seconds for a 7B config): path, shape, dtype,
+            logical axes, partition spec and per-device shape on the
+            config's mesh (over --topology's chips if given), weight decay,
+            trains, count; totals by module and the matmul split; writes
+            WORKDIR/params.json when --workdir is given.
 Overrides: ``--config.data.seq_len=512``; variants: ``--config=FILE:digits``.
 """
 
@@ -34,12 +40,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 import numpy as np
 
+from unimm import console
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (FILE[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval", "compile"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval", "compile", "params"],
                           "What to do.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile: the target (v5p-256, v5p:4x4x8, h100:64, cpu:8); "
-                                "see unimm/train/compile.py.")
+                                "see unimm/train/compile.py. params: the chips the mesh spans (default: here).")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 200, "eval: test examples per task.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "sample: JSON-lines requests.")
 _OUT = flags.DEFINE_string("out", None, "sample: output directory.")
@@ -87,7 +95,8 @@ def prepare(config) -> None:
       yield from sources.iter_texts(d.sources[name], "train", d.data_dir, per_source)
 
   tok = tokenizer.train_tokenizer(texts(), path, vocab_size=int(d.tokenizer.vocab_size),
-                                  model_type=d.tokenizer.model_type)
+                                  model_type=d.tokenizer.model_type,
+                                  builtin_specials=bool(d.tokenizer.get("builtin_specials", True)))
   logging.info("Trained tokenizer %s (vocab %d) in %.1fs.", path, tok.vocab_size, time.time() - t0)
 
 
@@ -230,6 +239,31 @@ def compile_step(config, workdir: str | None) -> dict:
   return report
 
 
+def params_table(config, workdir: str | None) -> dict:
+  """--mode=params: the parameter table (see unimm/train/param_table.py)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unimm.train import compile as compile_lib, param_table  # pylint: disable=g-import-not-at-top
+  # A declared vocabulary needs no tokenizer on this machine (families.text_vocabulary).
+  vocab = None if int(config.model.vocab_size) else pipeline.load_tokenizer(config.data).vocab_size
+  devices = compile_lib.parse_topology(_TOPOLOGY.value)[2] if _TOPOLOGY.value else jax.device_count()
+  rows = param_table.param_rows(config, vocab, devices)
+  totals = param_table.summary(rows, dict(zip(("data", "fsdp", "tensor", "sequence"),
+                                              (int(v) for v in _mesh_sizes(config, devices)))))
+  print(param_table.format_table(rows, totals))
+  result = {"rows": rows, "totals": totals}
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "params.json"), "w") as f:
+      json.dump(result, f, indent=1, default=str)
+  return result
+
+
+def _mesh_sizes(config, devices: int) -> tuple:
+  from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.mesh_shape(config.mesh, devices)
+
+
 def jax_process_index() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index()
@@ -237,6 +271,7 @@ def jax_process_index() -> int:
 
 def main(argv):
   del argv
+  console.setup(_WORKDIR.value, console.process_index(_PROCESS_ID.value, _DISTRIBUTED.value))
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/transfusion/tiny.py")
@@ -245,6 +280,9 @@ def main(argv):
     return
   if _MODE.value == "compile":
     compile_step(config, _WORKDIR.value)
+    return
+  if _MODE.value == "params":
+    params_table(config, _WORKDIR.value)
     return
   if not _WORKDIR.value:
     raise app.UsageError(f"--workdir is required for --mode={_MODE.value}")

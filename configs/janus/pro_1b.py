@@ -1,4 +1,4 @@
-"""Janus-Pro-1B: DeepSeek-LLM-1.5B backbone, 24 layers × 2048, 16 heads; `:stage1|stage2|stage3` (configs/janus/paper.py)."""
+"""Janus-Pro-1B: DeepSeek-LLM-1.5B backbone, 24 layers × 2048, 16 heads; `:stage1|stage2|stage3` (`_smoke`: in miniature) (configs/janus/paper.py)."""
 
 from configs.janus import paper
 

@@ -1,12 +1,9 @@
 """Transfusion at the paper's 160M size (Table 2: 16 layers × 768, 12 heads), 4096-token rows.
 
-Needs a trained KL-VAE (config.model.autoencoder.checkpoint) and a real
-tokenizer and dataset; see configs/transfusion/common.py for every key.
-"""
+The recipe and its `:smoke` variant: configs/transfusion/paper.py."""
 
-from configs import common
+from configs.transfusion import paper
 
 
 def get_config(arg=None):
-  del arg
-  return common.paper_size(common.base_config(), layers=16, dim=768, heads=12)
+  return paper.get_transfusion(arg, layers=16, dim=768, heads=12)

@@ -1,12 +1,9 @@
 """Transfusion at the paper's 1.4B size (Table 2: 24 layers × 2048, 16 heads), 4096-token rows.
 
-Needs a trained KL-VAE (config.model.autoencoder.checkpoint) and a real
-tokenizer and dataset; see configs/transfusion/common.py for every key.
-"""
+The recipe and its `:smoke` variant: configs/transfusion/paper.py."""
 
-from configs import common
+from configs.transfusion import paper
 
 
 def get_config(arg=None):
-  del arg
-  return common.paper_size(common.base_config(), layers=24, dim=2048, heads=16)
+  return paper.get_transfusion(arg, layers=24, dim=2048, heads=16)

@@ -1,12 +1,15 @@
 """Transfusion at the paper's 7B size (Table 2: 32 layers × 4096, 32 heads), 4096-token rows.
 
-Needs a trained KL-VAE (config.model.autoencoder.checkpoint) and a real
-tokenizer and dataset; see configs/transfusion/common.py for every key.
+The recipe and its `:smoke` variant: configs/transfusion/paper.py.
+Defaults fit a v5p-256 slice and 64 H100s (docs/scaling.md): FSDP over every device; remat "auto" keeps
+every projection on TPU (`dots_no_batch`) and only q, k, v on GPU (`qkv_proj`: 4 rows a device on 64 H100s
+need it; it recomputes the MLP, ~1/3 more forward FLOPs in the backward pass).
 """
 
-from configs import common
+from configs.transfusion import paper
 
 
 def get_config(arg=None):
-  del arg
-  return common.paper_size(common.base_config(), layers=32, dim=4096, heads=32)
+  c = paper.get_transfusion(arg, layers=32, dim=4096, heads=32, remat="auto")
+  c.targets.gpu.remat = "qkv_proj"
+  return c

@@ -3,7 +3,8 @@
     python -m unimm.main --config=configs/vae/shapes.py --workdir=/tmp/unimm_vae_shapes
 
 configs/transfusion/tiny.py:shapes_vae then uses it frozen
-(--config.model.autoencoder.checkpoint=/tmp/unimm_vae_shapes/checkpoints).
+(--config.model.autoencoder.checkpoint=/tmp/unimm_vae_shapes/checkpoints). The run ends by measuring
+its latents' shift/scale into checkpoints/latent_stats.json (unimm/train/latent_stats.py).
 """
 
 from configs import common

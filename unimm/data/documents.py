@@ -19,8 +19,9 @@ CORRUPT = "corrupt"  # the record does not decode
 EMPTY = "empty"  # no text and no image
 BAD_IMAGE = "bad_image"  # undecodable image, wrong size or wrong channel count
 BAD_TEXT = "bad_text"  # text that is not valid UTF-8
-TOO_LONG = "too_long"  # laid out longer than the row
-TOO_MANY_IMAGES = "too_many_images"  # more images than a row holds
+TOO_LONG = "too_long"  # cannot be split to fit a row (an image longer than the row; any too-long document
+# when data.split_long_documents is False)
+TOO_MANY_IMAGES = "too_many_images"  # an image where rows hold none (more than a row holds, unsplit)
 SKIP_REASONS = (CORRUPT, EMPTY, BAD_IMAGE, BAD_TEXT, TOO_LONG, TOO_MANY_IMAGES)
 
 

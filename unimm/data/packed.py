@@ -6,8 +6,10 @@ A batch is a dict of numpy arrays with a leading batch axis B; per row:
 field             dtype / shape       meaning
 ================  ==================  ===========================================================
 tokens            int32 [T]           text token ids; the IMG placeholder id at image slots
-segment_ids       int32 [T]           document of the pack (1, 2, …); 0 = padding
-positions         int32 [T]           position inside its document (RoPE), 0 at padding
+segment_ids       int32 [T]           document of the pack (1, 2, …; a document longer than the row
+                                      is split into chunks, each its own segment, see `packing`);
+                                      0 = padding
+positions         int32 [T]           position inside its segment (RoPE), 0 at padding
 image_ids         int32 [T]           0 for text; k ≥ 1 for the row's k-th image (k-1 indexes `images`)
 loss_weights      float32 [T]         weight of the next-token target (tokens[t+1]) predicted at t:
                                       0 on padding, on a document's last token and on masked

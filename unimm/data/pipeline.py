@@ -5,8 +5,9 @@ the run's seed, take each of this host's data shards (``[shard::shards]``, one o
 repeat (reshuffled each epoch) for training. Sources are mixed by weight
 (documents drawn in proportion), laid out with a per-element seeded RNG (so a
 restored iterator reproduces caption order and dropout), packed into rows of
-`seq_len`, and batched to the per-host batch. Everything before packing is
-random access, so the iterator state is small and exact.
+`seq_len` (a document longer than a row is split into chunks, see `packing`),
+and batched to the per-host batch. Everything before packing is random access,
+so the iterator state is small and exact.
 
 Config (`config.data`): see `configs/transfusion/tiny.py` for every key. A source entry may
 also say `text_only=True` (use only its text) or `caption_first_prob=p` (this source's pair order),
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from absl import logging
 import grain
 import numpy as np
 
@@ -92,9 +94,34 @@ class _Layout(grain.transforms.RandomMap):
     return layout.layout_document(element, self._tokenizer, self._opts, rng)
 
 
-def mixture(data_config, split: str, *, shard: int, shards: int, seed: int,
-            num_epochs: int | None) -> grain.MapDataset:
-  """The weighted mixture of one data shard of every source: `Document | Skipped`."""
+def mean_document_tokens(ds: grain.MapDataset, tokenizer: Tokenizer, opts: layout.LayoutOptions,
+                         sample: int = 256) -> float:
+  """The mean laid-out length of a source's first `sample` documents (skipped records not counted).
+  Read before shuffling and sharding, so every host finds the same value."""
+  rng = np.random.default_rng(0)  # pair order and caption dropout, as the layout draws them
+  lengths = []
+  for i in range(min(sample, len(ds))):
+    doc = ds[i]
+    fragment = doc if isinstance(doc, documents.Skipped) else layout.layout_document(doc, tokenizer, opts, rng)
+    if isinstance(fragment, dict):
+      lengths.append(len(fragment["tokens"]))
+  if not lengths:
+    raise ValueError(f"none of the first {sample} records of a source lays out as a document: its token share "
+                     "cannot be measured (data.mix_by='tokens'); check the source")
+  return float(np.mean(lengths))
+
+
+def mixture(data_config, split: str, *, shard: int, shards: int, seed: int, num_epochs: int | None,
+            tokenizer: Tokenizer | None = None) -> grain.MapDataset:
+  """The weighted mixture of one data shard of every source: `Document | Skipped`.
+
+  `data.mix_by='documents'`: a source's weight is its share of documents. `'tokens'`: its share of
+  tokens (the Transfusion paper's 1:1 text : image-caption tokens); each source's document weight is then
+  weight / its mean laid-out document length (`mean_document_tokens`, needs `tokenizer`).
+  """
+  if data_config.mix_by not in ("documents", "tokens"):
+    raise ValueError(f"data.mix_by={data_config.mix_by!r}; expected 'documents' or 'tokens'")
+  by_tokens = data_config.mix_by == "tokens"
   names = sorted(data_config.sources.keys())
   if not names:
     raise ValueError("config.data.sources is empty; name at least one source.")
@@ -108,6 +135,11 @@ def mixture(data_config, split: str, *, shard: int, shards: int, seed: int,
     text_only, caption_first = bool(spec.get("text_only", False)), spec.get("caption_first_prob", None)
     if text_only or caption_first is not None:
       ds = ds.map(_SourceView(text_only, None if caption_first is None else float(caption_first)))
+    if by_tokens:
+      mean = mean_document_tokens(ds, tokenizer, layout.LayoutOptions.from_config(data_config))
+      weight /= mean
+      logging.info("Source %s: %.1f tokens per document; token weight %s → document weight %.4g.", name, mean,
+                   spec.get("weight", 1.0), weight)
     if seed is not None:
       ds = ds.shuffle(seed=seed + 7919 * i)
     ds = ds[shard::shards]
@@ -162,13 +194,14 @@ def _shard_batches(config, split: str, shard: int, shards: int, *, num_epochs: i
   tokenizer = load_tokenizer(d)
   opts = layout.LayoutOptions.from_config(d)
   seed = int(config.seed) if shuffle else None
-  docs = mixture(d, split, shard=shard, shards=shards, seed=seed, num_epochs=num_epochs)
+  docs = mixture(d, split, shard=shard, shards=shards, seed=seed, num_epochs=num_epochs, tokenizer=tokenizer)
   fragments = docs.random_map(_Layout(tokenizer, opts), seed=int(config.seed) + 7907 * shard)
   it = fragments.to_iter_dataset(grain.ReadOptions(
       num_threads=int(d.read_threads), prefetch_buffer_size=int(d.read_prefetch)))
   rows = packing.PackIterDataset(
       it, seq_len=int(d.seq_len), max_images=int(d.max_images_per_row), image_shape=opts.image_shape,
-      pad_id=tokenizer.specials.pad, num_bins=int(d.packing_bins))
+      pad_id=tokenizer.specials.pad, num_bins=int(d.packing_bins),
+      split_long_documents=bool(d.split_long_documents))
   return rows.batch(batch_size, drop_remainder=num_epochs is None)
 
 

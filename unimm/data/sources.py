@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 from typing import Any, Callable
 
+from absl import logging
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -39,6 +40,8 @@ def prepare_embedded(spec, data_dir: str) -> None:
     return
   builder = EMBEDDED[name](data_dir=data_dir, config=spec.get("builder_config") or None,
                            file_format="array_record")
+  if not builder.data_path.exists():
+    logging.info("Writing the embedded dataset %s to %s (once).", _tfds_name(spec), builder.data_dir)
   builder.download_and_prepare()
 
 

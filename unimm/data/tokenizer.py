@@ -103,19 +103,23 @@ class Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], path: str, *, vocab_size: int,
-                    model_type: str = "bpe") -> Tokenizer:
+                    model_type: str = "bpe", builtin_specials: bool = True) -> Tokenizer:
   """Trains a sentencepiece model on `texts` offline and writes it to `path`.
 
   Specials are control symbols: they have ids but raw text never encodes to them.
+  `builtin_specials=False` trains a model laid out like Llama's (unk, BOS, EOS and
+  text pieces only), so unimm's specials are appended after its `vocab_size` ids,
+  as they are for an external model (the vocabulary rule then has to cover them).
   `hard_vocab_limit=False` lets a small corpus (the embedded datasets' captions)
   end with fewer pieces than asked instead of failing.
   """
   buf = io.BytesIO()
+  ids = (dict(pad_id=0, bos_id=1, eos_id=2, unk_id=3, control_symbols=[BOI, EOI, IMG, *RESERVED])
+         if builtin_specials else dict(pad_id=-1, bos_id=1, eos_id=2, unk_id=0))
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
-      model_type=model_type, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-      control_symbols=[BOI, EOI, IMG, *RESERVED], hard_vocab_limit=False,
-      character_coverage=1.0, byte_fallback=False, minloglevel=2)
+      model_type=model_type, hard_vocab_limit=False,
+      character_coverage=1.0, byte_fallback=False, minloglevel=2, **ids)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:

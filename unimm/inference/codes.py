@@ -173,6 +173,10 @@ class CodeTextGenerator(_CodeSteps, text_lib.TextGenerator):
 
   draws_images_always = True  # after BOI only codes are allowed, so a BOI always becomes an image
 
+  @property
+  def padding_ids(self) -> tuple[int, int]:
+    return self.task.tokenizer_ids, self.task.text_vocab  # codes follow the padded text vocabulary
+
   def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None,
                options: CodeSampling = CodeSampling()):
     self._init_steps(task, params, specials, placement)

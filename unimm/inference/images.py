@@ -105,7 +105,7 @@ class ImageGenerator:
       return self.task.to_epsilon(out[rows_index, image_index], x2, jnp.full((b,), t, jnp.int32))
 
     noise = jax.random.normal(rng, (n, *self.model.latent_shape), jnp.float32)
-    return diffusion.sample(self.task.schedule, eps_fn, noise, num_steps=options.num_steps,
+    return diffusion.sample(self.task.schedule, eps_fn, noise, num_steps=options.num_steps, clip=self.task.x0_clip,
                             guidance=options.guidance, sampler=options.sampler, rng=jax.random.fold_in(rng, 1))
 
   def to_pixels(self, latents) -> np.ndarray:

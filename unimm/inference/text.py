@@ -46,6 +46,15 @@ def sample_tokens(logits, rng, opts: SamplingOptions):
   return jax.random.categorical(rng, logits, axis=-1)
 
 
+def mask_id_range(logits, start: int, stop: int):
+  """Logits [B, V] with ids in [start, stop) ruled out: the padding rows of a vocabulary rounded up past
+  the tokenizer's ids (`families.text_vocabulary`), which no tokenizer can decode. start 0: nothing."""
+  if not 0 < start < stop:
+    return logits
+  ids = jnp.arange(logits.shape[-1])
+  return jnp.where((ids >= start) & (ids < stop), -jnp.inf, logits)
+
+
 def mask_generator_tokens(logits, specials, images_full):
   """Logits [B, V] with EOI, IMG and PAD ruled out, and BOI where images_full [B]."""
   ids = jnp.arange(logits.shape[-1])
@@ -89,6 +98,11 @@ class TextGenerator:
   # -- what a family changes (`unimm.inference.codes` for image-code families) -------------------
 
   draws_images_always = False  # True: a sampled BOI always starts an image, even in `generate`
+
+  @property
+  def padding_ids(self) -> tuple[int, int]:
+    """[start, stop): the vocabulary's padding ids past the tokenizer's, never sampled."""
+    return self.task.tokenizer_ids, self.model.vocab_size
 
   def _step_fn(self, params, cache, tokens, positions, segments, image_ids, latents):
     t = jnp.zeros((tokens.shape[0], self.model.max_images), jnp.int32)  # images a row reads are clean
@@ -154,6 +168,7 @@ class TextGenerator:
     out = [Generation([], []) for _ in range(b)]
     while not done.all():
       rng, sub, image_rng = jax.random.split(rng, 3)
+      logits = mask_id_range(logits, *self.padding_ids)
       if drawing:
         logits = self._mask(logits, jnp.asarray(image_count >= m))
       new = np.asarray(sample_tokens(logits, sub, options))

@@ -26,8 +26,16 @@ def _mask(segment_ids, image_ids, bidirectional_images: bool):
   return mask | padding_self
 
 
-def _block_sizes(length: int, block: int) -> splash.BlockSizes:
-  b = min(block, length)
+def block_for(length: int, block: int = 512) -> int:
+  """The largest multiple of 128 that is at most `block` and divides `length` (splash tiles rows by it);
+  0 if none does (the length is not a multiple of 128)."""
+  for b in range(min(block, length) // 128 * 128, 0, -128):
+    if length % b == 0:
+      return b
+  return 0
+
+
+def _block_sizes(b: int) -> splash.BlockSizes:
   return splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
@@ -44,16 +52,17 @@ def _row_kernel(mask, block_sizes, interpret):
 
 def splash_mixed_attention(q, k, v, segment_ids, image_ids, *, bidirectional_images: bool = True,
                            block: int = 512, interpret: bool = False):
-  """q [B, T, N, H], k/v [B, T, K, H] (K divides N), ids [B, T] → [B, T, N, H]."""
+  """q [B, T, N, H], k/v [B, T, K, H] (K divides N), ids [B, T] → [B, T, N, H]. Tiles of the largest
+  multiple of 128 up to `block` that divides T (T = 640 runs in blocks of 128)."""
   length, head_dim = q.shape[1], q.shape[3]
   if k.shape[1] != length:
     raise ValueError(f"splash attention here is for training rows (keys = queries): {k.shape[1]} keys, "
                      f"{length} queries; decoding with a KV cache uses the xla path")
-  b = min(block, length)
-  if length % b or b % 128:
-    raise ValueError(f"sequence length {length} with splash block {b}: TPU splash needs the length to be a "
-                     "multiple of a block that is a multiple of 128; use attention='xla'")
-  block_sizes = _block_sizes(length, block)
+  b = block_for(length, block)
+  if not b:
+    raise ValueError(f"sequence length {length}: TPU splash tiles rows in blocks of a multiple of 128, so the "
+                     "length must be a multiple of 128; use attention='xla' (or set data.seq_len to one)")
+  block_sizes = _block_sizes(b)
   mask = _mask(segment_ids, image_ids, bidirectional_images)
 
   def row(q, k, v, mask):  # [N, T, H] per row, as splash wants

@@ -7,8 +7,17 @@
   through the common trainer on the images of packed rows with its own config
   (configs/vae/): reconstruction (L2 or L1) + a small KL; LDM's perceptual and
   adversarial terms are not implemented. It is then used frozen: the family's
-  config names its checkpoint. Latents are multiplied by `scale` so the
-  diffusion sees roughly unit variance.
+  config names its checkpoint.
+
+A KL-VAE's latents are unbounded and of whatever spread training left them, so
+the diffusion sees z' = (z − shift)·scale (diffusers' `shift_factor` and
+`scaling_factor`): by default shift 0 and scale 1/std of the posterior samples of
+the first `stats_images` training images, measured once per VAE run and stored
+beside its checkpoints (`unimm.train.latent_stats`; `stats_center` also takes
+shift = their mean). A consumer gets them with the params (`FrozenVAE`) unless its
+config pins `scale` > 0 (and `shift`), e.g. 0.18215 for an imported SD VAE.
+`scale` 0 in a config means "from the VAE run"; encoding with it unresolved is an
+error. The identity autoencoder has no statistics: pixels are already in [-1, 1].
 
 `encode(images uint8 [..., H, W, C], rng) → latents`, `decode(latents) → float
 pixels in [-1, 1]`; `to_uint8` turns those into images.
@@ -17,8 +26,9 @@ pixels in [-1, 1]`; `to_uint8` turns those into images.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,8 +55,14 @@ class AutoencoderConfig:
   channels: int = 64
   channel_mults: tuple[int, ...] = (1, 2, 2)
   blocks_per_level: int = 1
-  scale: float = 1.0  # latent scaling for diffusion
+  # kl_vae latents as the diffusion sees them: (z − shift)·scale. Configs default to scale 0 = from the
+  # VAE run's latent_stats.json (resolved when the frozen VAE is loaded); scale > 0 pins both. Built
+  # directly, the module's default is the raw latents.
+  shift: float = 0.0
+  scale: float = 1.0
   checkpoint: str = ""  # kl_vae weights (an orbax checkpoint dir) when used frozen
+  stats_images: int = 1024  # training images the latent statistics are measured on
+  stats_center: bool = False  # True: shift = the latents' mean (else 0); scale = 1/std about the mean either way
 
   @classmethod
   def from_config(cls, cfg) -> "AutoencoderConfig":
@@ -54,6 +70,18 @@ class AutoencoderConfig:
     if "channel_mults" in kw:
       kw["channel_mults"] = tuple(kw["channel_mults"])
     return cls(**kw)
+
+  def pinned_latent_stats(self) -> tuple[float, float] | None:
+    """(shift, scale) when the config pins them (scale > 0); None: they come from the VAE run."""
+    if self.scale > 0:
+      return float(self.shift), float(self.scale)
+    if self.scale < 0:
+      raise ValueError(f"model.autoencoder.scale={self.scale}; expected 0 (from the VAE run's latent "
+                       "statistics) or > 0 (pinned, e.g. 0.18215 for an SD VAE)")
+    if self.shift:
+      raise ValueError(f"model.autoencoder.shift={self.shift} is only used with a pinned scale: set "
+                       "model.autoencoder.scale > 0 too, or shift=0 to take both from the VAE run")
+    return None
 
   def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     h, w, c = image_shape
@@ -63,6 +91,17 @@ class AutoencoderConfig:
       raise ValueError(f"kl_vae with channel_mults {self.channel_mults} downsamples by "
                        f"{2 ** (len(self.channel_mults) - 1)}, but downsample={self.downsample}")
     return h // self.downsample, w // self.downsample, self.latent_channels
+
+
+@flax.struct.dataclass
+class FrozenVAE:
+  """A trained KL-VAE's params with the latent shift/scale its consumers use (resolved once, by
+  `unimm.train.latent_stats.resolve`, so training, eval and sampling read the same values). A pytree
+  whose leaves are the params (shift and scale are static), so shape-only tracing can take it."""
+
+  params: Any
+  shift: float = flax.struct.field(pytree_node=False, default=0.0)
+  scale: float = flax.struct.field(pytree_node=False, default=1.0)
 
 
 class SpatialAttention(nn.Module):
@@ -147,13 +186,24 @@ class KLVAE(nn.Module):
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
+  def _latent_scale(self) -> float:
+    if not self.cfg.scale > 0:
+      raise ValueError(
+          f"KL-VAE latent scale {self.cfg.scale} is unresolved: load the frozen VAE with "
+          "unimm.train.loop.load_frozen_codec (it reads or measures the VAE run's latent statistics) or pass "
+          "FrozenVAE(params, shift, scale), or pin --config.model.autoencoder.scale=S > 0.")
+    return self.cfg.scale
+
   def encode(self, images, rng=None):
+    """(z − shift)·scale for a posterior sample z (its mean when rng is None)."""
+    scale = self._latent_scale()
     mean, logvar = self.posterior(images)
     z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-    return z * self.cfg.scale
+    return (z - self.cfg.shift) * scale
 
   def decode(self, latents):
-    return self.decoder(latents / self.cfg.scale)
+    """Pixels in [-1, 1] (unclipped) for latents as `encode` returns them."""
+    return self.decoder(latents / self._latent_scale() + self.cfg.shift)
 
   def __call__(self, images, rng):
     """Reconstruction in [-1, 1], mean, logvar (for training)."""

@@ -43,7 +43,8 @@ class ChameleonModel(nn.Module):
                        "bidirectional_images=False (attention must stay causal inside images).")
     self.embed = layers.Embed(self.vocab_size, c.dim, dtype=c.compute_dtype)
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=c.compute_dtype)
+    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=c.compute_dtype,
+                                       out_dtype=jnp.float32)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
     ids = jnp.zeros((batch, length), jnp.int32)
@@ -52,8 +53,7 @@ class ChameleonModel(nn.Module):
   def __call__(self, tokens, positions, segment_ids, image_ids):
     """Token ids (codes already in the image slots) → logits [B, T, V] (float32)."""
     h = self.decoder(self.embed(tokens), positions, segment_ids, image_ids)
-    logits = self.lm_head(h).astype(jnp.float32)
-    return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    return layers.constrain(self.lm_head(h), ("act_batch", "act_length", "act_vocab"))
 
 
 def place_codes(tokens, image_ids, code_tokens):
@@ -74,6 +74,7 @@ class ChameleonTask:
   text_vocab: int  # image code c is token text_vocab + c
   image_shape: tuple[int, int, int]
   z_loss: float = 0.0
+  tokenizer_ids: int = 0  # ids the text tokenizer emits; [tokenizer_ids, text_vocab) is padding, never sampled
 
   def __post_init__(self):
     k = self.tokenizer.cfg.codebook_size

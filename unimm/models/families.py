@@ -9,19 +9,68 @@ encoder they are built on, trained through the same trainer).
 
 from __future__ import annotations
 
+import dataclasses
+
 from unimm import diffusion
 from unimm.models import autoencoders, backbone, chameleon, janus, transfusion, vit, vq
+
+
+def with_latent_stats(ae: autoencoders.AutoencoderConfig, frozen_codec):
+  """(the autoencoder config with the latent shift/scale the diffusion uses, the VAE's params). A
+  `FrozenVAE` (`loop.load_frozen_codec`, `random_frozen_codec`) carries them resolved; bare params keep
+  the config's, which must then be pinned (scale > 0) before anything is encoded."""
+  ae.pinned_latent_stats()  # checks the config's shift/scale
+  if isinstance(frozen_codec, autoencoders.FrozenVAE):
+    resolved = dataclasses.replace(ae, shift=float(frozen_codec.shift), scale=float(frozen_codec.scale))
+    return resolved, frozen_codec.params
+  return ae, frozen_codec
+
+
+VOCAB_MULTIPLE = 128  # model vocabularies are padded to it (tiles of the embedding and the LM head)
+
+
+def padded_vocabulary(ids: int) -> int:
+  """`ids` rounded up to a multiple of VOCAB_MULTIPLE."""
+  return -(-int(ids) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def text_vocabulary(config, tokenizer_ids: int | None) -> int:
+  """The model's text vocabulary: `config.model.vocab_size` when the config declares one (paper configs
+  do, so compiling needs no tokenizer), else the tokenizer's id count rounded up to a multiple of 128.
+
+  `tokenizer_ids`: how many ids the tokenizer emits (its pieces plus the specials unimm appends; None:
+  no tokenizer at hand). A declared vocabulary must hold them: an id past the model's rows would read a
+  NaN embedding (Transfusion), an image code's (Chameleon) or a clipped target (Janus). Ids between the
+  tokenizer's and the model's size are padding: no tokenizer emits them, so they are never targets, and
+  the generators never sample them.
+  """
+  declared = int(config.model.vocab_size)
+  if declared <= 0:
+    if tokenizer_ids is None:
+      raise ValueError("config.model.vocab_size=0 sizes the vocabulary from the tokenizer, and none was given; "
+                       "declare the vocabulary (e.g. --config.model.vocab_size=32128) or load the tokenizer")
+    return padded_vocabulary(tokenizer_ids)
+  if tokenizer_ids is not None and int(tokenizer_ids) > declared:
+    raise ValueError(
+        f"config.model.vocab_size={declared} is smaller than the tokenizer's {int(tokenizer_ids)} ids "
+        "(its pieces plus the specials unimm appends: PAD, BOI, EOI, IMG and 16 reserved ids, where the model "
+        f"lacks them; tokenizer {config.data.tokenizer.path!r}). Set --config.model.vocab_size="
+        f"{padded_vocabulary(tokenizer_ids)} (the next "
+        "multiple of 128) or 0 (sized from the tokenizer).")
+  return declared
 
 
 def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.TransfusionTask:
   m, d = config.model, config.data
   ae = autoencoders.AutoencoderConfig.from_config(m.autoencoder)
+  if ae.kind != "identity":
+    ae, frozen_codec = with_latent_stats(ae, frozen_codec)
   image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
   if ae.kind != "identity" and frozen_codec is None and not ae.checkpoint:
     raise ValueError("config.model.autoencoder.kind='kl_vae' needs config.model.autoencoder.checkpoint "
                      "(train one with configs/vae/...) or frozen params passed in.")
   model = transfusion.TransfusionModel(
-      vocab_size=int(m.vocab_size) or vocab_size,
+      vocab_size=text_vocabulary(config, vocab_size),
       backbone=backbone.BackboneConfig.from_config(m.backbone),
       latent_shape=ae.latent_shape(image_shape),
       max_images=int(d.max_images_per_row),
@@ -30,7 +79,9 @@ def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.
   return transfusion.TransfusionTask(
       model=model, autoencoder=ae, schedule=diffusion.Schedule.cosine(int(m.num_timesteps)),
       diffusion_weight=float(m.diffusion_weight), prediction=str(m.prediction), z_loss=float(m.z_loss),
-      frozen_autoencoder=frozen_codec, image_shape=image_shape, lm_loss_chunk=int(m.lm_loss_chunk))
+      frozen_autoencoder=frozen_codec, image_shape=image_shape, lm_loss_chunk=int(m.lm_loss_chunk),
+      tokenizer_ids=vocab_size or 0,
+      clip_x0=float(m.get("clip_x0", -1.0)))
 
 
 def autoencoder_task(config, vocab_size: int, frozen_codec=None) -> autoencoders.AutoencoderTask:
@@ -52,12 +103,13 @@ def chameleon_task(config, vocab_size: int, frozen_codec=None) -> chameleon.Cham
     raise ValueError("family chameleon needs a trained VQ tokenizer: set config.model.vq.checkpoint to a "
                      "configs/tokenizers/... run's checkpoints dir (or pass its params).")
   image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
-  text_vocab = int(m.vocab_size) or vocab_size
+  text_vocab = text_vocabulary(config, vocab_size)
   model = chameleon.ChameleonModel(
       vocab_size=text_vocab + cfg.codebook_size, backbone=backbone.BackboneConfig.from_config(m.backbone),
       max_images=int(d.max_images_per_row), slots=int(d.image_slots))
   return chameleon.ChameleonTask(model=model, tokenizer=vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer=frozen_codec,
-                                 text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss))
+                                 text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss),
+                                 tokenizer_ids=vocab_size or 0)
 
 
 def tokenizer_task(config, vocab_size: int, frozen_codec=None) -> vq.TokenizerTask:
@@ -76,7 +128,7 @@ def janus_task(config, vocab_size: int, frozen_codec=None) -> janus.JanusTask:
                      "configs/tokenizers/... run's checkpoints dir (or pass its params).")
   d = config.data
   image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
-  return janus.build(config, int(config.model.vocab_size) or vocab_size, frozen_codec, image_shape)
+  return janus.build(config, text_vocabulary(config, vocab_size), frozen_codec, image_shape, tokenizer_ids=vocab_size)
 
 
 def siglip_task(config, vocab_size: int, frozen_codec=None) -> vit.SigLIPTask:
@@ -86,7 +138,7 @@ def siglip_task(config, vocab_size: int, frozen_codec=None) -> vit.SigLIPTask:
   cfg = vit.ViTConfig.from_config(m.vision)
   cfg.grid((int(config.data.image_size),) * 2)  # checks the patch size divides the images
   model = vit.SigLIPModel(vit=cfg, text=backbone.BackboneConfig.from_config(m.siglip_text),
-                          vocab_size=int(m.vocab_size) or vocab_size, loss=vit.SigLIPLoss.from_config(m.siglip))
+                          vocab_size=text_vocabulary(config, vocab_size), loss=vit.SigLIPLoss.from_config(m.siglip))
   return vit.SigLIPTask(model=model, max_images=int(config.data.max_images_per_row))
 
 
@@ -117,12 +169,18 @@ def random_frozen_codec(config, seed: int = 0):
   ae = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
   if config.model.family == "transfusion" and ae.kind == "kl_vae":
     vae = autoencoders.KLVAE(ae, image.shape[-1])
-    return nn.meta.unbox(jax.jit(vae.init)(jax.random.key(seed), image, jax.random.key(1))["params"])
+    params = nn.meta.unbox(jax.jit(vae.init)(jax.random.key(seed), image, jax.random.key(1))["params"])
+    return autoencoders.FrozenVAE(params, shift=0.0, scale=1.0)  # random weights: no statistics to read
   return None
 
 
-def build_task(config, vocab_size: int, **kwargs):
+def build_task(config, vocab_size: int | None, **kwargs):
+  """`config`'s task; `vocab_size`: the ids the tokenizer emits (None: none at hand, the config declares
+  the vocabulary — see `text_vocabulary`)."""
   family = config.model.family
+  if config.model.backbone.remat == "auto":  # built outside a training setup (eval, sample, tools): this host's
+    from unimm.parallel import targets  # pylint: disable=g-import-not-at-top
+    config = targets.resolve_targets(config, targets.platform_of())
   if family not in FAMILIES:
     raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
   return FAMILIES[family](config, vocab_size, **kwargs)

@@ -45,11 +45,13 @@ class Adaptor(nn.Module):
   features: int
   dtype: jnp.dtype
   out_name: str = "embed"
+  out_dtype: jnp.dtype | None = None  # float32 for the image head (logits), as the LM head's
 
   @nn.compact
   def __call__(self, x):
     h = layers.dense(self.hidden, "embed_in", "mlp", dtype=self.dtype, name="fc1")(x.astype(self.dtype))
-    return layers.dense(self.features, "mlp", self.out_name, dtype=self.dtype, name="fc2")(nn.gelu(h))
+    return layers.dense(self.features, "mlp", self.out_name, dtype=self.dtype, out_dtype=self.out_dtype,
+                        name="fc2")(nn.gelu(h))
 
 
 class JanusModel(nn.Module):
@@ -80,8 +82,8 @@ class JanusModel(nn.Module):
                                 (self.codebook_size, self.code_dim), jnp.float32)
     self.gen_aligner = Adaptor(c.dim, c.dim, dt)
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.text_vocab,), ("embed",), ("vocab",), dtype=dt)
-    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name="vocab")
+    self.lm_head = layers.DenseGeneral((self.text_vocab,), ("embed",), ("vocab",), dtype=dt, out_dtype=jnp.float32)
+    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name="vocab", out_dtype=jnp.float32)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
     ids = jnp.zeros((batch, length), jnp.int32)
@@ -109,7 +111,7 @@ class JanusModel(nn.Module):
       read = (image_ids > 0) & ~is_code
       x = jnp.where(read[..., None], self.read_embeddings(images, image_ids).astype(x.dtype), x)
     h = self.decoder(x, positions, segment_ids, image_ids)
-    logits = jnp.concatenate([self.lm_head(h).astype(jnp.float32), self.gen_head(h).astype(jnp.float32)], -1)
+    logits = jnp.concatenate([self.lm_head(h), self.gen_head(h)], -1)
     return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
@@ -186,7 +188,7 @@ def vision_params(restored):
   return restored["image_encoder"]
 
 
-def build(config, text_vocab: int, frozen_tokenizer, image_shape) -> JanusTask:
+def build(config, text_vocab: int, frozen_tokenizer, image_shape, tokenizer_ids: int | None = None) -> JanusTask:
   m, d = config.model, config.data
   cfg = vq.VQConfig.from_config(m.vq)
   model = JanusModel(text_vocab=text_vocab, codebook_size=cfg.codebook_size, code_dim=cfg.code_dim,
@@ -194,4 +196,5 @@ def build(config, text_vocab: int, frozen_tokenizer, image_shape) -> JanusTask:
                      vision=vit_lib.ViTConfig.from_config(m.vision), max_images=int(d.max_images_per_row),
                      slots=int(d.image_slots), image_shape=tuple(image_shape))
   return JanusTask(model=model, tokenizer=vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer=frozen_tokenizer,
-                   text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss))
+                   text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss),
+                   tokenizer_ids=tokenizer_ids or 0)

@@ -12,6 +12,7 @@ Logical names used here (params / activations):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -50,6 +51,9 @@ class DenseGeneral(nn.Module):
   num_in_axes: int = 1
   dtype: Dtype = jnp.float32
   init_scale: float = 1.0
+  # The output's dtype (the matmul accumulates in it; None: `dtype`). Output heads ask for float32: bf16
+  # logits are spaced 0.0625 in [8, 16), too coarse for the softmax and the z-loss.
+  out_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -63,7 +67,8 @@ class DenseGeneral(nn.Module):
         (*in_shape, *self.features), jnp.float32)
     lhs = tuple(range(x.ndim - self.num_in_axes, x.ndim))
     rhs = tuple(range(self.num_in_axes))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((lhs, rhs), ((), ())))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((lhs, rhs), ((), ())),
+                               preferred_element_type=self.out_dtype)
 
 
 def rope(x, positions, *, theta: float = 10000.0):
@@ -152,8 +157,10 @@ def group_norm(channels: int, groups: int = 8, *, dtype: Dtype = jnp.float32, na
 
 
 def dense(features: int, in_name: str = "embed_in", out_name: str = "conv_out", *, dtype: Dtype = jnp.float32,
-          name: str | None = None):
-  """A biased dense layer with named params (for conv stacks; the backbone uses DenseGeneral)."""
-  return nn.Dense(features, dtype=dtype, name=name,
+          out_dtype: Dtype | None = None, name: str | None = None):
+  """A biased dense layer with named params (for conv stacks; the backbone uses DenseGeneral); `out_dtype`
+  as DenseGeneral's (float32 for output heads)."""
+  dot = None if out_dtype is None else functools.partial(jax.lax.dot_general, preferred_element_type=out_dtype)
+  return nn.Dense(features, dtype=dtype, name=name, dot_general=dot,
                   kernel_init=_named(nn.initializers.lecun_normal(), (in_name, out_name)),
                   bias_init=_named(nn.initializers.zeros, (out_name,)))

@@ -83,7 +83,7 @@ class TransfusionModel(nn.Module):
     else:
       raise ValueError(f"patch kind {self.patch_kind!r}; expected 'linear' or 'unet'")
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=dt)
+    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=dt, out_dtype=jnp.float32)
 
   @property
   def slots(self) -> int:
@@ -111,8 +111,7 @@ class TransfusionModel(nn.Module):
       if self.is_initializing():
         self.lm_head(h[:, :1])  # create the head's params
       return h, eps.astype(jnp.float32)
-    logits = self.lm_head(h).astype(jnp.float32)
-    logits = layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    logits = layers.constrain(self.lm_head(h), ("act_batch", "act_length", "act_vocab"))
     return logits, eps.astype(jnp.float32)
 
 
@@ -133,7 +132,7 @@ def chunked_cross_entropy(hidden, kernel, targets, weights, *, chunk: int, z_los
   the backward pass (jax.checkpoint), so the memory is B·chunk·V instead of
   B·T·V (float32 logits and their gradient: 4 GiB each at 8×4096 rows and a 32k
   vocabulary) for one more LM-head matmul. Same numerics as the model's head:
-  a `dtype` matmul, float32 softmax.
+  a `dtype` matmul with float32 output, float32 softmax.
   """
   b, t, d = hidden.shape
   if t % chunk:
@@ -143,8 +142,9 @@ def chunked_cross_entropy(hidden, kernel, targets, weights, *, chunk: int, z_los
   @jax.checkpoint
   def one_chunk(sums, xs):
     h, y, w = xs
-    logits = jax.lax.dot_general(h.astype(dtype), kernel.astype(dtype), (((2,), (0,)), ((), ())))
-    logits = layers.constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+    logits = jax.lax.dot_general(h.astype(dtype), kernel.astype(dtype), (((2,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    logits = layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
     ce, z = cross_entropy(logits, y, w, z_loss)
     return (sums[0] + ce, sums[1] + z), None
 
@@ -166,6 +166,13 @@ class TransfusionTask:
   image_shape: tuple[int, int, int] = (0, 0, 0)  # H, W, C of the pixels the autoencoder takes
   prediction: str = "epsilon"  # what the patch head outputs: epsilon (the paper) | v
   lm_loss_chunk: int = 0  # > 0: the LM loss in chunks of this many positions, no [B, T, V] logits
+  tokenizer_ids: int = 0  # ids the tokenizer emits; [tokenizer_ids, vocab_size) is padding, never sampled
+  clip_x0: float = -1.0  # model.clip_x0: -1 auto (pixels 1.0, a KL-VAE's unbounded latents off), 0 off, c > 0
+
+  @property
+  def x0_clip(self) -> float | None:
+    """The bound every sampler clips x̂₀ to (None: no clipping), see `diffusion.x0_clip`."""
+    return diffusion.x0_clip(self.clip_x0, latents_bounded=self.autoencoder.kind == "identity")
 
   def to_epsilon(self, output, x_t, t):
     """The model's image output at x_t, timestep t [...] → ε, what the samplers take."""
@@ -173,6 +180,7 @@ class TransfusionTask:
 
   def __post_init__(self):
     diffusion.check_prediction(self.prediction)
+    diffusion.x0_clip(self.clip_x0, latents_bounded=True)  # a bad setting fails here, not when sampling
 
     def image_output(params, rows, latents, t):
       _, out = self.model.apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
@@ -271,8 +279,8 @@ class TransfusionTask:
       return self.to_epsilon(out, x2, jnp.full((x2.shape[0],), t, jnp.int32))
 
     noise = jax.random.normal(rng, (prompts.shape[0], *self.model.latent_shape), jnp.float32)
-    x = diffusion.sample(self.schedule, eps_fn, noise, num_steps=num_steps, guidance=guidance, sampler=sampler,
-                         rng=jax.random.fold_in(rng, 1))
+    x = diffusion.sample(self.schedule, eps_fn, noise, num_steps=num_steps, clip=self.x0_clip, guidance=guidance,
+                         sampler=sampler, rng=jax.random.fold_in(rng, 1))
     return np.asarray(self.decode_latents(x, image_channels))
 
 

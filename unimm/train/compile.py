@@ -41,6 +41,38 @@ _DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "s8
                 "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
 
 
+def target_platform(kind: str) -> str:
+  """The platform a chip kind is (what configs' `targets` are keyed by): h100 → gpu, v5p → tpu."""
+  return "gpu" if kind in ("h100", "h200", "a100") else "cpu" if kind == "cpu" else "tpu"
+
+
+def advice(config, mesh) -> list[str]:
+  """What to change when a compiled step does not fit, most effective first: FSDP over every device, the
+  next leaner remat policy, twice the accumulation, the chunked LM loss."""
+  from unimm.parallel import targets  # pylint: disable=g-import-not-at-top
+  out = []
+  devices = int(np.prod(list(mesh.shape.values())))
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] * mesh.shape["sequence"] < devices:
+    out.append(f"shard parameters and optimiser state over every device (FSDP): --config.mesh.data=1 "
+               f"--config.mesh.fsdp=-1 (now data={mesh.shape['data']}: each of those holds a full copy)")
+  order = targets.REMAT_BY_MEMORY
+  remat = config.model.backbone.remat
+  if remat in order and order.index(remat) + 1 < len(order):
+    leaner = order[order.index(remat) + 1]
+    out.append(f"keep fewer activations for the backward pass: --config.model.backbone.remat={leaner} (now "
+               f"{remat}; recomputes more)")
+  accum = int(config.train.grad_accum_steps)
+  micro_rows = targets.rows_per_device(config, mesh) // max(accum, 1)
+  if micro_rows >= 2:
+    out.append(f"halve the rows each device holds at once: --config.train.grad_accum_steps={2 * max(accum, 1)} "
+               f"(now {micro_rows} rows per device per microbatch)")
+  if config.model.family == "transfusion" and not int(config.model.lm_loss_chunk):
+    out.append("compute the LM loss without the [B, T, V] logits: --config.model.lm_loss_chunk=512")
+  if not out:
+    out.append("split the model over more devices (--config.mesh.tensor=k) or use more devices")
+  return out
+
+
 def parse_topology(topology: str) -> tuple[str, str, int]:
   """'v5p-256' → ('v5p', 'v5p:4x4x8', 128 chips); 'h100:64' → ('h100', 'cpu', 64). A slice count in
   front ('2xv5p-256') is for `slice_count`; the chips here are one slice's."""
@@ -121,10 +153,12 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
   from unimm.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   kind, devices = target_devices(topology)
   mesh = sharding.make_mesh(config.mesh, devices)
-  vocab = int(config.model.vocab_size) or pipeline.load_tokenizer(config.data).vocab_size
+  # A declared vocabulary needs no tokenizer on this machine (families.text_vocabulary).
+  vocab = None if int(config.model.vocab_size) else pipeline.load_tokenizer(config.data).vocab_size
   # Frozen codecs (VAE, VQ) with random weights: their shapes and cost are what compiling needs.
   codec = families.random_frozen_codec(config)
-  setup = setup_lib.build(config, mesh, vocab, codec)
+  setup = setup_lib.build(config, mesh, vocab, codec, platform=target_platform(kind))
+  config = setup.config  # "auto" settings resolved for the target
   rows, length = int(config.data.batch_size), int(config.data.seq_len)
   batch = setup.task.dummy_batch(rows, length, setup_lib.image_shape(config))
   batch_sharding = sharding.batch_sharding(mesh)
@@ -173,6 +207,8 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
       "memory_per_device_gib": {k: v / GiB for k, v in per_device.items()},
       "device_memory_gib": device_memory / GiB if device_memory else None,
       "fits": per_device["total"] <= device_memory if device_memory else None,
+      "if_it_does_not_fit": (advice(config, mesh)
+                             if device_memory and per_device["total"] > device_memory else []),
       # XLA's cost analysis counts a while loop's body once: with scan over layers this is about one
       # layer's FLOPs plus the rest, not the step's. The model FLOPs below are the step's.
       "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else None,

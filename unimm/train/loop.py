@@ -23,15 +23,17 @@ import tqdm
 from unimm import imaging
 from unimm.data import documents, pipeline
 from unimm.inference import generators, placement, prompts as prompts_lib
-from unimm.models import chameleon, families
+from unimm.models import autoencoders, chameleon, families
 from unimm.parallel import distributed, sharding
-from unimm.train import checkpoint, metrics as metrics_lib
+from unimm.train import checkpoint, latent_stats, metrics as metrics_lib
 from unimm.train.setup import Setup, build, flops_per_token
 
 
 def load_frozen_codec(config):
   """The frozen image codec's params a family encodes images with, if the config names one:
-  Transfusion's KL-VAE (model.autoencoder.checkpoint) or a code family's VQ tokenizer (model.vq.checkpoint)."""
+  Transfusion's KL-VAE (model.autoencoder.checkpoint) as a `FrozenVAE` with the latent shift/scale the
+  diffusion uses (resolved here, once, for training, eval and sampling alike: `latent_stats.resolve`),
+  or a code family's VQ tokenizer (model.vq.checkpoint)."""
   if config.model.family in families.CODE_FAMILIES:
     if not config.model.vq.checkpoint:
       return None  # the family says what it needs
@@ -40,7 +42,14 @@ def load_frozen_codec(config):
   ae = config.model.autoencoder
   if config.model.family != "transfusion" or ae.kind == "identity" or not ae.checkpoint:
     return None  # families that need one say so (transfusion_task), the codec families train it
-  return checkpoint.Checkpointer(ae.checkpoint, async_save=False).restore_params()
+  ckpt = checkpoint.Checkpointer(ae.checkpoint, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in config.model.autoencoder.checkpoint={ae.checkpoint!r}: "
+                            "train the VAE first (configs/vae/...) or point it at the VAE run's checkpoints dir")
+  params = ckpt.restore_params(step)
+  shift, scale = latent_stats.resolve(config, params, step)
+  return autoencoders.FrozenVAE(params, shift=shift, scale=scale)
 
 
 def graft(params, source, prefix: str = ""):
@@ -115,6 +124,7 @@ def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: st
   with open(path.replace(".png", ".txt"), "w") as f:
     f.write("\n".join(prompts) + "\n")
   writer.image(step, "samples", imaging.image_grid(images))
+  logging.info("Step %d: sampled %d images for validation captions → %s", step, len(images), path)
   return path
 
 
@@ -131,6 +141,14 @@ def run_eval(setup: Setup, config, state, tokenizer, step: int, writer) -> dict:
   return flat
 
 
+def host_params(params):
+  """Sharded params as whole NumPy arrays on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(params, tiled=True)
+
+
 def train(config, workdir: str) -> dict:
   """Trains until `config.train.num_steps` (or SIGTERM); returns the last logged metrics."""
   os.makedirs(workdir, exist_ok=True)
@@ -140,6 +158,7 @@ def train(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
   tokenizer = pipeline.load_tokenizer(config.data)
+  families.text_vocabulary(config, tokenizer.vocab_size)  # a vocabulary too small for the tokenizer fails here
   mesh = sharding.make_mesh(config.mesh)
   setup = build(config, mesh, tokenizer.vocab_size, load_frozen_codec(config))
   logging.info("Mesh %s; %d parameters (%d in matmuls).", dict(mesh.shape), setup.total_params, setup.matmul_params)
@@ -209,6 +228,12 @@ def train(config, workdir: str) -> dict:
   bar.close()
   ckpt.close()
   writer.close()
+  if config.model.family == "kl_vae" and step >= int(t.num_steps):
+    # Consumers diffuse in (z − shift)·scale: measure it once, here, on the final params.
+    params = host_params(state.params)
+    if lead:
+      latent_stats.record_after_training(config, params, step, ckpt.directory)
+    distributed.barrier("latent_stats_recorded")
   if lead:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **last}, f, indent=1)

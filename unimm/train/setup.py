@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from unimm.models import families
-from unimm.parallel import sharding
+from unimm.parallel import sharding, targets
 from unimm.train import optimizer as optimizer_lib, step as step_lib
 
 
@@ -33,6 +33,7 @@ class Setup:
   lower: Callable  # the same arguments, abstract or concrete → jax Lowered (`.compile()`: ahead of time)
   matmul_params: int
   total_params: int
+  config: Any = None  # the config as built: its "auto" settings resolved for the target
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -40,7 +41,32 @@ def image_shape(config) -> tuple[int, int, int]:
   return int(d.image_size), int(d.image_size), int(d.image_channels)
 
 
-def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
+def abstract_params(config, vocab_size: int | None):
+  """`config`'s model params as boxed ShapeDtypeStructs (logical axes kept), traced with `eval_shape`:
+  no weights are made (the frozen codec's neither), so a 7B config takes seconds on a laptop."""
+  codec = jax.eval_shape(lambda: families.random_frozen_codec(config))
+
+  def init(codec, rng):
+    task = families.build_task(config, vocab_size, frozen_codec=codec)
+    return task.init(rng, task.dummy_batch(1, int(config.data.seq_len), image_shape(config)))
+
+  return jax.eval_shape(init, codec, jax.random.key(0))
+
+
+# Parameters that are not per-token matmuls: embedding tables, and an image encoder run once per image
+# (Janus's ViT). The FLOP count (6·N per token) leaves them out.
+NON_MATMUL_PARAMS = ("embedding", "gen_embed", "vision_encoder")
+
+
+def is_matmul_param(path: str) -> bool:
+  """Whether the parameter at '/'-joined `path` counts in the 6·N FLOPs per token."""
+  return not any(k in path for k in NON_MATMUL_PARAMS)
+
+
+def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str | None = None) -> Setup:
+  """The sharded state and step of `config` on `mesh` (its "auto" settings resolved for `platform`, by
+  default the mesh's: see `unimm.parallel.targets`); `vocab_size`: the ids the tokenizer emits."""
+  config = targets.resolve_targets(config, platform or targets.platform_of(mesh), targets.rows_per_device(config, mesh))
   task = families.build_task(config, vocab_size, frozen_codec=frozen_codec)
   rules = sharding.logical_rules(config.sharding)
   optimizer = optimizer_lib.make_optimizer(config.train)
@@ -79,13 +105,12 @@ def build(config, mesh, vocab_size: int, frozen_codec=None) -> Setup:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return init(rng, init_batch)
 
-  params = abstract.params
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  # Not per-token matmuls: embedding tables, and an image encoder run once per image (Janus's ViT).
-  embedding = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
-                  if any(k in jax.tree_util.keystr(path) for k in ("embedding", "gen_embed", "vision_encoder")))
+  sizes = [(optimizer_lib.path_name(path), int(np.prod(x.shape)))
+           for path, x in jax.tree_util.tree_leaves_with_path(abstract.params)]
   return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
-               init=run_init, step=run_step, lower=lower, matmul_params=total - embedding, total_params=total)
+               init=run_init, step=run_step, lower=lower,
+               matmul_params=sum(n for path, n in sizes if is_matmul_param(path)),
+               total_params=sum(n for _, n in sizes), config=config)
 
 
 def flops_per_token(setup: Setup, config) -> float:
