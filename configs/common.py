@@ -16,7 +16,7 @@ def base_config() -> mlc.ConfigDict:
   # -- model --------------------------------------------------------------------
   m = c.model = mlc.ConfigDict()
   m.family = "transfusion"  # transfusion | chameleon | janus | kl_vae, vq, siglip (train an image codec / encoder)
-  m.vocab_size = 0  # 0: the tokenizer's size
+  m.vocab_size = 0  # 0: the tokenizer's ids rounded up to 128; > 0: declared (must hold the tokenizer's ids)
   m.backbone = mlc.ConfigDict(dict(
       num_layers=16, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
       rope_theta=10000.0, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch", scan=True,

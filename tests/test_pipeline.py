@@ -218,3 +218,33 @@ def test_prepare_splits_inputs_across_hosts(tmp_path):
   b = prepare.prepare([pattern], str(tmp_path / "out"), host_index=1, host_count=2, workers=1)
   assert (a["files"], b["files"]) == (3, 2) and a["written"] + b["written"] == 15
   assert sorted(p.name for p in (tmp_path / "out").glob("*.array_record")) == [f"part{i}.array_record" for i in range(5)]
+
+
+def token_shares(config, batches: int = 12) -> float:
+  """The share of trained rows' tokens that belong to text-only documents (no image in their segment)."""
+  it = pipeline.build_pipeline(config, "train")
+  text = total = 0
+  for _ in range(batches):
+    b = next(it)
+    for seg, img in zip(b["segment_ids"], b["image_ids"]):
+      for s in range(1, seg.max() + 1):
+        where = seg == s
+        total += where.sum()
+        text += where.sum() * (not img[where].any())
+  return text / total
+
+
+def test_mix_by_tokens_gives_the_token_ratio(shapes_config):
+  """Text-only captions (~15 tokens) and image–caption pairs (~80) mixed 1:1: by documents, text is a
+  small share of the tokens; by tokens (the Transfusion paper's 1:1), about half."""
+  shapes_config.data.sources = {
+      "text": {"kind": "tfds", "tfds_name": "shapes", "builder_config": "small", "weight": 1.0, "text_only": True},
+      "pairs": {"kind": "tfds", "tfds_name": "shapes", "builder_config": "small", "weight": 1.0}}
+  shapes_config.data.batch_size = 8
+  by_documents = token_shares(shapes_config)
+  shapes_config.data.mix_by = "tokens"
+  by_tokens = token_shares(shapes_config)
+  assert by_documents < 0.3 and 0.4 < by_tokens < 0.6, (by_documents, by_tokens)
+  shapes_config.data.mix_by = "bytes"
+  with pytest.raises(ValueError, match="mix_by='bytes'"):
+    pipeline.build_pipeline(shapes_config, "train")

@@ -81,7 +81,7 @@ def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.
       diffusion_weight=float(m.diffusion_weight), prediction=str(m.prediction), z_loss=float(m.z_loss),
       frozen_autoencoder=frozen_codec, image_shape=image_shape, lm_loss_chunk=int(m.lm_loss_chunk),
       tokenizer_ids=vocab_size or 0,
-      clip_x0=float(m.get("clip_x0", -1.0)))
+      clip_x0=float(m.clip_x0))
 
 
 def autoencoder_task(config, vocab_size: int, frozen_codec=None) -> autoencoders.AutoencoderTask:
