@@ -90,6 +90,7 @@ def base_config() -> mlc.ConfigDict:
   d.read_threads = 1  # 0–1 suit 2 cores; raise on real hosts
   d.read_prefetch = 16
   d.worker_count = 0  # grain worker processes; 0 = in the main process
+  d.warn_skip_rate = 0.1  # warn (once per reason, with the fix) when more of the records read are skipped
 
   # -- parallelism ------------------------------------------------------------------
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))  # -1: the rest of the devices
@@ -119,6 +120,17 @@ def base_config() -> mlc.ConfigDict:
   t.trainable = ()
   t.init_from = ""  # a previous stage's checkpoints dir: a fresh run starts from its params
   t.skip_nonfinite = False  # True: skip an update whose loss/grads are not finite; False: stop the run
+  t.max_consecutive_skips = 10  # with skip_nonfinite: more skips in a row than this end the run as diverged
+  # Last known good checkpoint (unimm/train/health.py): one after which good_after_steps steps ran finite and
+  # without a loss above loss_spike_factor × the running median; spared by the keep_checkpoints rotation.
+  t.good_after_steps = 100
+  t.loss_spike_factor = 3.0
+  t.rewind_to_last_good = False  # after a divergence: resume from the last known good checkpoint
+  # Resuming with another config (unimm/train/config_record.py): safe keys are taken and recorded; these
+  # allow the rest. Data changes need the iterator reset; structural ones (model, optimiser) the override.
+  t.reset_data_iterator = False
+  t.allow_config_change = False
+  t.restart_from_scratch = False  # start at step 0 when checkpoints exist but none restores (kept aside)
   t.log_every = 50
   t.checkpoint_every = 1000
   t.keep_checkpoints = 3

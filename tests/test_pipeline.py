@@ -138,7 +138,7 @@ def test_prepare_jsonl_and_parquet(tmp_path):
   summary = prepare.prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")], str(tmp_path / "out"),
                             image_size=8, channels=3, workers=2)
   assert summary == {"files": 2, "written": 5, documents.CORRUPT: 1, documents.BAD_TEXT: 1,
-                     documents.EMPTY: 1, documents.BAD_IMAGE: 2}
+                     documents.EMPTY: 1, documents.BAD_IMAGE: 2, "failed_files": [], "resumed_files": 0}
   src = grain.sources.ArrayRecordDataSource(sorted(str(p) for p in (tmp_path / "out").glob("*.array_record")))
   docs = [records.decode_document(src[i]) for i in range(len(src))]
   assert docs[0].is_pair and docs[0].parts[0] == documents.Text("a red picture")

@@ -20,6 +20,7 @@ from flax import traverse_util
 from PIL import Image
 
 from conftest import REPO, SHAPES_VAE_OVERRIDES
+from unimm.train import config_record
 from test_train_loop import wait_for_step
 
 pytestmark = pytest.mark.slow
@@ -112,7 +113,7 @@ def test_transfusion_7b_smoke(data_dir, shapes_vae, tmp_path):
 
   losses = train_preempt_resume(cmd, workdir)
   assert all(np.isfinite(losses[s]["diffusion_loss"]) and losses[s]["lm_loss"] > 0 for s in losses)
-  config = json.load(open(os.path.join(workdir, "config.json")))
+  config = config_record.load_config(workdir)
   assert config["model"]["backbone"]["remat"] == "auto" and config["data"]["mix_by"] == "tokens"
   by_id, ev = sample_and_eval(cmd, tmp_path, workdir, [T2I, CAPTION], "--diffusion_steps=4")
   assert ev["image_caption"]["examples"] == 4 and 0 <= ev["image_caption"]["text_to_image"]["accuracy"] <= 1
@@ -186,11 +187,10 @@ def test_janus_pro_7b_smoke_stages(data_dir, shapes_vq, tmp_path):
   assert any(not np.array_equal(p1[k], p2[k]) for k in p1 if k.startswith("decoder/"))  # the LLM trains in II
 
   # The hand-off: a fresh stage II starts from exactly stage I's params.
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
   from unimm.train import loop, setup as setup_lib  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(json.load(open(tmp_path / "stage2" / "config.json")))  # as the run resolved it
+  config = config_record.load_config(tmp_path / "stage2")  # as the run resolved it
   mesh = sharding.make_mesh(config.mesh)
   setup = setup_lib.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size,
                           loop.load_frozen_codec(config))

@@ -15,7 +15,10 @@ Modes:
             (text→image, captioning, perplexity); writes WORKDIR/eval.json.
   sample    run --prompts=FILE (JSON lines) with the workdir's latest
             checkpoint; write --out=DIR/manifest.jsonl and PNGs
-            (see unimm/inference/requests.py for the contract).
+            (see unimm/inference/requests.py for the contract). A bad
+            request gets an `error` line and the others still run; the
+            exit status is 0 when every request succeeded, 3 when the run
+            completed but some did not.
   compile   lower and compile the train step ahead of time for --topology
             (a TPU slice through libtpu, or fake CPU devices standing in for
             GPUs) and print its per-device memory, FLOPs and collectives;
@@ -198,11 +201,17 @@ def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_st
 
 
 def sample(config, workdir: str) -> list[dict]:
-  """--mode=sample: requests → manifest and PNGs, from the workdir's latest checkpoint."""
+  """--mode=sample: requests → manifest and PNGs, from the workdir's latest checkpoint; the manifest rows."""
   if not _PROMPTS.value or not _OUT.value:
     raise app.UsageError("--mode=sample needs --prompts=FILE and --out=DIR")
+  if _IMAGES_PER_PROMPT.value < 1:
+    raise app.UsageError(f"--images_per_prompt={_IMAGES_PER_PROMPT.value}; expected 1 or more")
   import jax  # pylint: disable=g-import-not-at-top
   from unimm.inference import placement, requests, text  # pylint: disable=g-import-not-at-top
+  try:
+    requests.check_requests_file(_PROMPTS.value)  # before the minutes a checkpoint may take to load
+  except OSError as e:
+    raise app.UsageError(str(e)) from e
   task, params, tokenizer, _ = load_trained(config, workdir)
   reqs = requests.parse_requests(_PROMPTS.value, task.image_shape)
   manifest = requests.run_requests(
@@ -213,6 +222,9 @@ def sample(config, workdir: str) -> list[dict]:
       placement=placement.Placement.from_config(config), images_per_prompt=_IMAGES_PER_PROMPT.value)
   failed = sum("error" in row for row in manifest)
   logging.info("Wrote %d results (%d errors) to %s.", len(manifest), failed, _OUT.value)
+  if failed:
+    logging.warning("%d of %d requests failed (see their `error` lines); exit status %d.", failed, len(manifest),
+                    requests.SOME_FAILED)
   return manifest
 
 
@@ -291,8 +303,11 @@ def main(argv):
     return
   if _MODE.value != "train" and (_COORDINATOR.value or _NUM_PROCESSES.value):
     raise app.UsageError(f"--mode={_MODE.value} runs as one process; the multi-process flags are for training")
-  if _MODE.value in ("sample", "eval"):
-    (sample if _MODE.value == "sample" else evaluate)(config, _WORKDIR.value)
+  if _MODE.value == "sample":
+    from unimm.inference import requests  # pylint: disable=g-import-not-at-top
+    return requests.exit_code(sample(config, _WORKDIR.value))  # app.run exits with it
+  if _MODE.value == "eval":
+    evaluate(config, _WORKDIR.value)
     return
   from unimm.parallel import distributed  # pylint: disable=g-import-not-at-top
   from unimm.train import loop  # pylint: disable=g-import-not-at-top
@@ -306,6 +321,8 @@ def main(argv):
     prepare(config)
   result = loop.train(config, _WORKDIR.value)
   print(json.dumps(result))
+  if result.get("preempted"):
+    return  # preempted: saved, and nothing else (the final evaluation belongs to a finished run)
   if int(config.train.final_eval_examples) and multiprocess:
     logging.warning("Multi-process run: no final evaluation here; run --mode=eval as one process.")
   elif int(config.train.final_eval_examples):

@@ -16,6 +16,7 @@ which is how a Janus stage mixes understanding, text and generation data from on
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 from absl import logging
@@ -111,6 +112,32 @@ def mean_document_tokens(ds: grain.MapDataset, tokenizer: Tokenizer, opts: layou
   return float(np.mean(lengths))
 
 
+def check_source(name: str, ds: grain.MapDataset, split: str, image_shape, warn_rate: float,
+                 sample: int = 64) -> None:
+  """Fails at start-up naming a source that holds no records, or whose sampled records are all skipped
+  (training would wait forever for a row); warns when more than `warn_rate` of them are."""
+  if len(ds) == 0:
+    raise ValueError(f"source {name!r} has no records in split {split!r}: check its path / dataset, or give it "
+                     f"weight 0 (--config.data.sources.{name}.weight=0)")
+  reasons = collections.Counter()
+  indices = np.unique(np.linspace(0, len(ds) - 1, min(sample, len(ds))).astype(int))
+  for i in indices:
+    doc = ds[int(i)]
+    if isinstance(doc, documents.Document):
+      doc = documents.check_document(doc, image_shape)
+    if isinstance(doc, documents.Skipped):
+      reasons[doc.reason] += 1
+  skipped = sum(reasons.values())
+  if skipped == len(indices):
+    raise ValueError(f"source {name!r}: all {skipped} records sampled from split {split!r} are skipped "
+                     f"({dict(reasons)}); with images of {list(image_shape)} expected, check data.image_size / "
+                     "data.image_channels against how the source was prepared")
+  if skipped > warn_rate * len(indices):
+    logging.warning("Source %r: %d of %d records sampled from split %r are skipped (%s); training will read the rest. "
+                    "Check data.image_size / data.image_channels against how it was prepared.", name, skipped,
+                    len(indices), split, dict(reasons))
+
+
 def mixture(data_config, split: str, *, shard: int, shards: int, seed: int, num_epochs: int | None,
             tokenizer: Tokenizer | None = None) -> grain.MapDataset:
   """The weighted mixture of one data shard of every source: `Document | Skipped`.
@@ -135,6 +162,8 @@ def mixture(data_config, split: str, *, shard: int, shards: int, seed: int, num_
     text_only, caption_first = bool(spec.get("text_only", False)), spec.get("caption_first_prob", None)
     if text_only or caption_first is not None:
       ds = ds.map(_SourceView(text_only, None if caption_first is None else float(caption_first)))
+    check_source(name, ds, split, layout.LayoutOptions.from_config(data_config).image_shape,
+                 float(data_config.get("warn_skip_rate", 0.1)))
     if by_tokens:
       mean = mean_document_tokens(ds, tokenizer, layout.LayoutOptions.from_config(data_config))
       weight /= mean

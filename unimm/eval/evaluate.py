@@ -22,6 +22,9 @@
 
 A dataset named by several sources (a Janus stage's understanding, text and
 generation views of one dataset) is evaluated once, under its first source's name.
+A test record that is not usable (it does not decode; its image is not the
+model's shape) is passed over and counted: each dataset's `skipped` holds the
+counts by reason, and a dataset left with no example reports only those.
 
 Scoring functions are pure (`score_*`), so they are tested on references.
 """
@@ -32,6 +35,7 @@ import json
 import math
 import os
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,16 +127,37 @@ def score_shapes_reconstructions(recon: np.ndarray, images: np.ndarray, captions
 
 # -- running ------------------------------------------------------------------------------
 
-def _pairs(spec, split: str, data_dir: str, limit: int) -> tuple[list[str], np.ndarray]:
+def load_pairs(spec, split: str, data_dir: str, limit: int, image_shape) -> tuple[list[str], np.ndarray, dict]:
+  """(captions, uint8 images [N, *image_shape], skipped): the first `limit` usable image–caption pairs of a split.
+
+  A record that is not usable (a `Skipped` from the source; a pair whose image is not uint8 `image_shape`)
+  is passed over and counted in `skipped` ({reason: count} over `documents.SKIP_REASONS`); documents that
+  are not pairs (text only) are passed over uncounted. N < `limit` when the split runs out.
+  """
   from unimm.data import sources  # pylint: disable=g-import-not-at-top
   ds = sources.open_source(spec, split, data_dir)
   captions, images = [], []
-  for i in range(min(limit, len(ds))):
+  skipped = dict.fromkeys(documents.SKIP_REASONS, 0)
+  for i in range(len(ds)):
+    if len(captions) >= limit:
+      break
     doc = ds[i]
-    if isinstance(doc, documents.Document) and doc.is_pair:
+    if isinstance(doc, documents.Document):
+      doc = documents.check_document(doc, tuple(image_shape))
+    if isinstance(doc, documents.Skipped):
+      skipped[doc.reason] = skipped.get(doc.reason, 0) + 1
+    elif doc.is_pair:
       captions.append(next(p.text for p in doc.parts if isinstance(p, documents.Text)))
       images.append(doc.images[0])
-  return captions, np.stack(images)
+  if any(skipped.values()):
+    logging.warning("Evaluation data %s/%s: skipped %s.", spec.get("tfds_name") or spec.get("path"), split,
+                    {k: v for k, v in skipped.items() if v})
+  return captions, np.stack(images) if images else np.zeros((0, *image_shape), np.uint8), skipped
+
+
+def _image_shape(config) -> tuple[int, int, int]:
+  d = config.data
+  return int(d.image_size), int(d.image_size), int(d.image_channels)
 
 
 def image_sources(config):
@@ -171,7 +196,10 @@ def evaluate_siglip(config, task, params, tokenizer, *, num_examples: int = 200)
   embed_images, embed_texts = jax.jit(task.image_embeddings), jax.jit(task.text_embeddings)
   results = {}
   for name, spec in image_sources(config):
-    captions, images = _pairs(spec, "test", config.data.data_dir, num_examples)
+    captions, images, skipped = load_pairs(spec, "test", config.data.data_dir, num_examples, _image_shape(config))
+    if not captions:
+      results[name] = {"examples": 0, "skipped": skipped}
+      continue
     candidates = sorted(set(captions))
     labels = np.array([candidates.index(c) for c in captions])
     img = np.concatenate([np.asarray(embed_images(params, jnp.asarray(images[i:i + 64])))
@@ -179,7 +207,7 @@ def evaluate_siglip(config, task, params, tokenizer, *, num_examples: int = 200)
     rows = vit.caption_rows(candidates, tokenizer, int(config.data.image_slots), int(config.data.seq_len))
     txt = np.concatenate([np.asarray(embed_texts(params, {k: v[i:i + 64] for k, v in rows.items()}))
                           for i in range(0, len(candidates), 64)])
-    results[name] = zero_shot_scores(img, txt, labels)
+    results[name] = {**zero_shot_scores(img, txt, labels), "skipped": skipped}
   return results
 
 
@@ -224,7 +252,10 @@ def evaluate_tokenizer(config, task, params, *, num_examples: int = 200, out_dir
 
   results = {}
   for name, spec in image_sources(config):
-    captions, images = _pairs(spec, "test", config.data.data_dir, num_examples)
+    captions, images, skipped = load_pairs(spec, "test", config.data.data_dir, num_examples, _image_shape(config))
+    if not captions:
+      results[name] = {"examples": 0, "skipped": skipped}
+      continue
     recon, codes = [], []
     for start in range(0, len(images), 64):
       r, c = reconstruct(jnp.asarray(images[start:start + 64]))
@@ -234,12 +265,12 @@ def evaluate_tokenizer(config, task, params, *, num_examples: int = 200, out_dir
     counts = quantizer.code_counts(jnp.asarray(codes), model.cfg.codebook_size)
     out = {"psnr": float(np.mean(psnr(recon, images))),
            **{k: float(v) for k, v in quantizer.usage_from_counts(counts).items()},
-           "codes_per_image": int(np.prod(codes.shape[1:])), "examples": len(images)}
+           "codes_per_image": int(np.prod(codes.shape[1:])), "examples": len(images), "skipped": skipped}
     dataset = spec.get("tfds_name", "")
     if dataset == "shapes":
       out.update(score_shapes_reconstructions(recon, images, captions))
     elif dataset == "digits":
-      train_captions, train_images = _pairs(spec, "train", config.data.data_dir, 10_000)
+      train_captions, train_images, _ = load_pairs(spec, "train", config.data.data_dir, 10_000, _image_shape(config))
       clf = digit_classifier(train_images, np.array([digits.parse_caption(c) for c in train_captions]))
       labels = np.array([digits.parse_caption(c) for c in captions])
       out.update(classifier_accuracy=score_digit_images(recon, labels, clf)["accuracy"],
@@ -275,7 +306,10 @@ def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffus
     dataset = spec.get("tfds_name", "")
     if dataset not in ("shapes", "digits"):
       continue
-    captions, images = _pairs(spec, "test", d.data_dir, num_examples)
+    captions, images, skipped = load_pairs(spec, "test", d.data_dir, num_examples, _image_shape(config))
+    if not captions:
+      results[name] = {"examples": 0, "skipped": skipped}
+      continue
     t2i_prompts = [prompts_lib.encode([documents.Text(c)], tokenizer, slots) for c in captions]
     i2t_prompts = [prompts_lib.encode([documents.Image(im)], tokenizer, slots) for im in images]
     image_gen = generators.image_generator(task, params, tokenizer.specials, where)
@@ -292,13 +326,14 @@ def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffus
       results[name] = {"text_to_image": score_shapes_images(generated, captions),
                        "image_to_text": score_shapes_captions(texts, captions)}
     else:
-      train_captions, train_images = _pairs(spec, "train", d.data_dir, 10_000)
+      train_captions, train_images, _ = load_pairs(spec, "train", d.data_dir, 10_000, _image_shape(config))
       clf = digit_classifier(train_images, np.array([digits.parse_caption(c) for c in train_captions]))
       labels = np.array([digits.parse_caption(c) for c in captions])
       results[name] = {"text_to_image": score_digit_images(generated, labels, clf),
                        "image_to_text": score_digit_captions(texts, labels),
                        "classifier_accuracy_on_real_test": score_digit_images(images, labels, clf)["accuracy"]}
     results[name]["examples"] = len(captions)
+    results[name]["skipped"] = skipped
     results[name]["samples"] = [{"caption": c, "generated_caption": t} for c, t in zip(captions[:5], texts[:5])]
   return results
 

@@ -80,6 +80,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def all_agree(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a small host collective when there are several)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.asarray(bool(ok), np.int32))))
+
+
 _SIGTERM = threading.Event()
 
 

@@ -2,10 +2,13 @@
 
     train(config, workdir)
 
-Re-running on the same workdir resumes from the latest complete checkpoint
-with the data iterator where it was and the per-step RNG folded from the step,
-so the continued loss curve equals an uninterrupted run's. SIGTERM saves a
-checkpoint at the current step and returns.
+Re-running on the same workdir resumes from the newest checkpoint that restores
+(damaged ones are set aside: `checkpoint`) with the data iterator where it was
+and the per-step RNG folded from the step, so the continued loss curve equals an
+uninterrupted run's — after checking that the config changes nothing a resume
+cannot take (`config_record`). SIGTERM saves a checkpoint at the current step and
+returns, doing nothing else. A divergence names the last-known-good checkpoint
+(`health`), which `train.rewind_to_last_good` resumes from.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from unimm.data import documents, pipeline
 from unimm.inference import generators, placement, prompts as prompts_lib
 from unimm.models import autoencoders, chameleon, families
 from unimm.parallel import distributed, sharding
-from unimm.train import checkpoint, latent_stats, metrics as metrics_lib
+from unimm.train import checkpoint, config_record, health as health_lib, latent_stats, metrics as metrics_lib
 from unimm.train.setup import Setup, build, flops_per_token
 
 
@@ -149,14 +152,74 @@ def host_params(params):
   return multihost_utils.process_allgather(params, tiled=True)
 
 
+def restore_or_start(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkpointer, data, reset_data: bool):
+  """(state, step): the newest checkpoint that restores (damaged ones set aside), after a rewind to the last
+  known good one if asked and the run diverged; else a fresh start (also when asked to start over)."""
+  t = config.train
+  diverged = health_lib.read_divergence(workdir)
+  if t.rewind_to_last_good and diverged:
+    good = ckpt.last_good()
+    if good is None:
+      raise FileNotFoundError(f"--config.train.rewind_to_last_good: {ckpt.directory} holds no last-known-good "
+                              "checkpoint (none had run train.good_after_steps healthy steps before the divergence)")
+    moved = ckpt.move_newer_aside(good, "rewound")
+    if jax.process_index() == 0:
+      health_lib.archive_divergence(workdir)
+    logging.warning("Rewound to the last known good checkpoint, step %d (diverged at step %s); steps %s moved to "
+                    "%s/rewound/.", good, diverged.get("step"), moved, ckpt.directory)
+  try:
+    state, start = ckpt.restore_newest(setup.abstract_state, None if reset_data else data)
+  except checkpoint.NoUsableCheckpointError:
+    if not t.restart_from_scratch:
+      raise
+    logging.warning("train.restart_from_scratch: no checkpoint restores; starting over from step 0.")
+    state, start = None, None
+  if state is not None:
+    logging.info("Resumed from step %d%s.", start, " (the data iterator starts afresh)" if reset_data else "")
+    return state, start
+  state = setup.init(jax.random.key(int(config.seed)))
+  return state.replace(params=start_params(config, state.params)), 0
+
+
+def diverged(workdir: str, ckpt: checkpoint.Checkpointer, step: int, m: dict, health: health_lib.Health, lead: bool):
+  """Records the divergence and raises the error that says how to resume from the last good checkpoint."""
+  good = ckpt.last_good()
+  detail = (f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}"
+            + (f"; {health.consecutive_skips} consecutive updates skipped" if health.consecutive_skips > 1 else "")
+            + ")")
+  if lead:
+    health_lib.record_divergence(workdir, step, good, detail)
+  where = (f"The last known good checkpoint is step {good}: resume from it with "
+           "--config.train.rewind_to_last_good=True (newer checkpoints move to checkpoints/rewound/), e.g. with a "
+           "lower --config.train.learning_rate" if good is not None else
+           "No checkpoint is known good yet (train.good_after_steps healthy steps after one); the newest may "
+           "already hold diverged weights")
+  raise FloatingPointError(f"{detail}; no checkpoint was written for it. {where}. Or check the data, or set "
+                           "--config.train.skip_nonfinite=True to skip such updates.")
+
+
+SKIP_FIXES = {
+    documents.BAD_IMAGE: "the images do not match data.image_size / data.image_channels (prepared at another "
+                         "size?): re-run prepare with --image_size/--channels of this config, or change the config",
+    documents.TOO_LONG: "documents do not fit a row: raise data.seq_len or set data.split_long_documents=True",
+    documents.TOO_MANY_IMAGES: "rows hold too few images: raise data.max_images_per_row or data.seq_len",
+    documents.CORRUPT: "records do not decode: re-run prepare on the source files",
+    documents.BAD_TEXT: "text is not valid UTF-8: fix the source files and re-run prepare",
+    documents.EMPTY: "records hold no text and no image: check the source's text_key/image_key",
+}
+
+
 def train(config, workdir: str) -> dict:
-  """Trains until `config.train.num_steps` (or SIGTERM); returns the last logged metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  """Trains until `config.train.num_steps` (or SIGTERM: then {"preempted": True, ...}); returns the last
+  logged metrics."""
   t = config.train
   lead = jax.process_index() == 0
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  # Before touching anything: a resume must not change what the checkpoint was trained with.
+  resuming = checkpoint.has_step_dirs(ckpt_dir)
+  record, accepted, reset_data = (config_record.check_resume(config, workdir) if resuming
+                                  else (config_record.make_record(config), {}, False))
+  os.makedirs(workdir, exist_ok=True)
   tokenizer = pipeline.load_tokenizer(config.data)
   families.text_vocabulary(config, tokenizer.vocab_size)  # a vocabulary too small for the tokenizer fails here
   mesh = sharding.make_mesh(config.mesh)
@@ -164,70 +227,79 @@ def train(config, workdir: str) -> dict:
   logging.info("Mesh %s; %d parameters (%d in matmuls).", dict(mesh.shape), setup.total_params, setup.matmul_params)
 
   data = pipeline.build_pipeline(config, "train", jax.process_index(), jax.process_count())
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints),
-                                 async_save=bool(t.async_checkpoints), set_aside_incomplete=True)
-  start = ckpt.latest_step()
-  if start is None:
-    state = setup.init(jax.random.key(int(config.seed)))
-    state = state.replace(params=start_params(config, state.params))
-    start = 0
-  else:
-    state = ckpt.restore(start, setup.abstract_state, data)
-    logging.info("Resumed from step %d.", start)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpoints),
+                                 set_aside_incomplete=True)
+  state, start = restore_or_start(config, workdir, setup, ckpt, data, reset_data)
+  if lead:
+    config_record.write_record(workdir, record)
+    config_record.log_changes(workdir, start, accepted, reset_data and start > 0)
   writer = metrics_lib.MetricWriter(workdir, enabled=lead, resume_step=start)
+  health = health_lib.Health(good_after=int(t.good_after_steps), spike_factor=float(t.loss_spike_factor),
+                             max_consecutive_skips=int(t.max_consecutive_skips))
   rng = jax.random.key(int(config.seed) + 17)
-  window = None
+  window, window_skips = None, 0
   window_tokens, window_start = 0, time.perf_counter()
   skipped = {r: 0 for r in documents.SKIP_REASONS}
+  seen_documents, warned = 0, set()
   flops_token = flops_per_token(setup, config)
   last = {}
   bar = tqdm.tqdm(total=int(t.num_steps), initial=start, disable=not lead, dynamic_ncols=True, desc="train")
-  step = start
+  step, preempted = start, False
   with distributed.Preemption() as preemption:
     while step < int(t.num_steps):
       local = next(data)
       stats = local.pop("stats")
       for r in skipped:
         skipped[r] += int(np.sum(stats[r]))
+      seen_documents += int(np.sum(np.max(local["segment_ids"], axis=-1)))
       window_tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
       state, m = setup.step(state, sharding.global_batch(local, mesh), rng)
       m = jax.device_get(m)  # blocks every step: keeps queued collectives bounded
       step += 1
-      if not m["finite"] and not t.skip_nonfinite:
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-            "no checkpoint was written for it. Lower the learning rate, check the data, or set "
-            "--config.train.skip_nonfinite=True to skip such updates.")
-      names = tuple(sorted(k for k in m if k != "finite"))
-      update = metrics_lib.averages(names).single_from_model_output(**{k: m[k] for k in names})
-      window = update if window is None else window.merge(update)
+      healthy, good = health.observe(step, float(m["loss"]), bool(m["finite"]))
+      if good is not None:
+        ckpt.mark_good(good, f"{t.good_after_steps} healthy steps followed it")
+      ckpt.candidates = set(health.candidates[:1])  # the next to become good; newer ones may rotate out
+      if not m["finite"]:
+        window_skips += 1
+        if not t.skip_nonfinite or health.too_many_skips:
+          diverged(workdir, ckpt, step, m, health, lead)
+      else:
+        names = tuple(sorted(k for k in m if k != "finite"))
+        update = metrics_lib.averages(names).single_from_model_output(**{k: m[k] for k in names})
+        window = update if window is None else window.merge(update)
       bar.update(1)
       if step % int(t.log_every) == 0 or step == int(t.num_steps):
         seconds = time.perf_counter() - window_start
-        last = {k: float(v) for k, v in window.compute().items()}
+        last = {k: float(v) for k, v in window.compute().items()} if window is not None else {}
         tokens_per_s = window_tokens / max(seconds, 1e-9)
         last.update({
             "tokens_per_s": tokens_per_s,
             "model_flops_per_s_per_device": tokens_per_s * flops_token / jax.device_count(),
-            "skipped_updates": float(not m["finite"]),
+            "skipped_updates": float(window_skips), "skipped_updates_total": float(health.total_skips),
             **{f"skipped_records/{r}": float(c) for r, c in skipped.items()}})
         writer.scalars(step, last)
         bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in last.items()
                          if k == "loss" or (k.endswith("_loss") and v)})
-        window, window_tokens, window_start = None, 0, time.perf_counter()
+        warn_about_skips(skipped, seen_documents, float(config.data.warn_skip_rate), warned)
+        window, window_skips, window_tokens, window_start = None, 0, 0, time.perf_counter()
+      preempted = preemption.reached(step)  # every process agrees on the step
+      if preempted:  # save and exit, nothing else (no sample, eval or final evaluation)
+        ckpt.save(step, state, data)
+        logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
+        break
       if int(t.sample_every) and step % int(t.sample_every) == 0:
         write_samples(setup, config, state, tokenizer, step, workdir, writer)
       if int(t.eval_every) and step % int(t.eval_every) == 0:
         run_eval(setup, config, state, tokenizer, step, writer)
-      preempted = preemption.reached(step)  # every process agrees on the step
-      if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps) or preempted:
+      if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps):
         ckpt.save(step, state, data)
-      if preempted:
-        logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
-        break
+        health.saved(step)
   bar.close()
   ckpt.close()
   writer.close()
+  if preempted:
+    return {"step": step, "preempted": True, **last}
   if config.model.family == "kl_vae" and step >= int(t.num_steps):
     # Consumers diffuse in (z − shift)·scale: measure it once, here, on the final params.
     params = host_params(state.params)
@@ -238,3 +310,13 @@ def train(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **last}, f, indent=1)
   return {"step": step, **last}
+
+
+def warn_about_skips(skipped: dict, documents_seen: int, threshold: float, warned: set) -> None:
+  """Says so, once per reason, when a reason's share of the records read passes `threshold`."""
+  total = documents_seen + sum(skipped.values())
+  for reason, count in skipped.items():
+    if reason not in warned and total and count / total > threshold:
+      warned.add(reason)
+      logging.warning("%.0f%% of the records read so far were skipped as %r (%d of %d): %s.", 100 * count / total,
+                      reason, count, total, SKIP_FIXES.get(reason, "check the sources"))
