@@ -27,6 +27,20 @@ def load_config(path: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+def random_params(model, *inputs, seed: int = 0, std: float = 0.1, **kwargs):
+  """`model`'s params for `inputs` drawn at random from their shapes (norm scales 1), without compiling its
+  init (tens of seconds for a whole family's model on a busy CPU): for tests that need any weights."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **kwargs))["params"])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.ones(s.shape, s.dtype) if getattr(path[-1], "key", None) == "scale"
+      else jnp.asarray(rng.normal(0.0, std, s.shape), s.dtype), shapes)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """A data dir with shapes/small and digits prepared and both tokenizers trained."""

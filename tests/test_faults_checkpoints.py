@@ -274,3 +274,14 @@ def test_a_failed_save_stops_the_run_naming_the_resume_point(data_dir, tmp_path,
   monkeypatch.undo()
   assert steps_on_disk(workdir) == [2, 4]
   assert resume(data_dir, workdir)["step"] == 8
+
+
+def test_training_warns_once_per_reason_when_skips_pass_the_threshold(caplog):
+  warned = set()
+  with caplog.at_level("WARNING"):
+    loop.warn_about_skips({"bad_image": 5, "corrupt": 1}, 95, 0.1, warned)  # 5% and 1%: quiet
+    assert not caplog.text
+    loop.warn_about_skips({"bad_image": 75, "corrupt": 1}, 24, 0.1, warned)
+    loop.warn_about_skips({"bad_image": 80, "corrupt": 1}, 25, 0.1, warned)
+  assert caplog.text.count("skipped as 'bad_image'") == 1 and "75%" in caplog.text
+  assert "re-run prepare with --image_size" in caplog.text and "corrupt" not in caplog.text

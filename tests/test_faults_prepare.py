@@ -53,8 +53,8 @@ def texts(docs) -> list[str]:
   return [p.text for d in docs for p in d.parts if isinstance(p, documents.Text)]
 
 
-# The reasons prepare adds to `documents.SKIP_REASONS` (as strings: this module also runs against older code).
-BAD_FIELD, BAD_PATH, TOO_LARGE, UNEXPECTED = "bad_field", "bad_path", "too_large", "unexpected"
+# The reasons prepare adds to `documents.SKIP_REASONS`.
+BAD_FIELD, BAD_PATH, TOO_LARGE, UNEXPECTED = prepare.BAD_FIELD, prepare.BAD_PATH, prepare.TOO_LARGE, prepare.UNEXPECTED
 RED = np.zeros((4, 6, 3), np.uint8)
 RED[..., 0] = 255
 
@@ -260,3 +260,35 @@ def test_rerun_resumes_complete_files_and_redoes_changed_ones(tmp_path):
   fourth = prepare.prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")], str(out), workers=1, image_size=8)
   assert fourth["resumed_files"] == 1 and [f["input"] for f in fourth["failed_files"]] == [str(tmp_path / "b.parquet")]
   assert sorted(p.name for p in out.glob("b.*")) == []
+
+
+def training_source(tmp_path, name, image_sizes):
+  """A prepared source of one document per entry: a 'caption' and an image of that side (None: text only)."""
+  folder = tmp_path / name
+  folder.mkdir()
+  rows = [{"parts": [{"text": f"caption {i}"}] + ([] if s is None else [
+      {"image_base64": base64.b64encode(png(np.zeros((s, s, 3), np.uint8))).decode()}])}
+          for i, s in enumerate(image_sizes)]
+  write_jsonl(folder / "train.jsonl", rows)
+  prepare.prepare([str(folder / "train.jsonl")], str(folder / "out"), workers=1)
+  return {"kind": "prepared", "path": str(folder / "out" / "*.array_record")}
+
+
+def test_a_mostly_skipped_source_warns_and_an_empty_or_all_skipped_one_fails_naming_it(tmp_path, caplog):
+  """Prepared at 16 px, trained at 32: 3 of 4 documents skip as bad_image (the text-only one is fine)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/transfusion/tiny.py").data
+  config.sources = ml_collections.ConfigDict({"mostly_bad": training_source(tmp_path, "mostly_bad", [16, 16, 16, None])})
+  with caplog.at_level(logging.WARNING):
+    pipeline.mixture(config, "train", shard=0, shards=1, seed=0, num_epochs=None)
+  assert "'mostly_bad': 3 of 4 records sampled" in caplog.text and "bad_image" in caplog.text
+  assert "data.image_size" in caplog.text  # the fix
+
+  config.sources = ml_collections.ConfigDict({"all_bad": training_source(tmp_path, "all_bad", [16, 16])})
+  with pytest.raises(ValueError, match="source 'all_bad': all 2 records sampled .*bad_image"):
+    pipeline.mixture(config, "train", shard=0, shards=1, seed=0, num_epochs=None)
+  config.sources = ml_collections.ConfigDict({"empty": training_source(tmp_path, "empty", [])})
+  with pytest.raises(ValueError, match="source 'empty' has no records in split 'train'"):
+    pipeline.mixture(config, "train", shard=0, shards=1, seed=0, num_epochs=None)

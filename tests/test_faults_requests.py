@@ -11,7 +11,6 @@ import json
 from absl import app, flags
 from absl.testing import flagsaver
 import array_record.python.array_record_module as array_record_module
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import random_params
 from unimm import diffusion, main
 from unimm.data import documents, records, shapes, tokenizer as tokenizer_lib
 from unimm.eval import evaluate
@@ -35,13 +35,8 @@ def tiny_task(vocab_size: int):
   model = transfusion.TransfusionModel(vocab_size=vocab_size, backbone=cfg, latent_shape=IMAGE_SHAPE, max_images=2,
                                        patch_size=2)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  # Random weights drawn here, not by a compiled init (seconds on a busy CPU): the faults need any model.
-  shapes_ = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, tokens, tokens,
-                                         jnp.zeros((1, 2, *IMAGE_SHAPE)), jnp.zeros((1, 2), jnp.int32))["params"])
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.ones(s.shape, s.dtype) if path[-1].key == "scale"
-      else jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), shapes_)
+  params = random_params(model, tokens, tokens, tokens, tokens, jnp.zeros((1, 2, *IMAGE_SHAPE)),
+                         jnp.zeros((1, 2), jnp.int32))
   task = transfusion.TransfusionTask(model, autoencoders.AutoencoderConfig(), diffusion.Schedule.cosine(),
                                      image_shape=IMAGE_SHAPE)
   return task, params

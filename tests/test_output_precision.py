@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import load_config
+from conftest import load_config, random_params
 from unimm.models import families, janus, layers, transfusion
 
 LENGTH = 32
@@ -61,8 +61,7 @@ def test_transfusion_lm_head_logits_are_float32():
   task = families.transfusion_task(bf16_config("configs/transfusion/tiny.py"), vocab_size=128)
   model = task.model
   inputs = (*rows(128), *model.dummy_inputs(2, LENGTH)[4:])
-  params = scaled_head(nn.unbox(jax.jit(model.init)(jax.random.key(0), *inputs)["params"]), ("lm_head", "kernel"),
-                       40.0)
+  params = scaled_head(random_params(model, *inputs), ("lm_head", "kernel"), 40.0)
   logits, _ = jax.jit(model.apply)({"params": params}, *inputs)
   hidden, _ = jax.jit(lambda p: model.apply(p, *inputs, return_hidden=True))({"params": params})
   assert_float32_logits(logits, reference_logits(hidden, params["lm_head"]["kernel"]))
@@ -88,8 +87,7 @@ def test_chameleon_logits_are_float32():
   config = bf16_config("configs/chameleon/tiny.py")
   task = families.chameleon_task(config, vocab_size=128, frozen_codec=families.random_frozen_codec(config))
   model, inputs = task.model, rows(128)
-  params = scaled_head(nn.unbox(jax.jit(model.init)(jax.random.key(0), *inputs)["params"]), ("lm_head", "kernel"),
-                       40.0)
+  params = scaled_head(random_params(model, *inputs), ("lm_head", "kernel"), 40.0)
   logits = jax.jit(model.apply)({"params": params}, *inputs)
   hidden = jax.jit(lambda p: model.apply(p, *inputs, method=decoder_output))({"params": params})
   assert_float32_logits(logits, reference_logits(hidden, params["lm_head"]["kernel"]))
@@ -100,7 +98,7 @@ def test_janus_text_and_image_heads_are_float32():
   task = families.janus_task(config, vocab_size=128, frozen_codec=families.random_frozen_codec(config))
   model = task.model
   inputs = (*rows(128), jnp.zeros((2, model.max_images, *model.image_shape), jnp.uint8))
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *inputs)["params"])
+  params = random_params(model, *inputs)
   params = scaled_head(scaled_head(params, ("lm_head", "kernel"), 40.0), ("gen_head", "fc2", "kernel"), 40.0)
   logits = jax.jit(model.apply)({"params": params}, *inputs)
   hidden = jax.jit(lambda p: model.apply(p, *inputs[:4], method=decoder_output))({"params": params})

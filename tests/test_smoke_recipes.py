@@ -1,6 +1,6 @@
 """The paper recipes end to end, in miniature (their `smoke` variants), through the real CLI path.
 
-Per family: a tokenizer trained by `--mode=prepare`, the codec it needs trained for a few steps through
+Per family: a tokenizer trained by the run's prepare step, the codec it needs trained for a few steps through
 its own config (shared fixtures: `shapes_vae`, `shapes_vq`, a SigLIP run here), 24 training steps with
 finite losses that fall (the last 5 steps' mean below the first 5's), a checkpoint, SIGTERM and a resume
 (losses equal to the ones an uninterrupted run logs after it), then `--mode=sample` and `--mode=eval`.
@@ -99,13 +99,13 @@ def test_transfusion_7b_smoke(data_dir, shapes_vae, tmp_path):
   workdir = str(tmp_path / "transfusion")
   cmd = cli("configs/transfusion/7b.py:smoke", "transfusion", data_dir, workdir,
             f"--config.model.autoencoder.checkpoint={shapes_vae}/checkpoints", *SHAPES_VAE_OVERRIDES)
-  run([*cmd, "--mode=prepare"])
+  # Pinned to the pieces (as 32,000 for Llama's): a clear error at start-up, not NaN at step 1. (The run
+  # prepares first: it trains the tokenizer.)
+  bad = run([*cmd, "--config.model.vocab_size=128", f"--workdir={tmp_path / 'bad'}"], ok=False)
   from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tok = tokenizer_lib.Tokenizer.load(os.path.join(data_dir, "tokenizers", "shapes_appended_bpe128.model"))
   pieces = tok._sp.get_piece_size()  # pylint: disable=protected-access
   assert tok.vocab_size == pieces + 20 and tok.specials.boi >= pieces  # appended, as for Llama's tokenizer
-  # Pinned to the pieces (as 32,000 for Llama's): a clear error at start-up, not NaN at step 1.
-  bad = run([*cmd, "--config.model.vocab_size=128", f"--workdir={tmp_path / 'bad'}"], ok=False)
   assert bad.returncode != 0
   assert (f"vocab_size=128 is smaller than the tokenizer's {tok.vocab_size} ids" in bad.stderr
           and "--config.model.vocab_size=256" in bad.stderr), bad.stderr[-2000:]
@@ -126,7 +126,6 @@ def test_chameleon_7b_smoke(data_dir, shapes_vq, tmp_path):
   workdir = str(tmp_path / "chameleon")
   cmd = cli("configs/chameleon/7b.py:smoke", "chameleon", data_dir, workdir,
             f"--config.model.vq.checkpoint={shapes_vq}/checkpoints")
-  run([*cmd, "--mode=prepare"])
   losses = train_preempt_resume(cmd, workdir)
   assert all(losses[s]["image_loss"] > 0 and losses[s]["z_loss"] > 0 for s in losses)
   mixed = {"id": "mixed", "parts": [{"text": "a blue"}], "generate": "text", "max_tokens": 70}
@@ -166,7 +165,6 @@ def test_janus_pro_7b_smoke_stages(data_dir, shapes_vq, tmp_path):
                f"--config.model.vision.checkpoint={siglip}/checkpoints",
                f"--config.model.vq.checkpoint={shapes_vq}/checkpoints", *VIT, *extra)
 
-  run([*stage_cmd(1), "--mode=prepare"])
   run(stage_cmd(1))
   run(stage_cmd(2, f"--config.train.init_from={tmp_path / 'stage1'}/checkpoints"))
   cmd3 = stage_cmd(3, f"--config.train.init_from={tmp_path / 'stage2'}/checkpoints")
@@ -194,8 +192,9 @@ def test_janus_pro_7b_smoke_stages(data_dir, shapes_vq, tmp_path):
   mesh = sharding.make_mesh(config.mesh)
   setup = setup_lib.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size,
                           loop.load_frozen_codec(config))
-  started = traverse_util.flatten_dict(
-      jax.tree.map(np.asarray, loop.start_params(config, setup.init(jax.random.key(0)).params)), sep="/")
+  # Zeros where a fresh init would put random values: every param must come from stage I's checkpoint.
+  fresh = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), setup.abstract_state.params)
+  started = traverse_util.flatten_dict(jax.tree.map(np.asarray, loop.start_params(config, fresh)), sep="/")
   assert started.keys() == p1.keys()
   for k in p1:
     np.testing.assert_array_equal(started[k], p1[k])

@@ -10,6 +10,8 @@ import time
 import pytest
 
 from conftest import REPO, SHAPES_VAE_OVERRIDES
+from test_console import LOG_LINE
+from unimm import console
 from unimm.train import config_record
 
 pytestmark = pytest.mark.slow
@@ -61,6 +63,8 @@ def uninterrupted(data_dir, tmp_path_factory):
   assert out.returncode == 0, out.stderr[-4000:]
   # The run ends by evaluating its last checkpoint and printing the metrics (the README demo does).
   assert '"shapes/image_to_text/exact_match"' in out.stdout, out.stdout[-2000:]
+  with open(os.path.join(workdir, "console.txt"), "w") as f:  # what a person running it saw
+    f.write(out.stderr)
   return workdir
 
 
@@ -79,6 +83,18 @@ def test_uninterrupted_run_logs_learns_and_samples(uninterrupted):
   assert config_record.load_config(uninterrupted).train.num_steps == 12
   final_eval = json.load(open(os.path.join(uninterrupted, "eval.json")))
   assert final_eval["step"] == 12 and final_eval["shapes"]["examples"] == 3
+
+
+def test_the_console_is_readable_and_library_info_goes_to_the_log_file(uninterrupted):
+  shown = open(os.path.join(uninterrupted, "console.txt")).read()
+  console_info = {f for level, f in LOG_LINE.findall(shown) if level == "I"}
+  own = {f for d in console.OWN_CODE_DIRS for _, _, files in os.walk(d) for f in files}
+  assert console_info and console_info <= own, shown[-4000:]  # e.g. no orbax checkpoint_manager.py
+  assert "Mesh {" in shown and "train:" in shown  # unimm's own INFO, the progress bar
+  with open(os.path.join(uninterrupted, "logs", "unimm.log")) as f:
+    logged = f.read()
+  assert ("I", "checkpoint_manager.py") in set(LOG_LINE.findall(logged)), logged[-3000:]  # routed, not lost
+  assert "Mesh {" in logged
 
 
 def test_kill_and_resume_gives_the_same_losses(data_dir, tmp_path, uninterrupted):

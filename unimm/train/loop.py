@@ -13,6 +13,7 @@ returns, doing nothing else. A divergence names the last-known-good checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -245,56 +246,61 @@ def train(config, workdir: str) -> dict:
   last = {}
   bar = tqdm.tqdm(total=int(t.num_steps), initial=start, disable=not lead, dynamic_ncols=True, desc="train")
   step, preempted = start, False
-  with distributed.Preemption() as preemption:
-    while step < int(t.num_steps):
-      local = next(data)
-      stats = local.pop("stats")
-      for r in skipped:
-        skipped[r] += int(np.sum(stats[r]))
-      seen_documents += int(np.sum(np.max(local["segment_ids"], axis=-1)))
-      window_tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
-      state, m = setup.step(state, sharding.global_batch(local, mesh), rng)
-      m = jax.device_get(m)  # blocks every step: keeps queued collectives bounded
-      step += 1
-      healthy, good = health.observe(step, float(m["loss"]), bool(m["finite"]))
-      if good is not None:
-        ckpt.mark_good(good, f"{t.good_after_steps} healthy steps followed it")
-      ckpt.candidates = set(health.candidates[:1])  # the next to become good; newer ones may rotate out
-      if not m["finite"]:
-        window_skips += 1
-        if not t.skip_nonfinite or health.too_many_skips:
-          diverged(workdir, ckpt, step, m, health, lead)
-      else:
-        names = tuple(sorted(k for k in m if k != "finite"))
-        update = metrics_lib.averages(names).single_from_model_output(**{k: m[k] for k in names})
-        window = update if window is None else window.merge(update)
-      bar.update(1)
-      if step % int(t.log_every) == 0 or step == int(t.num_steps):
-        seconds = time.perf_counter() - window_start
-        last = {k: float(v) for k, v in window.compute().items()} if window is not None else {}
-        tokens_per_s = window_tokens / max(seconds, 1e-9)
-        last.update({
-            "tokens_per_s": tokens_per_s,
-            "model_flops_per_s_per_device": tokens_per_s * flops_token / jax.device_count(),
-            "skipped_updates": float(window_skips), "skipped_updates_total": float(health.total_skips),
-            **{f"skipped_records/{r}": float(c) for r, c in skipped.items()}})
-        writer.scalars(step, last)
-        bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in last.items()
-                         if k == "loss" or (k.endswith("_loss") and v)})
-        warn_about_skips(skipped, seen_documents, float(config.data.warn_skip_rate), warned)
-        window, window_skips, window_tokens, window_start = None, 0, 0, time.perf_counter()
-      preempted = preemption.reached(step)  # every process agrees on the step
-      if preempted:  # save and exit, nothing else (no sample, eval or final evaluation)
-        ckpt.save(step, state, data)
-        logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
-        break
-      if int(t.sample_every) and step % int(t.sample_every) == 0:
-        write_samples(setup, config, state, tokenizer, step, workdir, writer)
-      if int(t.eval_every) and step % int(t.eval_every) == 0:
-        run_eval(setup, config, state, tokenizer, step, writer)
-      if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps):
-        ckpt.save(step, state, data)
-        health.saved(step)
+  try:
+    with distributed.Preemption() as preemption:
+      while step < int(t.num_steps):
+        local = next(data)
+        stats = local.pop("stats")
+        for r in skipped:
+          skipped[r] += int(np.sum(stats[r]))
+        seen_documents += int(np.sum(np.max(local["segment_ids"], axis=-1)))
+        window_tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+        state, m = setup.step(state, sharding.global_batch(local, mesh), rng)
+        m = jax.device_get(m)  # blocks every step: keeps queued collectives bounded
+        step += 1
+        _, good = health.observe(step, float(m["loss"]), bool(m["finite"]))
+        if good is not None:
+          ckpt.mark_good(good, f"{t.good_after_steps} healthy steps followed it")
+        ckpt.candidates = set(health.candidates[:1])  # the next to become good; newer ones may rotate out
+        if not m["finite"]:
+          window_skips += 1
+          if not t.skip_nonfinite or health.too_many_skips:
+            diverged(workdir, ckpt, step, m, health, lead)
+        else:
+          names = tuple(sorted(k for k in m if k != "finite"))
+          update = metrics_lib.averages(names).single_from_model_output(**{k: m[k] for k in names})
+          window = update if window is None else window.merge(update)
+        bar.update(1)
+        if step % int(t.log_every) == 0 or step == int(t.num_steps):
+          seconds = time.perf_counter() - window_start
+          last = {k: float(v) for k, v in window.compute().items()} if window is not None else {}
+          tokens_per_s = window_tokens / max(seconds, 1e-9)
+          last.update({
+              "tokens_per_s": tokens_per_s,
+              "model_flops_per_s_per_device": tokens_per_s * flops_token / jax.device_count(),
+              "skipped_updates": float(window_skips), "skipped_updates_total": float(health.total_skips),
+              **{f"skipped_records/{r}": float(c) for r, c in skipped.items()}})
+          writer.scalars(step, last)
+          bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in last.items()
+                           if k == "loss" or (k.endswith("_loss") and v)})
+          warn_about_skips(skipped, seen_documents, float(config.data.warn_skip_rate), warned)
+          window, window_skips, window_tokens, window_start = None, 0, 0, time.perf_counter()
+        preempted = preemption.reached(step)  # every process agrees on the step
+        if preempted:  # save and exit, nothing else (no sample, eval or final evaluation)
+          ckpt.save(step, state, data)
+          logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
+          break
+        if int(t.sample_every) and step % int(t.sample_every) == 0:
+          write_samples(setup, config, state, tokenizer, step, workdir, writer)
+        if int(t.eval_every) and step % int(t.eval_every) == 0:
+          run_eval(setup, config, state, tokenizer, step, writer)
+        if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps):
+          ckpt.save(step, state, data)
+          health.saved(step)
+  except BaseException:
+    with contextlib.suppress(Exception):  # let an in-flight save of an earlier, healthy step finish
+      ckpt.close()
+    raise
   bar.close()
   ckpt.close()
   writer.close()
