@@ -213,37 +213,39 @@ def inject_nan(monkeypatch, first, count=10**9):
 
 
 def test_divergence_names_the_last_good_checkpoint_and_rewinds_to_it(data_dir, tmp_path, monkeypatch):
-  """Good after 2 healthy steps, checkpoints every 2, keep 1: step 4 becomes good at step 6 and survives
-  the rotation; NaN at step 9 stops the run naming step 6 (good at 8); the flag resumes from it."""
+  """Good after 2 healthy steps, checkpoints every 2, keep 1: step 6 becomes good at step 8 and survives
+  the rotation; NaN at step 9 stops the run naming it; the flag resumes from it. (Skipping on, with no skip
+  allowed in a row: the first non-finite step is a divergence, and one compiled step serves the tests.)"""
   workdir = str(tmp_path / "diverging")
+  train = dict(num_steps=12, keep_checkpoints=1, good_after_steps=2, skip_nonfinite=True, max_consecutive_skips=0)
   inject_nan(monkeypatch, first=9)
   with pytest.raises(FloatingPointError, match="last known good checkpoint is step 6.*rewind_to_last_good=True"):
-    loop.train(tiny(data_dir, num_steps=12, keep_checkpoints=1, good_after_steps=2), workdir)
+    loop.train(tiny(data_dir, **train), workdir)
   assert steps_on_disk(workdir) == [6, 8]  # 8 newest, 6 spared as last known good
   assert json.load(open(os.path.join(workdir, health.DIVERGED_FILE)))["last_good"] == 6
   monkeypatch.undo()
-  result = resume(data_dir, workdir, num_steps=12, keep_checkpoints=1, good_after_steps=2, rewind_to_last_good=True)
-  assert result["step"] == 12
+  assert resume(data_dir, workdir, **train, rewind_to_last_good=True)["step"] == 12
   assert [n.split("-")[0] for n in os.listdir(os.path.join(workdir, "checkpoints", "rewound"))] == ["8"]
   assert not os.path.exists(os.path.join(workdir, health.DIVERGED_FILE))  # archived under a dated name
   assert glob.glob(os.path.join(workdir, "diverged-*.json"))
   # The flag left on (an auto-restarting scheduler) does not rewind a healthy run again.
-  assert resume(data_dir, workdir, num_steps=14, keep_checkpoints=1, good_after_steps=2,
-                rewind_to_last_good=True)["step"] == 14
+  assert resume(data_dir, workdir, **train, rewind_to_last_good=True)["step"] == 12
+  assert [n.split("-")[0] for n in os.listdir(os.path.join(workdir, "checkpoints", "rewound"))] == ["8"]
+  assert 12 in steps_on_disk(workdir)
 
 
 def test_skipping_stops_after_too_many_consecutive_skips_and_counts_them(data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / "skipping")
+  train = dict(num_steps=12, skip_nonfinite=True, max_consecutive_skips=2, log_every=4)
   inject_nan(monkeypatch, first=3, count=2)  # two skipped updates, then healthy again
-  result = loop.train(tiny(data_dir, num_steps=8, skip_nonfinite=True, max_consecutive_skips=2, log_every=4),
-                      workdir)
+  assert loop.train(tiny(data_dir, **train), workdir)["step"] == 12
   got = logged(workdir)
-  assert result["step"] == 8 and got[4]["skipped_updates"] == 2 and got[8]["skipped_updates"] == 0
-  assert got[8]["skipped_updates_total"] == 2 and np.isfinite(got[4]["loss"])  # the window averages finite steps
+  assert got[4]["skipped_updates"] == 2 and got[8]["skipped_updates"] == 0
+  assert got[12]["skipped_updates_total"] == 2 and np.isfinite(got[4]["loss"])  # the window averages finite steps
   monkeypatch.undo()
   inject_nan(monkeypatch, first=3)
   with pytest.raises(FloatingPointError, match="3 consecutive updates skipped"):
-    loop.train(tiny(data_dir, num_steps=8, skip_nonfinite=True, max_consecutive_skips=2), str(tmp_path / "stuck"))
+    loop.train(tiny(data_dir, **train), str(tmp_path / "stuck"))
 
 
 def test_health_marks_good_only_after_clean_steps():

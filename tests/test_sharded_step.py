@@ -40,9 +40,10 @@ EXPECTED = {
 
 
 @pytest.mark.slow
-# Transfusion under each single strategy and all four axes at once; Janus (stage II: the ViT frozen) with
-# gradient accumulation under FSDP × TP: accumulation, freezing and sharding together.
-@pytest.mark.parametrize("accum,family,strategies", [(1, "transfusion", ("dp", "fsdp", "tp", "sp", "fsdp_tp_sp")),
+# Transfusion under FSDP alone, sequence parallelism alone (their own collectives) and all four axes at once
+# (data, FSDP, tensor, sequence: each axis's rules and collectives together); Janus (stage II: the ViT frozen)
+# with gradient accumulation under FSDP × TP: accumulation, freezing and sharding together.
+@pytest.mark.parametrize("accum,family,strategies", [(1, "transfusion", ("fsdp", "sp", "fsdp_tp_sp")),
                                                       (2, "janus", ("fsdp_tp",))])
 def test_sharded_step_equals_single_device(data_dir, accum, family, strategies):
   r = run_check(data_dir, accum, family, strategies)
