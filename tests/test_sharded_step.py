@@ -40,6 +40,9 @@ EXPECTED = {
 
 
 @pytest.mark.slow
+# One scheduling unit of two long tests: --dist loadgroup starts the largest units first, so they do not
+# end the suite on one worker while the other idles.
+@pytest.mark.xdist_group("sharded_step")
 # Transfusion under FSDP alone, sequence parallelism alone (their own collectives) and all four axes at once
 # (data, FSDP, tensor, sequence: each axis's rules and collectives together); Janus (stage II: the ViT frozen)
 # with gradient accumulation under FSDP × TP: accumulation, freezing and sharding together.
