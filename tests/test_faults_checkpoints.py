@@ -287,3 +287,15 @@ def test_training_warns_once_per_reason_when_skips_pass_the_threshold(caplog):
     loop.warn_about_skips({"bad_image": 80, "corrupt": 1}, 25, 0.1, warned)
   assert caplog.text.count("skipped as 'bad_image'") == 1 and "75%" in caplog.text
   assert "re-run prepare with --image_size" in caplog.text and "corrupt" not in caplog.text
+
+
+def test_keys_another_version_added_are_accepted_and_a_legacy_dump_is_replaced(data_dir, tmp_path):
+  config = tiny(data_dir)
+  record = config_record.make_record(config)
+  older = json.loads(json.dumps(record))
+  del older["config"]["train"]["good_after_steps"]  # as written by a unimm without that key
+  older["config"]["train"]["dropped_key"] = 1
+  assert config_record.changes(older, record) == {"train.good_after_steps": "version", "train.dropped_key": "version"}
+  json.dump(record["config"], open(tmp_path / "config.json", "w"))  # a legacy bare dump
+  new, accepted, reset = config_record.check_resume(config, str(tmp_path))
+  assert new == record and accepted == {} and not reset

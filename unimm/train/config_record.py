@@ -13,7 +13,9 @@ ConfigDict). A resume compares the new config with it *before touching anything*
   order, so the saved iterator position means nothing: refused unless
   `--config.train.reset_data_iterator=True` (the model and optimiser resume, the data starts afresh);
 * everything else is structural (the model, the optimiser): refused with the diff unless
-  `--config.train.allow_config_change=True`.
+  `--config.train.allow_config_change=True`;
+* a key only one side has (added or dropped by another unimm version) is accepted and recorded. A legacy
+  `config.json` (a bare dump) cannot be checked: a warning, then it is replaced by a record.
 
 Every accepted change is appended to `WORKDIR/config_changes.jsonl` with the step it applies from, and
 the record is rewritten (process 0) only once the check passed.
@@ -28,6 +30,7 @@ import json
 import os
 import time
 
+from absl import logging
 import ml_collections
 
 FORMAT = 1
@@ -43,6 +46,7 @@ SAFE_KEYS = (
     "train.restart_from_scratch", "train.init_from", "train.grad_accum_steps",
     "mesh.*", "targets.*", "sharding.*", "model.backbone.remat", "model.backbone.attention",
     "model.vision.remat", "model.lm_loss_chunk", "model.guidance", "data.read_threads", "data.read_prefetch",
+    "data.warn_skip_rate",
 )
 PATH_KEYS = ("data.data_dir", "data.tokenizer.path", "data.sources.*.path", "model.*.checkpoint")
 DATA_KEYS = ("data.*", "seed")
@@ -144,14 +148,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def changes(old: dict, new: dict) -> dict[str, str]:
   """{key: class} of every key whose value differs between two records (classes: safe, path, data,
-  structural; a path key becomes data when the fingerprints differ)."""
+  structural, version — a key only one of them has; a path key becomes data when the fingerprints differ)."""
   a, b = _flat(old["config"]), _flat(new["config"])
   same_files = old.get("data") is None or old["data"] == new["data"]
   out = {}
   for key in sorted(set(a) | set(b)):
     if a.get(key, "<absent>") == b.get(key, "<absent>"):
       continue
-    if _matches(key, SAFE_KEYS):
+    if key not in a or key not in b:
+      out[key] = "version"  # a key this unimm version added or dropped: its default is the code's, not a choice
+    elif _matches(key, SAFE_KEYS):
       out[key] = "safe"
     elif _matches(key, PATH_KEYS):
       out[key] = "path" if same_files else "data"
@@ -171,6 +177,10 @@ def check_resume(config, workdir: str) -> tuple[dict, dict, bool]:
   new = make_record(config)
   old = read_record(workdir)
   if old is None:
+    return new, {}, False
+  if old["format"] == 0:
+    logging.warning("%s/%s is a config dump from an older unimm, not a versioned record: the resume cannot be "
+                    "checked against it; it is replaced by a record of this config.", workdir, RECORD_FILE)
     return new, {}, False
   found = changes(old, new)
   a, b = _flat(old["config"]), _flat(new["config"])
