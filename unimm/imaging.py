@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from PIL import Image
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # input images above this are refused before decoding (decompression bombs)
+
+
+class ImageTooLarge(ValueError):
+  """An input image with more pixels than the limit, refused from its header before decoding."""
+
+
+def open_bounded(source, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+  """PIL's lazy open of `source` (a path or a file object) for input a user handed in: raises
+  `ImageTooLarge` for more than `max_pixels` pixels before anything is decoded (PIL's own bomb check
+  included); other bad data raises PIL's errors as usual."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it
+    try:
+      im = Image.open(source)
+    except Image.DecompressionBombError as e:
+      raise ImageTooLarge(f"too large ({e}); the limit is {max_pixels} pixels") from e
+  if im.width * im.height > max_pixels:
+    im.close()
+    raise ImageTooLarge(f"{im.width}×{im.height} = {im.width * im.height} pixels; the limit is {max_pixels}")
+  return im
 
 
 def image_grid(images: np.ndarray, columns: int = 8, min_side: int = 64, gap: int = 2) -> np.ndarray:

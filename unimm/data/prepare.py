@@ -85,12 +85,12 @@ import os
 import stat
 import sys
 from typing import Iterator
-import warnings
 
 from absl import app, flags, logging
 import numpy as np
 from PIL import Image as PILImage
 
+from unimm import imaging
 from unimm.data import documents, records
 
 # Skip reasons of this converter beyond `documents.SKIP_REASONS` (which lists those the reader can meet).
@@ -101,7 +101,7 @@ UNEXPECTED = "unexpected"  # any other error while converting a document
 REASONS = (documents.CORRUPT, documents.EMPTY, documents.BAD_IMAGE, documents.BAD_TEXT, BAD_FIELD, BAD_PATH,
            TOO_LARGE, UNEXPECTED)
 
-DEFAULT_MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192: 192 MiB decoded as RGB
+DEFAULT_MAX_IMAGE_PIXELS = imaging.MAX_IMAGE_PIXELS  # 8192 x 8192: 192 MiB decoded as RGB
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20  # an uncompressed 8192 x 8192 RGB image fits
 _LOGGED_PER_REASON = 10  # bad documents logged per reason and file; the rest are only counted
 _IMAGE_KEYS = ("image", "image_path", "image_base64")
@@ -185,18 +185,13 @@ def convert_image(data: bytes, image_size: int, channels: int,
       bad_image when it does not decode.
   """
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # max_image_pixels decides below
-      im = PILImage.open(io.BytesIO(data))
-  except PILImage.DecompressionBombError as e:
-    raise documents.BadRecord(TOO_LARGE, str(e)) from e
+    im = imaging.open_bounded(io.BytesIO(data), max_image_pixels)
+  except imaging.ImageTooLarge as e:
+    raise documents.BadRecord(TOO_LARGE, f"{e}; raise --max_image_pixels to keep it") from e
   except Exception as e:  # PIL raises many kinds on bad bytes
     raise documents.BadRecord(documents.BAD_IMAGE, f"undecodable image: {e}") from e
   with im:
     w, h = im.size
-    if w * h > max_image_pixels:
-      raise documents.BadRecord(TOO_LARGE, f"a {w}x{h} image has {w * h} pixels, above max_image_pixels="
-                                f"{max_image_pixels}; raise --max_image_pixels to keep it")
     try:
       im = im.convert("L" if channels == 1 else "RGB")
       if image_size:

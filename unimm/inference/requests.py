@@ -34,17 +34,17 @@ import dataclasses
 import json
 import os
 import re
-import warnings
 
 from absl import logging
 import numpy as np
 from PIL import Image as PILImage
 
+from unimm import imaging
 from unimm.data import documents
 from unimm.inference import generators, images as images_lib, prompts as prompts_lib, text as text_lib
 
 SOME_FAILED = 3  # exit status of a completed run in which some request got an `error` line
-MAX_IMAGE_PIXELS = 8192 * 8192  # a prompt image above this is refused before decoding (a decompression bomb)
+MAX_IMAGE_PIXELS = imaging.MAX_IMAGE_PIXELS  # a prompt image above this is refused before decoding
 _MAX_ERROR_CHARS = 500  # an exception's text in a manifest line (XLA's can run to pages)
 
 
@@ -76,15 +76,7 @@ def load_image(path: str, image_shape, max_pixels: int = MAX_IMAGE_PIXELS) -> np
   decoding); OSError / PIL errors for a file that does not decode.
   """
   h, w, c = image_shape
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # the size check below says it
-    try:
-      im = PILImage.open(path)
-    except PILImage.DecompressionBombError as e:
-      raise ValueError(f"too large ({e}); the limit is {max_pixels} pixels") from e
-  with im:
-    if im.width * im.height > max_pixels:
-      raise ValueError(f"{im.width}×{im.height} = {im.width * im.height} pixels; the limit is {max_pixels}")
+  with imaging.open_bounded(path, max_pixels) as im:
     im = im.convert("L" if c == 1 else "RGB")
     if im.size != (w, h):
       im = im.resize((w, h), PILImage.Resampling.BICUBIC)
