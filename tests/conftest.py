@@ -104,7 +104,7 @@ def shapes_vae(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shapes_vq(data_dir, tmp_path_factory):
-  """A tiny shapes VQ tokenizer (8×8 codes) trained through the CLI for 300 steps, ending with its
+  """A tiny shapes VQ tokenizer (8×8 codes) trained through the CLI for 300 steps of batch 4, ending with its
   evaluation on 100 test images (eval.json): its workdir. Session fixtures are per xdist worker: tests
   using it carry `xdist_group("shapes_vq")` (the suite runs with --dist loadgroup) so it trains once."""
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -113,7 +113,7 @@ def shapes_vq(data_dir, tmp_path_factory):
   out = subprocess.run([sys.executable, "-m", "unimm.main", "--config=configs/tokenizers/tiny.py:shapes",
                         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
                         "--config.data.sources.shapes.builder_config=small", "--config.train.num_steps=300",
-                        "--config.model.vq_loss.reinit_dead_codes_until=200",
+                        "--config.data.batch_size=4", "--config.model.vq_loss.reinit_dead_codes_until=200",
                         "--config.train.final_eval_examples=100"], cwd=REPO, capture_output=True, text=True,
                        timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -157,12 +157,12 @@ def test_lpips_matches_numpy(tmp_path):
 @pytest.mark.slow
 @pytest.mark.xdist_group("shapes_vq")  # the worker that trains it for the family CLI tests
 def test_trained_tiny_tokenizer_reconstructs_shapes(shapes_vq):
-  """The tiny shapes tokenizer (8×8 codes) after 300 steps through the CLI, which ends by evaluating it.
+  """The tiny shapes tokenizer (8×8 codes) after 300 steps of batch 4 through the CLI, which ends by evaluating it.
   (Its config's 1500 steps reach 32.5 dB and full detector agreement: README.)"""
   with open(os.path.join(shapes_vq, "eval.json")) as f:
     result = json.load(f)["tokenizer"]["shapes"]
   assert result["codes_per_image"] == 64 and result["examples"] == 100
-  assert result["psnr"] > 20.0, result  # 22.7 dB when written
-  assert result["codebook_usage"] > 0.5, result  # 0.96 (without dead-code restarts: 0.15)
-  assert result["detector_agreement"] >= 0.3, result  # 0.51; an untrained tokenizer scores 0
+  assert result["psnr"] > 20.0, result  # 22.4 dB when written
+  assert result["codebook_usage"] > 0.5, result  # 0.95 (without dead-code restarts at batch 8: 0.15)
+  assert result["detector_agreement"] >= 0.3, result  # 0.48; an untrained tokenizer scores 0
   assert os.path.exists(result["png"])

@@ -20,6 +20,7 @@ clipping those would cut off real latent values and bias every step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -170,19 +171,28 @@ def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, clip: float | None,
   """
   if sampler not in ("ddim", "ddpm"):
     raise ValueError(f"sampler {sampler!r}; expected 'ddim' or 'ddpm'")
-  n = x.shape[0]
   steps = timestep_sequence(schedule.num_timesteps, num_steps)
+  scale = jnp.float32(0.0 if guidance is None else guidance)
   for i, t in enumerate(steps):
     t_prev = int(steps[i + 1]) if i + 1 < len(steps) else -1
-    if guidance is None:
-      eps = eps_fn(x, int(t))
-    else:
-      eps = eps_fn(jnp.concatenate([x, x]), int(t))
-      eps = guide(eps[:n], eps[n:], guidance)
-    tn, tp = jnp.full((n,), t, jnp.int32), jnp.full((n,), t_prev, jnp.int32)
-    if sampler == "ddim":
-      x = ddim_step(schedule, x, eps, tn, tp, clip=clip)
-    else:
+    eps = eps_fn(x if guidance is None else jnp.concatenate([x, x]), int(t))
+    sub = None
+    if sampler == "ddpm":
       rng, sub = jax.random.split(rng)
-      x = ddpm_step(schedule, sub, x, eps, tn, tp, clip=clip)
+    x = _update(schedule.alphas_cumprod, x, eps, jnp.int32(t), jnp.int32(t_prev), scale, sub,
+                sampler=sampler, clip=clip, guided=guidance is not None)
   return x
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "clip", "guided"))
+def _update(alphas_cumprod, x, eps, t, t_prev, scale, rng, *, sampler: str, clip: float | None, guided: bool):
+  """One sampler step of `sample` as one compiled program: guidance (eps holds 2N rows when `guided`), then
+  DDIM or DDPM from t to t_prev."""
+  n = x.shape[0]
+  if guided:
+    eps = guide(eps[:n], eps[n:], scale)
+  tn, tp = jnp.full((n,), t, jnp.int32), jnp.full((n,), t_prev, jnp.int32)
+  schedule = Schedule(alphas_cumprod)
+  if sampler == "ddim":
+    return ddim_step(schedule, x, eps, tn, tp, clip=clip)
+  return ddpm_step(schedule, rng, x, eps, tn, tp, clip=clip)

@@ -44,11 +44,21 @@ class ImageGenerator:
       return out, mutated["cache"]
     self._run = jax.jit(run)
 
-    def denoise_step(params, cache, tokens, positions, segments, image_ids, latents, t):
-      (_, out), _ = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
-                                     image_ids, latents, t, mutable=["cache"])
-      return out  # the step's cache writes are dropped: XLA need not return the cache
-    self._denoise_step = jax.jit(denoise_step)
+    m, latent_shape = self.model.max_images, self.model.latent_shape
+
+    def eps_step(params, cache, rows, image_index, x, t):
+      """ε for the new image x [B, h, w, c] (at `image_index` of each row) at timestep t, from one pass
+      over its slots against the cache; the step's cache writes are dropped (XLA need not return them)."""
+      b = x.shape[0]
+      latents = jnp.zeros((b, m, *latent_shape), jnp.float32).at[jnp.arange(b), image_index].set(x)
+      (_, out), _ = self.model.apply({"params": params, "cache": cache}, rows["tokens"], rows["positions"],
+                                     rows["segments"], rows["image_ids"], latents, jnp.full((b, m), t, jnp.int32),
+                                     mutable=["cache"])
+      return self.task.to_epsilon(out[jnp.arange(b), image_index], x, jnp.full((b,), t, jnp.int32))
+    self._eps_step = jax.jit(eps_step)
+    # The frozen autoencoder as two compiled programs, not op by op.
+    self._encode = jax.jit(self.task.encode_images)
+    self._decode = jax.jit(lambda latents: self.task.decode_latents(latents, self.task.image_shape[-1]))
 
   def generate(self, prompts: list[prompts_lib.Prompt], rng, *, num_steps: int = 50,
                guidance: float | None = 3.0, sampler: str = "ddim") -> np.ndarray:
@@ -67,7 +77,7 @@ class ImageGenerator:
     cache = cache_lib.empty(self.model, b, cache_lib.bucket(length + slots), self.placement)
     with self.placement.context():
       dev = self.placement.rows(rows)
-      clean = self.task.encode_images(dev["images"])
+      clean = self._encode(dev["images"])
       _, cache = self._run(self.params, cache, dev["tokens"], dev["positions"], dev["segment_ids"],
                            dev["image_ids"], clean, jnp.zeros((b, m), jnp.int32))
     first_slot = np.array([len(p) for p in cond + uncond])
@@ -87,26 +97,25 @@ class ImageGenerator:
     guided = options.guidance is not None
     if guided and b % 2:
       raise ValueError(f"guided denoising takes conditional and unconditional rows in pairs, got {b} rows")
-    n, m, slots = b // 2 if guided else b, self.model.max_images, self.model.slots
+    n, slots = b // 2 if guided else b, self.model.slots
     with self.placement.context():
       dev = self.placement.rows({
           "tokens": np.full((b, slots), self.specials.img, np.int32),
           "positions": (first_slot[:, None] + np.arange(slots)).astype(np.int32),
           "segments": np.ones((b, slots), np.int32),
-          "image_ids": np.repeat(image_index[:, None] + 1, slots, axis=1).astype(np.int32)})
-    rows_index = jnp.arange(b)
-    image_index = jnp.asarray(image_index)
+          "image_ids": np.repeat(image_index[:, None] + 1, slots, axis=1).astype(np.int32),
+          "image_index": np.asarray(image_index, np.int32)})
+    image_index = dev.pop("image_index")
 
     def eps_fn(x2, t):
-      latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32).at[rows_index, image_index].set(x2)
       with self.placement.context():
-        out = self._denoise_step(self.params, cache, dev["tokens"], dev["positions"], dev["segments"],
-                                 dev["image_ids"], latents, jnp.full((b, m), t, jnp.int32))
-      return self.task.to_epsilon(out[rows_index, image_index], x2, jnp.full((b,), t, jnp.int32))
+        # Every step's x placed like the rows: one compiled step, whatever sharding the sampler's update left.
+        x2 = jax.device_put(x2, self.placement.batch_sharding)
+        return self._eps_step(self.params, cache, dev, image_index, x2, t)
 
     noise = jax.random.normal(rng, (n, *self.model.latent_shape), jnp.float32)
     return diffusion.sample(self.task.schedule, eps_fn, noise, num_steps=options.num_steps, clip=self.task.x0_clip,
                             guidance=options.guidance, sampler=options.sampler, rng=jax.random.fold_in(rng, 1))
 
   def to_pixels(self, latents) -> np.ndarray:
-    return np.asarray(self.task.decode_latents(latents, self.task.image_shape[-1]))
+    return np.asarray(self._decode(latents))

@@ -54,10 +54,14 @@ class Placement:
       shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
     return jax.device_put(nn.meta.unbox(params), nn.meta.unbox(shardings))
 
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    """Arrays with a leading batch axis: split over the batch axes."""
+    return NamedSharding(self.mesh, P(sharding.BATCH_AXES))
+
   def rows(self, batch: dict) -> dict:
     """Numpy arrays with a leading batch axis → jax arrays split over the batch axes."""
-    spec = NamedSharding(self.mesh, P(sharding.BATCH_AXES))
-    return {k: jax.device_put(np.asarray(v), spec) for k, v in batch.items()}
+    return {k: jax.device_put(np.asarray(v), self.batch_sharding) for k, v in batch.items()}
 
   def cache_sharding(self, shape: jax.ShapeDtypeStruct, batch_axis: int | None):
     """Cache leaves: rows over the batch axes; key/value heads (axis batch+2) over `tensor` when it divides."""

@@ -94,6 +94,7 @@ class TextGenerator:
     self.specials = specials
     self._images = None
     self._step_jit = jax.jit(self._step_fn, donate_argnums=1)  # the cache is updated in place
+    self._encode = jax.jit(task.encode_images)  # the frozen autoencoder compiled, not run op by op
 
   # -- what a family changes (`unimm.inference.codes` for image-code families) -------------------
 
@@ -118,7 +119,7 @@ class TextGenerator:
     """Logits after each prompt row and the cache holding the prompts."""
     with self.placement.context():
       dev = self.placement.rows(rows)
-      latents = self.task.encode_images(dev["images"])
+      latents = self._encode(dev["images"])
     return self._step(cache, dev["tokens"], dev["positions"], dev["segment_ids"], dev["image_ids"], latents)
 
   def _feed(self, cache, tokens, positions, segments, image_ids):
