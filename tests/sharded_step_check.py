@@ -36,14 +36,20 @@ STRATEGIES = {
 }
 
 
-def run(config, mesh_sizes, devices, batch, frozen_codec=None, compiled=False):
+SHARDED_INIT = "fsdp_tp_sp"  # the one strategy that runs the init on its mesh (data, FSDP, tensor, sequence at once)
+
+
+def run(config, mesh_sizes, devices, batch, frozen_codec=None, compiled=False, start=None):
+  """Three steps on the mesh; `start`: a host copy of the initial state to place on it instead of running
+  the init there (the sharded init is checked once, on all four axes: it costs as much to compile as a step).
+  Returns (last metrics, first metrics, params, specs, largest update, HLO, host copy of the initial state)."""
   metrics2 = None
   config.mesh.update(mesh_sizes)
   mesh = sharding.make_mesh(config.mesh, devices)
   setup = setup_lib.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size, frozen_codec)
-  state = setup.init(jax.random.key(0))
-  init = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
-          for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  state = setup.init(jax.random.key(0)) if start is None else jax.device_put(start, setup.state_sharding)
+  initial = jax.device_get(state)  # before the steps: they donate the state
+  init = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(initial.params)}
   # What each device holds of each parameter (the spec names mesh axes even where their size is 1).
   specs = {jax.tree_util.keystr(p): [list(x.shape), list(x.sharding.shard_shape(x.shape)), str(x.sharding.spec)]
            for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
@@ -61,7 +67,7 @@ def run(config, mesh_sizes, devices, batch, frozen_codec=None, compiled=False):
   params = {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
             for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   update = max(float(np.abs(params[k] - init[k]).max()) for k in params)
-  return metrics, metrics2, params, specs, update, activations
+  return metrics, metrics2, params, specs, update, activations, initial
 
 
 def family_config(data_dir: str, family: str):
@@ -86,12 +92,18 @@ def main():
   batch = next(pipeline.build_pipeline(config, "train"))
   batch.pop("stats")
   strategies = sys.argv[4].split(",") if len(sys.argv) > 4 else ["fsdp_tp"]
-  m1, m1b, p1, _, update, _ = run(config, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1], batch, frozen)
+  m1, m1b, p1, _, update, _, start = run(config, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1], batch,
+                                         frozen)
   out = {"metrics_1": {k: float(v) for k, v in m1.items()}, "metrics2_1": {k: float(v) for k, v in m1b.items()},
          "max_update": update, "devices": jax.device_count(), "strategies": {}}
   for name in strategies:
     mesh = STRATEGIES[name]
-    m8, m8b, p8, specs, _, hlo = run(config, dict(mesh), jax.devices(), batch, frozen, compiled=mesh["sequence"] > 1)
+    own_init = name == SHARDED_INIT
+    m8, m8b, p8, specs, _, hlo, initial = run(config, dict(mesh), jax.devices(), batch, frozen,
+                                              compiled=mesh["sequence"] > 1, start=None if own_init else start)
+    if own_init:  # the init run on the mesh draws exactly the single device's values
+      out["sharded_init_max_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                         for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(initial)))
     out["strategies"][name] = {
         "metrics_8": {k: float(v) for k, v in m8.items()}, "metrics2_8": {k: float(v) for k, v in m8b.items()},
         "max_param_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),

@@ -170,16 +170,16 @@ def test_samplers_clip_pixels_but_never_vae_latents(monkeypatch):
   params = nn.meta.unbox(jax.jit(vae_task.init)(jax.random.key(0), vae_task.dummy_batch(1, 128, vae_task.image_shape)))
   pixel_task = dataclasses.replace(vae_task, autoencoder=autoencoders.AutoencoderConfig(kind="identity"))
   clips, finals = [], []
-  ddim_step, sample = diffusion.ddim_step, diffusion.sample
+  update, sample = diffusion._update, diffusion.sample  # pylint: disable=protected-access
 
-  def recording_step(*args, clip):
+  def recording_step(*args, clip, **kwargs):  # each sampler step (compiled: record the call, not the trace)
     clips.append(clip)
-    return ddim_step(*args, clip=clip)
+    return update(*args, clip=clip, **kwargs)
 
   def recording_sample(*args, **kwargs):
     finals.append(np.asarray(sample(*args, **kwargs)))
     return finals[-1]
-  monkeypatch.setattr(diffusion, "ddim_step", recording_step)
+  monkeypatch.setattr(diffusion, "_update", recording_step)
   monkeypatch.setattr(diffusion, "sample", recording_sample)
   num_steps, key = 3, jax.random.key(5)
   noise = np.asarray(jax.random.normal(key, (1, *vae_task.model.latent_shape), jnp.float32), np.float64)

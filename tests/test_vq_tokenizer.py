@@ -19,7 +19,7 @@ IMAGE = (8, 8, 3)
 @functools.lru_cache(maxsize=None)
 def tiny_task(**loss):
   """(task, params, batch); cached: callers must not modify them in place."""
-  cfg = vq.VQConfig(channels=8, channel_mults=(1, 2), blocks_per_level=1, attention=True, z_channels=8,
+  cfg = vq.VQConfig(channels=8, channel_mults=(1, 2), blocks_per_level=1, attention=False, z_channels=8,
                     codebook_size=32, code_dim=4)
   task = vq.TokenizerTask(vq.VQModel(cfg, 3), vq.TokenizerLoss(**loss))
   batch = {"images": jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 2, *IMAGE)).astype(np.uint8)),
