@@ -39,8 +39,9 @@ def free_port() -> int:
 
 def process_commands(args, unimm: list[str], port: int) -> list[tuple[dict, list[str]]]:
   """(environment additions, argv) of each process."""
-  env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices_per_process}",
-         "JAX_PLATFORMS": "cpu"}
+  # The caller's XLA flags are kept (a dump directory, an optimisation level): the device count is added.
+  xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices_per_process}"
+  env = {"XLA_FLAGS": xla_flags.strip(), "JAX_PLATFORMS": "cpu"}
   out = []
   for i in range(args.processes):
     argv = [args.python, "-m", "unimm.main", *unimm, f"--coordinator_address=127.0.0.1:{port}",

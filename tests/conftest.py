@@ -13,6 +13,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # processes), and a tiny model's step compiles in seconds but loads from the cache in milliseconds.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), "unimm-test-jax-cache-" + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
+# The suite's models are tiny: XLA's CPU backend spends far more time optimising their programs than running
+# them (a Janus step: 11 s to compile at the default level, 6 s at 0), so the tests (and every process they
+# start) compile without LLVM's optimisations. Numbers move by rounding only; each test compares programs
+# built the same way, or against references with tolerances. Users' runs keep XLA's default.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +77,13 @@ def shapes_tokenizer(data_dir):
   return pipeline.load_tokenizer(small_config(data_dir, "shapes").data)
 
 
+def optimized_xla_env() -> dict:
+  """This process's environment with XLA's default optimisation level: for a subprocess whose time is its
+  steps (hundreds of them), not its compiles."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level")]
+  return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
+
 def embedded_spec(name: str, builder_config: str = ""):
   return {"kind": "tfds", "tfds_name": name, "builder_config": builder_config, "weight": 1.0}
 
@@ -115,6 +128,6 @@ def shapes_vq(data_dir, tmp_path_factory):
                         "--config.data.sources.shapes.builder_config=small", "--config.train.num_steps=300",
                         "--config.data.batch_size=4", "--config.model.vq_loss.reinit_dead_codes_until=200",
                         "--config.train.final_eval_examples=100"], cwd=REPO, capture_output=True, text=True,
-                       timeout=900)
+                       timeout=900, env=optimized_xla_env())
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir

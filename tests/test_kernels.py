@@ -234,7 +234,7 @@ print("ok")
 @pytest.mark.slow
 def test_kernel_runs_per_shard_under_a_mesh():
   """Rows over fsdp, heads over tensor: the kernel sees its shard and matches the dense path."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", KERNELS_UNDER_A_MESH], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

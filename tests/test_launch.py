@@ -27,7 +27,8 @@ def test_local_launcher_starts_one_process_per_index_on_one_coordinator():
   lines = [shlex.split(l) for l in out.stdout.splitlines()]
   assert len(lines) == 3
   for i, argv in enumerate(lines):
-    assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in argv and "JAX_PLATFORMS=cpu" in argv
+    flags = next(a for a in argv if a.startswith("XLA_FLAGS="))
+    assert "--xla_force_host_platform_device_count=4" in flags.split("=", 1)[1].split() and "JAX_PLATFORMS=cpu" in argv
     assert argv[argv.index("-m") + 1] == "unimm.main"
     assert {"--config=configs/transfusion/tiny.py", "--workdir=/tmp/x", "--coordinator_address=127.0.0.1:12345",
             "--num_processes=3", f"--process_id={i}"} <= set(argv)

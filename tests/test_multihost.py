@@ -98,7 +98,7 @@ def committed_steps(workdir):
 def one_process(data_dir, tmp_path_factory):
   """The reference: 1 process × 4 devices on the same global batches."""
   workdir = str(tmp_path_factory.mktemp("one_process"))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-m", "unimm.main", *unimm_args(data_dir, workdir)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]

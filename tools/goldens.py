@@ -2,6 +2,7 @@
 
     python tools/goldens.py record [--out tools/goldens.json] [--demo]   # on the code before the change
     python tools/goldens.py check [--golden tools/goldens.json] [--demo] # after it: bit-for-bit, or a diff
+    python tools/goldens.py record|check --demo_only                     # the demo alone (~15 minutes)
 
 Each run goes through the real CLI (`python -m unimm.main`) for 20 steps with every step logged, on the
 embedded data's small builder configs in one data dir (`--data_dir`, default ~/.cache/unimm/goldens: the
@@ -94,11 +95,11 @@ def demo(root: str) -> dict:
     return json.load(f)
 
 
-def measure(data_dir: str, with_demo: bool) -> dict:
+def measure(data_dir: str, with_demo: bool, demo_only: bool = False) -> dict:
   with tempfile.TemporaryDirectory(prefix="unimm-goldens-") as root:
-    result = {"steps": STEPS, "runs": {name: train(name, config, extra, root, data_dir)
-                                       for name, config, extra in runs(root)}}
-    if with_demo:
+    result = {"steps": STEPS, "runs": {} if demo_only else {name: train(name, config, extra, root, data_dir)
+                                                            for name, config, extra in runs(root)}}
+    if with_demo or demo_only:
       result["demo"] = demo(root)
   return result
 
@@ -122,24 +123,31 @@ def main(argv=None) -> int:
   parser.add_argument("--golden", "--out", dest="golden", default=os.path.join(REPO, "tools", "goldens.json"))
   parser.add_argument("--data_dir", default=os.path.expanduser("~/.cache/unimm/goldens"))
   parser.add_argument("--demo", action="store_true", help="also the README demo's final metrics (~15 min)")
+  parser.add_argument("--demo_only", action="store_true",
+                      help="only the demo; record keeps the file's runs, check compares the demo alone")
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  got = measure(args.data_dir, args.demo)
+  got = measure(args.data_dir, args.demo, args.demo_only)
+  if args.demo_only:
+    with open(args.golden) as f:
+      got["runs"] = json.load(f)["runs"] if args.command == "record" else got["runs"]
   if args.command == "record":
     with open(args.golden, "w") as f:
       json.dump(got, f, indent=1, sort_keys=True)
-    print(f"Recorded {len(got['runs'])} runs × {STEPS} steps{' and the demo' if args.demo else ''} in {args.golden}.")
+    print(f"Recorded {len(got['runs'])} runs × {STEPS} steps{' and the demo' if args.demo or args.demo_only else ''} in {args.golden}.")
     return 0
   with open(args.golden) as f:
     golden = json.load(f)
-  if not args.demo:
+  if not (args.demo or args.demo_only):
     golden.pop("demo", None)
+  if args.demo_only:
+    golden["runs"] = {}
   diffs = differences(golden, got)
   for d in diffs:
     print(d)
   print(f"{len(diffs)} differences from {args.golden}." if diffs else
         f"Bit-for-bit equal to {args.golden}: {len(got['runs'])} runs × {STEPS} steps"
-        f"{' and the demo' if args.demo else ''}.")
+        f"{' and the demo' if args.demo or args.demo_only else ''}.")
   return 1 if diffs else 0
 
 

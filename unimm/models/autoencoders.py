@@ -190,7 +190,7 @@ class KLVAE(nn.Module):
     if not self.cfg.scale > 0:
       raise ValueError(
           f"KL-VAE latent scale {self.cfg.scale} is unresolved: load the frozen VAE with "
-          "unimm.train.loop.load_frozen_codec (it reads or measures the VAE run's latent statistics) or pass "
+          "unimm.families.load_frozen_codec (it reads or measures the VAE run's latent statistics) or pass "
           "FrozenVAE(params, shift, scale), or pin --config.model.autoencoder.scale=S > 0.")
     return self.cfg.scale
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm.data import packed
-from unimm.models import autoencoders, backbone, layers, transfusion, vq
+from unimm.models import autoencoders, backbone, layers, losses, slots, vq
 
 
 class ChameleonModel(nn.Module):
@@ -58,10 +58,7 @@ class ChameleonModel(nn.Module):
 
 def place_codes(tokens, image_ids, code_tokens):
   """tokens [B, T] with image slot s of image k replaced by code_tokens [B, M, P][k-1, s]."""
-  b, m, p = code_tokens.shape
-  index = jnp.clip((image_ids - 1) * p + transfusion.image_slot_index(image_ids), 0, m * p - 1)
-  gathered = jnp.take_along_axis(code_tokens.reshape(b, m * p), index, axis=1)
-  return jnp.where(image_ids > 0, gathered, tokens)
+  return slots.scatter(tokens, code_tokens, image_ids)
 
 
 @dataclasses.dataclass
@@ -128,8 +125,8 @@ class ChameleonTask:
     weights = batch["loss_weights"][:, :-1]
     is_code = (batch["image_ids"][:, 1:] > 0).astype(jnp.float32)
     targets = tokens[:, 1:]
-    text_ce, z_text = transfusion.cross_entropy(logits[:, :-1], targets, weights * (1.0 - is_code), self.z_loss)
-    image_ce, z_image = transfusion.cross_entropy(logits[:, :-1], targets, weights * is_code, self.z_loss)
+    text_ce, z_text = losses.cross_entropy(logits[:, :-1], targets, weights * (1.0 - is_code), self.z_loss)
+    image_ce, z_image = losses.cross_entropy(logits[:, :-1], targets, weights * is_code, self.z_loss)
     return {"text": text_ce, "image": image_ce, "z": z_text + z_image}
 
   @staticmethod

@@ -30,10 +30,9 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from unimm.models import backbone, chameleon, layers, transfusion, vit as vit_lib, vq
+from unimm.models import backbone, chameleon, layers, losses, slots, vit as vit_lib, vq
 
 _named = nn.with_logical_partitioning
 
@@ -97,8 +96,7 @@ class JanusModel(nn.Module):
     if p != self.slots:
       raise ValueError(f"the ViT gives {p} patches per image but images have {self.slots} slots")
     emb = self.und_aligner(feats.reshape(b, m * p, -1))
-    index = jnp.clip((image_ids - 1) * p + transfusion.image_slot_index(image_ids), 0, m * p - 1)
-    return jnp.take_along_axis(emb, index[..., None], axis=1)
+    return slots.values_at_slots(emb.reshape(b, m, p, -1), image_ids)
 
   def __call__(self, tokens, positions, segment_ids, image_ids, images=None):
     """tokens: text ids, codes as `text_vocab + c` at written slots, anything at read slots (which take
@@ -170,9 +168,9 @@ class JanusTask(chameleon.ChameleonTask):
     weights = batch["loss_weights"][:, :-1]
     is_code = (batch["image_ids"][:, 1:] > 0).astype(jnp.float32)
     v = self.text_vocab
-    text_ce, z_text = transfusion.cross_entropy(logits[..., :v], jnp.clip(targets, 0, v - 1),
+    text_ce, z_text = losses.cross_entropy(logits[..., :v], jnp.clip(targets, 0, v - 1),
                                                 weights * (1.0 - is_code), self.z_loss)
-    image_ce, z_image = transfusion.cross_entropy(logits[..., v:], jnp.clip(targets - v, 0, self.codebook_size - 1),
+    image_ce, z_image = losses.cross_entropy(logits[..., v:], jnp.clip(targets - v, 0, self.codebook_size - 1),
                                                   weights * is_code, self.z_loss)
     return {"text": text_ce, "image": image_ce, "z": z_text + z_image}
 
