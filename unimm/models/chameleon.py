@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm.data import packed
-from unimm.models import autoencoders, backbone, layers, losses, slots, vq
+from unimm.models import autoencoders, axes, backbone, layers, losses, slots, vq
 
 
 class ChameleonModel(nn.Module):
@@ -43,7 +43,7 @@ class ChameleonModel(nn.Module):
                        "bidirectional_images=False (attention must stay causal inside images).")
     self.embed = layers.Embed(self.vocab_size, c.dim, dtype=c.compute_dtype)
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=c.compute_dtype,
+    self.lm_head = layers.DenseGeneral((self.vocab_size,), (axes.EMBED,), (axes.VOCAB,), dtype=c.compute_dtype,
                                        out_dtype=jnp.float32)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
@@ -53,7 +53,7 @@ class ChameleonModel(nn.Module):
   def __call__(self, tokens, positions, segment_ids, image_ids):
     """Token ids (codes already in the image slots) → logits [B, T, V] (float32)."""
     h = self.decoder(self.embed(tokens), positions, segment_ids, image_ids)
-    return layers.constrain(self.lm_head(h), ("act_batch", "act_length", "act_vocab"))
+    return layers.constrain(self.lm_head(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
 
 def place_codes(tokens, image_ids, code_tokens):

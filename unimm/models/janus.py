@@ -32,7 +32,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from unimm.models import backbone, chameleon, layers, losses, slots, vit as vit_lib, vq
+from unimm.models import axes, backbone, chameleon, layers, losses, slots, vit as vit_lib, vq
 
 _named = nn.with_logical_partitioning
 
@@ -43,13 +43,13 @@ class Adaptor(nn.Module):
   hidden: int
   features: int
   dtype: jnp.dtype
-  out_name: str = "embed"
+  out_name: str = axes.EMBED
   out_dtype: jnp.dtype | None = None  # float32 for the image head (logits), as the LM head's
 
   @nn.compact
   def __call__(self, x):
-    h = layers.dense(self.hidden, "embed_in", "mlp", dtype=self.dtype, name="fc1")(x.astype(self.dtype))
-    return layers.dense(self.features, "mlp", self.out_name, dtype=self.dtype, out_dtype=self.out_dtype,
+    h = layers.dense(self.hidden, axes.EMBED_IN, axes.MLP, dtype=self.dtype, name="fc1")(x.astype(self.dtype))
+    return layers.dense(self.features, axes.MLP, self.out_name, dtype=self.dtype, out_dtype=self.out_dtype,
                         name="fc2")(nn.gelu(h))
 
 
@@ -77,12 +77,13 @@ class JanusModel(nn.Module):
     self.embed = layers.Embed(self.text_vocab, c.dim, dtype=dt)
     self.vision_encoder = vit_lib.ViT(self.vision)
     self.und_aligner = Adaptor(c.dim, c.dim, dt)
-    self.gen_embed = self.param("gen_embed", _named(nn.initializers.normal(1.0), ("codes", "code_dim")),
+    self.gen_embed = self.param("gen_embed", _named(nn.initializers.normal(1.0), (axes.CODES, axes.CODE_DIM)),
                                 (self.codebook_size, self.code_dim), jnp.float32)
     self.gen_aligner = Adaptor(c.dim, c.dim, dt)
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.text_vocab,), ("embed",), ("vocab",), dtype=dt, out_dtype=jnp.float32)
-    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name="vocab", out_dtype=jnp.float32)
+    self.lm_head = layers.DenseGeneral((self.text_vocab,), (axes.EMBED,), (axes.VOCAB,), dtype=dt,
+                                       out_dtype=jnp.float32)
+    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name=axes.VOCAB, out_dtype=jnp.float32)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
     ids = jnp.zeros((batch, length), jnp.int32)
@@ -110,7 +111,7 @@ class JanusModel(nn.Module):
       x = jnp.where(read[..., None], self.read_embeddings(images, image_ids).astype(x.dtype), x)
     h = self.decoder(x, positions, segment_ids, image_ids)
     logits = jnp.concatenate([self.lm_head(h), self.gen_head(h)], -1)
-    return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    return layers.constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
 
 def written_slots(image_ids, image_written):

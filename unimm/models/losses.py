@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unimm.models import layers
+from unimm.models import axes, layers
 
 
 def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
@@ -41,7 +41,7 @@ def chunked_cross_entropy(hidden, kernel, targets, weights, *, chunk: int, z_los
     h, y, w = xs
     logits = jax.lax.dot_general(h.astype(dtype), kernel.astype(dtype), (((2,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
-    logits = layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    logits = layers.constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
     ce, z = cross_entropy(logits, y, w, z_loss)
     return (sums[0] + ce, sums[1] + z), None
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from unimm import diffusion
 from unimm.data import packed
-from unimm.models import autoencoders, backbone, layers, losses, patches, slots as slots_lib
+from unimm.models import autoencoders, axes, backbone, layers, losses, patches, slots as slots_lib
 
 
 class TransfusionModel(nn.Module):
@@ -52,7 +52,8 @@ class TransfusionModel(nn.Module):
     else:
       raise ValueError(f"patch kind {self.patch_kind!r}; expected 'linear' or 'unet'")
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=dt, out_dtype=jnp.float32)
+    self.lm_head = layers.DenseGeneral((self.vocab_size,), (axes.EMBED,), (axes.VOCAB,), dtype=dt,
+                                       out_dtype=jnp.float32)
 
   @property
   def slots(self) -> int:
@@ -80,7 +81,7 @@ class TransfusionModel(nn.Module):
       if self.is_initializing():
         self.lm_head(h[:, :1])  # create the head's params
       return h, eps.astype(jnp.float32)
-    logits = layers.constrain(self.lm_head(h), ("act_batch", "act_length", "act_vocab"))
+    logits = layers.constrain(self.lm_head(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
     return logits, eps.astype(jnp.float32)
 
 
@@ -168,9 +169,10 @@ class TransfusionTask:
     weights = batch["loss_weights"][:, :-1]
     if chunked:  # every position's hidden state; the last (no next token) with weight 0
       pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
-      lm_sum, z_sum = losses.chunked_cross_entropy(logits_or_hidden, params["lm_head"]["kernel"], pad(batch["tokens"][:, 1:]),
-                                            pad(weights), chunk=self.lm_loss_chunk, z_loss=self.z_loss,
-                                            dtype=self.model.backbone.compute_dtype)
+      lm_sum, z_sum = losses.chunked_cross_entropy(logits_or_hidden, params["lm_head"]["kernel"],
+                                                   pad(batch["tokens"][:, 1:]), pad(weights),
+                                                   chunk=self.lm_loss_chunk, z_loss=self.z_loss,
+                                                   dtype=self.model.backbone.compute_dtype)
     else:
       lm_sum, z_sum = losses.cross_entropy(logits_or_hidden[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
     per_image = diffusion.per_image_error(out, diffusion.target(self.schedule, self.prediction, latents, noise, t))
