@@ -1,6 +1,6 @@
 """Attention over packed rows: the one function every layer calls.
 
-The rule is DESIGN.md's (`unimm.data.packed.attention_mask`): causal, no
+The rule is docs/design.md's (`unimm.data.packed.attention_mask`): causal, no
 attention across packed documents, and — for families that read images as a
 whole (Transfusion) — bidirectional inside each image. Kernels are chosen by
 `implementation` (`config.model.backbone.attention`):

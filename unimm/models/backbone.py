@@ -53,7 +53,8 @@ class BackboneConfig:
   dtype: str = "bfloat16"  # compute dtype; params stay float32
   remat: str = "dots_no_batch"
   scan: bool = True
-  bidirectional_images: bool = True  # the DESIGN rule; families that predict image codes in order switch it off
+  # The attention rule of docs/design.md; families that predict image codes in order switch it off.
+  bidirectional_images: bool = True
   attention: str = "auto"
   dropout: float = 0.0  # on the attention and MLP branches, in training (a "dropout" rng is given)
   norm_order: str = "pre"  # pre: x + f(norm(x)) (Llama) | swin: x + norm(f(x)) (Chameleon-7B/34B)

@@ -8,7 +8,7 @@ tokenizer (`unimm.models.vq`) turns the row's images into codes, which fill
 the image slots as tokens. One backbone and one LM head then do next-token
 prediction over the whole row with the layout's loss weights
 (`data.image_token_weight` > 0 trains the codes). Attention is plain causal:
-the family switches the DESIGN rule's intra-image bidirectionality off
+the family switches the attention rule's (docs/design.md) intra-image bidirectionality off
 (`backbone.bidirectional_images = False`), since codes are predicted in order.
 
 The paper's stability measures are switches: QK-norm, dropout and the
