@@ -46,7 +46,7 @@ def flops_per_token(config_path: str, text_vocab: int) -> tuple[float, int]:
   import jax  # pylint: disable=g-import-not-at-top
   from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
   from unimm.train import setup  # pylint: disable=g-import-not-at-top
-  from unimm.models import families  # pylint: disable=g-import-not-at-top
+  from unimm import families  # pylint: disable=g-import-not-at-top
   config = load_config(config_path)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, jax.devices()[:1])
   built = setup.build(config, mesh, vocab_size=text_vocab, frozen_codec=families.random_frozen_codec(config))

@@ -30,9 +30,9 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from train_step import apply_override, load_config  # pylint: disable=wrong-import-position
+from unimm import families  # pylint: disable=wrong-import-position
 from unimm.data.tokenizer import SpecialIds  # pylint: disable=wrong-import-position
 from unimm.inference import images, prompts as prompts_lib, text  # pylint: disable=wrong-import-position
-from unimm.models import families  # pylint: disable=wrong-import-position
 from unimm.train import setup as setup_lib  # pylint: disable=wrong-import-position
 
 SPECIALS = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4, img=5, reserved=())

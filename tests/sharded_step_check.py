@@ -74,7 +74,7 @@ def family_config(data_dir: str, family: str):
   """(config, frozen codec params) of the tiny config of `family` on the test data."""
   if family == "transfusion":
     return small_config(data_dir, "shapes"), None
-  from unimm.models import families  # pylint: disable=g-import-not-at-top
+  from unimm import families  # pylint: disable=g-import-not-at-top
   config = load_config(f"configs/{family}/tiny.py", "shapes" if family == "chameleon" else "stage2")
   config.data.data_dir = data_dir
   for spec in config.data.sources.values():

@@ -1,4 +1,4 @@
-"""The attention rule of DESIGN.md against a brute-force loop, on random packed rows."""
+"""The attention rule (docs/design.md, the packed example) against a brute-force loop, on random packed rows."""
 
 import jax.numpy as jnp
 import numpy as np

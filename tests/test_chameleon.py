@@ -10,7 +10,7 @@ import pytest
 
 from unimm.data import documents
 from unimm.data.tokenizer import SpecialIds
-from unimm.inference import codes, prompts as prompts_lib
+from unimm.inference import codes, prompts as prompts_lib, sampling
 from unimm.models import backbone, chameleon, vq
 
 SPECIALS = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4, img=5, reserved=())
@@ -301,7 +301,6 @@ def test_constrained_decoding_never_mixes_modalities():
   task, params = tiny_task(max_images=2)
   gen = codes.CodeTextGenerator(task, params, SPECIALS, options=codes.CodeSampling(temperature=100.0,
                                                                                    guidance=None))
-  from unimm.inference import text  # pylint: disable=g-import-not-at-top
   recorded = []
   orig_feed, orig_event = gen._feed, gen._image_event  # pylint: disable=protected-access
 
@@ -323,7 +322,7 @@ def test_constrained_decoding_never_mixes_modalities():
     return c
   gen.draw = draw
   outs = gen.generate_mixed([prompt("1"), prompt("2 3"), prompt("")] * 4, max_new_tokens=40,
-                            rng=jax.random.key(3), options=text.SamplingOptions(temperature=100.0))
+                            rng=jax.random.key(3), options=sampling.SamplingOptions(temperature=100.0))
   total_images = 0
   for o in outs:
     assert all(t < TEXT_VOCAB for t in o.tokens), "a code was emitted as text"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from unimm.models import families, transfusion
+from unimm import families
+from unimm.models import transfusion
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from train_step import synthetic_batch  # pylint: disable=wrong-import-position

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from unimm.models import families
+from unimm import families
 
 PAPER_SIZES = {  # Transfusion Table 2, in billions
     "configs/transfusion/160m.py": 0.16,

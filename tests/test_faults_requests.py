@@ -6,6 +6,7 @@ whether a request failed. In-process, on a randomly initialised 2-layer model an
 """
 
 import contextlib
+import dataclasses
 import json
 
 from absl import app, flags
@@ -22,7 +23,8 @@ from conftest import random_params
 from unimm import diffusion, main
 from unimm.data import documents, records, shapes, tokenizer as tokenizer_lib
 from unimm.eval import evaluate
-from unimm.inference import generators, placement, requests, text
+from unimm import families
+from unimm.inference import placement, requests, sampling, text
 from unimm.models import autoencoders, backbone, transfusion
 
 IMAGE_SHAPE = (4, 4, 1)  # 2×2 patches: 4 slots an image
@@ -61,8 +63,9 @@ def write_lines(path, lines) -> str:
 def run(model, path, out_dir, *, batch_size=32, **parse_options) -> list[dict]:
   task, params, tok = model
   reqs = requests.parse_requests(path, task.image_shape, **parse_options)
-  return requests.run_requests(task, params, tok, reqs, str(out_dir), context=CONTEXT, rng=jax.random.key(0),
-                               sampling=text.SamplingOptions(), num_steps=2, guidance=3.0, sampler="ddim",
+  return requests.run_requests(families.get("transfusion"), task, params, tok, reqs, str(out_dir), context=CONTEXT,
+                               rng=jax.random.key(0),
+                               sampling=sampling.SamplingOptions(), num_steps=2, guidance=3.0, sampler="ddim",
                                batch_size=batch_size)
 
 
@@ -180,8 +183,11 @@ class FakeGenerators:
     return np.zeros((len(prompts), *IMAGE_SHAPE), np.uint8)
 
   def install(self, monkeypatch, kinds=("text", "image")):
-    for kind in kinds:
-      monkeypatch.setattr(generators, f"{kind}_generator", lambda *a, **k: self)
+    """The Transfusion record (what `run` asks for) with these generators in place of `kinds`'."""
+    record = dataclasses.replace(families.get("transfusion"),
+                                 **{f"{kind}_generator": lambda *a, **k: self for kind in kinds})
+    get = families.get
+    monkeypatch.setattr(families, "get", lambda name: record if name == "transfusion" else get(name))
 
 
 def test_a_generation_that_raises_fails_only_its_request(model, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from unimm import diffusion
 from unimm.data import documents
 from unimm.data.tokenizer import SpecialIds
-from unimm.inference import images as images_lib, prompts as prompts_lib, text
+from unimm.inference import images as images_lib, prompts as prompts_lib, sampling, text
 from unimm.models import autoencoders, backbone, transfusion
 
 SPECIALS = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4, img=5, reserved=())
@@ -111,11 +111,11 @@ def test_sampling_filters():
 
   def draws(opts):
     return np.array([int(text.sample_tokens(logits, k, opts)[0]) for k in keys])
-  assert set(draws(text.SamplingOptions(temperature=1.0, top_k=2))) == {0, 1}
-  assert set(draws(text.SamplingOptions(temperature=1.0, top_p=0.7))) == {0, 1}  # 0.5 + 0.3 covers 0.7
-  assert set(draws(text.SamplingOptions(temperature=1.0, top_p=0.5))) == {0}
-  assert int(text.sample_tokens(logits, keys[0], text.SamplingOptions())[0]) == 0  # greedy
-  full = draws(text.SamplingOptions(temperature=1.0))
+  assert set(draws(sampling.SamplingOptions(temperature=1.0, top_k=2))) == {0, 1}
+  assert set(draws(sampling.SamplingOptions(temperature=1.0, top_p=0.7))) == {0, 1}  # 0.5 + 0.3 covers 0.7
+  assert set(draws(sampling.SamplingOptions(temperature=1.0, top_p=0.5))) == {0}
+  assert int(text.sample_tokens(logits, keys[0], sampling.SamplingOptions())[0]) == 0  # greedy
+  full = draws(sampling.SamplingOptions(temperature=1.0))
   assert abs((full == 0).mean() - 0.5) < 0.1 and (full == 3).any()
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import SHAPES_VAE_OVERRIDES, SHAPES_VAE_STEPS, embedded_spec, load_config
-from unimm import diffusion
+from unimm import diffusion, families
 from unimm.data import documents, sources
 from unimm.inference import images as images_lib, prompts as prompts_lib
-from unimm.models import autoencoders, families
+from unimm.models import autoencoders
 from unimm.train import checkpoint, latent_stats, loop
 from test_generation import SPECIALS, FakeTokenizer
 
@@ -77,7 +77,7 @@ def test_vae_run_records_stats_that_give_unit_variance_on_validation(shapes_vae,
   assert abs(scaled.std() - 1.0) < 0.1
 
   # The consumer's encoder applies exactly those: encode = (posterior mean − shift)·scale.
-  frozen = loop.load_frozen_codec(consumer_config(data_dir, directory))
+  frozen = families.load_frozen_codec(consumer_config(data_dir, directory))
   assert (frozen.shift, frozen.scale) == (stored["shift"], stored["scale"])
   resolved = autoencoders.KLVAE(families.with_latent_stats(cfg, frozen)[0], 3)
   encoded = jax.jit(lambda p, x: resolved.apply({"params": p}, x, method=resolved.encode))(params, images[:8])
@@ -93,7 +93,7 @@ def test_consumer_measures_and_records_missing_or_stale_stats(shapes_vae, data_d
   os.remove(path)
   config = consumer_config(data_dir, directory)
   with caplog.at_level(logging.WARNING):
-    frozen = loop.load_frozen_codec(config)
+    frozen = families.load_frozen_codec(config)
   assert any(f"has no {STATS}" in r.getMessage() for r in caplog.records), caplog.text
   recorded = json.load(open(path))
   assert "first use" in recorded["source"] and recorded["step"] == original["step"]
@@ -107,14 +107,14 @@ def test_consumer_measures_and_records_missing_or_stale_stats(shapes_vae, data_d
   json.dump({**recorded, "step": original["step"] - 1, "scale": 123.0}, open(path, "w"))
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    frozen = loop.load_frozen_codec(config)
+    frozen = families.load_frozen_codec(config)
   assert any(f"measured on step {original['step'] - 1}" in r.getMessage() for r in caplog.records), caplog.text
   again = json.load(open(path))
   assert again["step"] == original["step"] and frozen.scale == again["scale"] == pytest.approx(original["scale"],
                                                                                                 rel=0.03)
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    assert loop.load_frozen_codec(config).scale == again["scale"]
+    assert families.load_frozen_codec(config).scale == again["scale"]
   assert not caplog.records and json.load(open(path)) == again
 
 
@@ -124,10 +124,10 @@ def test_pinned_scale_never_reads_or_writes_the_stats(shapes_vae, data_dir, tmp_
   path = os.path.join(directory, STATS)
   os.remove(path)
   config = consumer_config(data_dir, directory, scale=0.25, shift=0.5)
-  frozen = loop.load_frozen_codec(config)
+  frozen = families.load_frozen_codec(config)
   assert (frozen.shift, frozen.scale) == (0.5, 0.25) and not os.path.exists(path)
   json.dump({"shift": 9.0, "scale": 123.0}, open(path, "w"))  # not even valid stats: never read
-  frozen = loop.load_frozen_codec(config)
+  frozen = families.load_frozen_codec(config)
   assert (frozen.shift, frozen.scale) == (0.5, 0.25)
   task = families.build_task(config, 128, frozen_codec=frozen)
   images = validation_images(data_dir)[:2]

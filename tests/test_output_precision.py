@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import load_config, random_params
-from unimm.models import families, janus, layers, transfusion
+from unimm import families
+from unimm.models import janus, layers, losses
 
 LENGTH = 32
 
@@ -73,7 +74,7 @@ def test_chunked_lm_loss_uses_float32_logits():
   kernel = jnp.asarray(rng.normal(size=(64, 128)) * 2.0, jnp.float32)
   targets = jnp.asarray(rng.integers(0, 128, (2, LENGTH)), jnp.int32)
   weights = jnp.ones((2, LENGTH), jnp.float32)
-  ce, z = transfusion.chunked_cross_entropy(hidden, kernel, targets, weights, chunk=8, z_loss=1e-2,
+  ce, z = losses.chunked_cross_entropy(hidden, kernel, targets, weights, chunk=8, z_loss=1e-2,
                                             dtype=jnp.bfloat16)
   logits = reference_logits(hidden, kernel)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)

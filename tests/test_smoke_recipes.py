@@ -185,13 +185,14 @@ def test_janus_pro_7b_smoke_stages(data_dir, shapes_vq, tmp_path):
   assert any(not np.array_equal(p1[k], p2[k]) for k in p1 if k.startswith("decoder/"))  # the LLM trains in II
 
   # The hand-off: a fresh stage II starts from exactly stage I's params.
+  from unimm import families  # pylint: disable=g-import-not-at-top
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
   from unimm.train import loop, setup as setup_lib  # pylint: disable=g-import-not-at-top
   config = config_record.load_config(tmp_path / "stage2")  # as the run resolved it
   mesh = sharding.make_mesh(config.mesh)
   setup = setup_lib.build(config, mesh, pipeline.load_tokenizer(config.data).vocab_size,
-                          loop.load_frozen_codec(config))
+                          families.load_frozen_codec(config))
   # Zeros where a fresh init would put random values: every param must come from stage I's checkpoint.
   fresh = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), setup.abstract_state.params)
   started = traverse_util.flatten_dict(jax.tree.map(np.asarray, loop.start_params(config, fresh)), sep="/")

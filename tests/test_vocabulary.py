@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from unimm import families
 from unimm.data import documents, tokenizer as tokenizer_lib
-from unimm.inference import generators, prompts, text
-from unimm.models import families
+from unimm.inference import prompts, text
 
 TEXTS = [f"a {c} {s} at the {p}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")
          for p in ("top left", "bottom right", "top right")] * 20
@@ -78,7 +78,7 @@ def test_padding_ids_are_never_sampled(shapes_tokenizer, family, monkeypatch):
   prompt = prompts.encode([documents.Text("a red circle")], tok, task.model.slots)
 
   def generated_ids():
-    gen = generators.text_generator(task, params, tok.specials)
+    gen = families.of(config).text_generator(task, params, tok.specials)
     out = gen.generate([prompt, prompt], max_new_tokens=6)
     assert all(len(ids) == 6 for ids in out)
     return np.array(out)

@@ -35,6 +35,7 @@ Overrides: ``--config.data.seq_len=512``; variants: ``--config=FILE:digits``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -44,6 +45,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from unimm import console
+from unimm.inference import sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (FILE[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
@@ -54,16 +56,21 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "compile: the target (v5p-256,
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 200, "eval: test examples per task.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "sample: JSON-lines requests.")
 _OUT = flags.DEFINE_string("out", None, "sample: output directory.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sample: text temperature (0 = greedy).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "sample: top-k (0 = off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus mass (1 = off).")
+
+
+def _define_sampling_flags(prefix: str, defaults: sampling.SamplingOptions, what: str) -> dict:
+  """A flag per `SamplingOptions` field (`--{prefix}{field}`): a new option needs no flag written here."""
+  define = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float}
+  return {f.name: define[f.type](prefix + f.name, getattr(defaults, f.name), f"sample: {f.metadata['help']}, {what}.")
+          for f in dataclasses.fields(sampling.SamplingOptions)}
+
+
+_TEXT_SAMPLING = _define_sampling_flags("", sampling.SamplingOptions(), "over text")
+_CODE_SAMPLING = _define_sampling_flags("code_", sampling.CODE_DEFAULTS, "over image codes (code families)")
 _DIFFUSION_STEPS = flags.DEFINE_integer("diffusion_steps", 250, "sample/eval: denoising steps (the paper: 250).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "sample/eval: classifier-free guidance scale "
                                 "(default: config.model.guidance; 3, Janus 5).")
 _IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 1, "sample: images drawn in parallel per image request.")
-_CODE_TEMPERATURE = flags.DEFINE_float("code_temperature", 1.0, "sample: temperature over image codes (Chameleon).")
-_CODE_TOP_K = flags.DEFINE_integer("code_top_k", 0, "sample: top-k over image codes (0 = off).")
-_CODE_TOP_P = flags.DEFINE_float("code_top_p", 1.0, "sample: nucleus mass over image codes (1 = off).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "sample: diffusion sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0 "
@@ -170,11 +177,11 @@ def describe_row(row: dict, tok) -> list[str]:
 
 def load_trained(config, workdir: str):
   """(task, params, tokenizer, step) from the workdir's latest complete checkpoint."""
+  from unimm import families  # pylint: disable=g-import-not-at-top
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
-  from unimm.models import families  # pylint: disable=g-import-not-at-top
-  from unimm.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
   tokenizer = pipeline.load_tokenizer(config.data)
-  task = families.build_task(config, tokenizer.vocab_size, frozen_codec=loop.load_frozen_codec(config))
+  task = families.build_task(config, tokenizer.vocab_size, frozen_codec=families.load_frozen_codec(config))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = ckpt.latest_step()
   if step is None:
@@ -207,7 +214,8 @@ def sample(config, workdir: str) -> list[dict]:
   if _IMAGES_PER_PROMPT.value < 1:
     raise app.UsageError(f"--images_per_prompt={_IMAGES_PER_PROMPT.value}; expected 1 or more")
   import jax  # pylint: disable=g-import-not-at-top
-  from unimm.inference import placement, requests, text  # pylint: disable=g-import-not-at-top
+  from unimm import families  # pylint: disable=g-import-not-at-top
+  from unimm.inference import placement, requests  # pylint: disable=g-import-not-at-top
   try:
     requests.check_requests_file(_PROMPTS.value)  # before the minutes a checkpoint may take to load
   except OSError as e:
@@ -215,9 +223,10 @@ def sample(config, workdir: str) -> list[dict]:
   task, params, tokenizer, _ = load_trained(config, workdir)
   reqs = requests.parse_requests(_PROMPTS.value, task.image_shape)
   manifest = requests.run_requests(
-      task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len), rng=jax.random.key(_SEED.value),
-      sampling=text.SamplingOptions(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
-      code_sampling=text.SamplingOptions(_CODE_TEMPERATURE.value, _CODE_TOP_K.value, _CODE_TOP_P.value),
+      families.of(config), task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len),
+      rng=jax.random.key(_SEED.value),
+      sampling=sampling.SamplingOptions(**{k: f.value for k, f in _TEXT_SAMPLING.items()}),
+      code_sampling=sampling.SamplingOptions(**{k: f.value for k, f in _CODE_SAMPLING.items()}),
       num_steps=_DIFFUSION_STEPS.value, guidance=guidance(config), sampler=_SAMPLER.value,
       placement=placement.Placement.from_config(config), images_per_prompt=_IMAGES_PER_PROMPT.value)
   failed = sum("error" in row for row in manifest)

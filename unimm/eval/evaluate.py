@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimm import families
 from unimm.data import digits, documents, shapes
+from unimm.inference import placement as placement_lib, prompts as prompts_lib
 
 
 # -- scoring ------------------------------------------------------------------------------
@@ -218,14 +220,14 @@ def perplexity(task, params, config, max_batches: int, eoi: int) -> float:
   (code families train on both, continuous ones on neither).
   """
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
-  from unimm.models import transfusion  # pylint: disable=g-import-not-at-top
+  from unimm.models import losses  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def sums(params, batch):
     logits = task.logits(params, batch)
     targets = batch["tokens"][:, 1:]
     w = batch["loss_weights"][:, :-1] * (batch["image_ids"][:, 1:] == 0) * (targets != eoi)
-    ce, _ = transfusion.cross_entropy(logits[:, :-1], targets, w)
+    ce, _ = losses.cross_entropy(logits[:, :-1], targets, w)
     return ce, jnp.sum(w)
 
   total = count = 0.0
@@ -298,16 +300,22 @@ def full_batch(batch: dict, rows: int) -> dict:
   return padded
 
 
-def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffusion_steps: int = 50,
-             guidance: float = 3.0, seed: int = 0, max_batches: int = 20, out_dir: str | None = None) -> dict:
-  """All metrics that apply to the config's embedded sources; a dict ready for eval.json."""
-  if config.model.family == "vq":
-    return {"tokenizer": evaluate_tokenizer(config, task, params, num_examples=num_examples, out_dir=out_dir)}
-  if config.model.family == "siglip":
-    return {"zero_shot": evaluate_siglip(config, task, params, tokenizer, num_examples=num_examples)}
-  # pylint: disable=g-import-not-at-top
-  from unimm.inference import generators, placement as placement_lib, prompts as prompts_lib
-  # pylint: enable=g-import-not-at-top
+def evaluate(config, task, params, tokenizer, **options) -> dict:
+  """All metrics of the config's family that apply to its embedded sources (its evaluator: see
+  `unimm.families.Family`); a dict ready for eval.json. `options`: those of `evaluate_unified`."""
+  family = families.of(config)
+  if family.evaluate is None:
+    raise ValueError(f"family {family.name!r} has no evaluator: set config.train.final_eval_examples=0 and "
+                     "eval_every=0, or give its record one (families.Family.evaluate)")
+  return family.evaluate(config, task, params, tokenizer, **options)
+
+
+def evaluate_unified(config, task, params, tokenizer, *, num_examples: int = 200, diffusion_steps: int = 50,
+                     guidance: float = 3.0, seed: int = 0, max_batches: int = 20, out_dir: str | None = None) -> dict:
+  """A unified model (reads and writes text and images): perplexity on the text, and on each embedded
+  image source text→image and image→text scored by the dataset's verdicts."""
+  del out_dir  # no files
+  family = families.of(config)
   d = config.data
   where = placement_lib.Placement.from_config(config)
   results: dict = {"text": {"perplexity": perplexity(task, params, config, max_batches, tokenizer.specials.eoi)}}
@@ -323,8 +331,8 @@ def evaluate(config, task, params, tokenizer, *, num_examples: int = 200, diffus
       continue
     t2i_prompts = [prompts_lib.encode([documents.Text(c)], tokenizer, slots) for c in captions]
     i2t_prompts = [prompts_lib.encode([documents.Image(im)], tokenizer, slots) for im in images]
-    image_gen = generators.image_generator(task, params, tokenizer.specials, where)
-    text_gen = generators.text_generator(task, params, tokenizer.specials, where)
+    image_gen = family.image_generator(task, params, tokenizer.specials, where)
+    text_gen = family.text_generator(task, params, tokenizer.specials, where)
     generated, texts = [], []
     for start in range(0, len(captions), 32):
       rng, sub = jax.random.split(rng)

@@ -26,19 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm.inference import cache as cache_lib, placement as placement_lib, prompts as prompts_lib
-from unimm.inference import text as text_lib
+from unimm.inference import sampling, text as text_lib
 
 
 @dataclasses.dataclass(frozen=True)
-class CodeSampling:
-  guidance: float | None = 3.0  # classifier-free guidance scale for image codes; None: conditional only
-  temperature: float = 1.0  # over image codes (greedy codes give flat, repetitive images)
-  top_k: int = 0
-  top_p: float = 1.0
-
-  @property
-  def token_options(self) -> text_lib.SamplingOptions:
-    return text_lib.SamplingOptions(self.temperature, self.top_k, self.top_p)
+class CodeSampling(sampling.SamplingOptions):
+  """How image codes are drawn: the token options (at temperature 1 by default: `CODE_DEFAULTS`) and the
+  classifier-free guidance scale (None: conditional only)."""
+  temperature: float = sampling.CODE_DEFAULTS.temperature
+  guidance: float | None = 3.0
 
 
 def mask_text(logits, text_vocab: int, specials, images_full):
@@ -103,7 +99,7 @@ class _CodeSteps:
     for s in range(slots):
       rng, sub = jax.random.split(rng)
       step_logits = mask_codes(guided(logits, options.guidance), text_vocab)
-      new = text_lib.sample_tokens(step_logits, sub, options.token_options)
+      new = text_lib.sample_tokens(step_logits, sub, options)
       codes.append(new)
       if s + 1 < slots:
         feed = new if options.guidance is None else jnp.concatenate([new, new])

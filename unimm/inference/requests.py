@@ -41,7 +41,7 @@ from PIL import Image as PILImage
 
 from unimm import imaging
 from unimm.data import documents
-from unimm.inference import generators, images as images_lib, prompts as prompts_lib, text as text_lib
+from unimm.inference import images as images_lib, prompts as prompts_lib, sampling as sampling_lib, text as text_lib
 
 SOME_FAILED = 3  # exit status of a completed run in which some request got an `error` line
 MAX_IMAGE_PIXELS = imaging.MAX_IMAGE_PIXELS  # a prompt image above this is refused before decoding
@@ -250,11 +250,12 @@ class _ManifestWriter:
     self._file.close()
 
 
-def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str, *, context: int, rng,
-                 sampling: text_lib.SamplingOptions, num_steps: int, guidance: float, sampler: str,
+def run_requests(family, task, params, tokenizer, requests: list[Request], out_dir: str, *, context: int, rng,
+                 sampling: sampling_lib.SamplingOptions, num_steps: int, guidance: float, sampler: str,
                  batch_size: int = 32, placement=None,
-                 code_sampling: text_lib.SamplingOptions | None = None, images_per_prompt: int = 1) -> list[dict]:
-  """Runs the valid requests in batches; writes PNGs and the manifest; returns the manifest rows (input order).
+                 code_sampling: sampling_lib.SamplingOptions | None = None, images_per_prompt: int = 1) -> list[dict]:
+  """Runs the valid requests with `family`'s generators (`unimm.families.Family`) in batches; writes PNGs and
+  the manifest; returns the manifest rows (input order).
 
   A request that fails (its prompt does not encode or fit, its generation raises) gets an `error` line
   and the others still run: a batch whose generation raises is rerun one request at a time. Lines reach
@@ -281,7 +282,9 @@ def run_requests(task, params, tokenizer, requests: list[Request], out_dir: str,
     def generate(kind: str, chunk: list[int], rng) -> dict[int, dict]:
       """The manifest fields of the requests `chunk` (all of `kind`); writes their PNGs."""
       if kind not in generators_made:
-        make = generators.text_generator if kind == "text" else generators.image_generator
+        make = family.text_generator if kind == "text" else family.image_generator
+        if make is None:
+          raise ValueError(f"family {family.name!r} does not generate {kind}")
         generators_made[kind] = make(task, params, tokenizer.specials, placement, code_sampling)
       out = {}
       if kind == "text":

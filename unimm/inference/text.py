@@ -18,17 +18,12 @@ import numpy as np
 
 from unimm.inference import cache as cache_lib, images as images_lib, placement as placement_lib
 from unimm.inference import prompts as prompts_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-  temperature: float = 0.0  # 0: greedy
-  top_k: int = 0  # 0: no top-k cut
-  top_p: float = 1.0  # 1: no nucleus cut
+from unimm.inference.sampling import SamplingOptions
 
 
 def sample_tokens(logits, rng, opts: SamplingOptions):
-  """Next token ids [B] from logits [B, V]."""
+  """Next token ids [B] from logits [B, V], drawn as `opts` says (every field of `SamplingOptions` is
+  applied here)."""
   logits = logits.astype(jnp.float32)
   if opts.temperature <= 0:
     return jnp.argmax(logits, axis=-1)

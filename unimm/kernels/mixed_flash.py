@@ -1,6 +1,6 @@
 """Flash attention for the mixed mask in Pallas (Triton on GPU), forward and backward.
 
-The mask is computed inside the kernel from the ids — DESIGN's rule
+The mask is computed inside the kernel from the ids — the attention rule of docs/design.md
 ``seg[q] == seg[k] != 0 and (k <= q or img[q] == img[k] != 0)`` — so nothing
 T×T ever touches memory, and blocks no query of a block can see are never
 visited. Which blocks those are comes from O(T) spans computed beforehand
@@ -89,7 +89,7 @@ def _tile_is_full(q_ids, q_first, k_ids, k_last, bidirectional_images: bool):
 
 
 def _mask(q_seg, q_img, q_pos, k_seg, k_img, k_pos, bidirectional_images: bool):
-  """DESIGN's rule on one [bq, bk] tile."""
+  """the attention rule (docs/design.md) on one [bq, bk] tile."""
   allowed = k_pos[None, :] <= q_pos[:, None]
   if bidirectional_images:
     allowed = allowed | ((q_img[:, None] == k_img[None, :]) & (q_img[:, None] != 0))
@@ -218,7 +218,7 @@ def _blocks(length: int, block_q: int, block_k: int, block_backward: int):
 def mixed_flash_attention(q, k, v, segment_ids, image_ids, bidirectional_images: bool = True,
                           block_q: int = 128, block_k: int = 64, block_backward: int = 64,
                           num_warps: int | None = None, num_stages: int = 2, interpret: bool = False):
-  """q [B, T, N, H], k/v [B, T, K, H], ids [B, T] → [B, T, N, H] under DESIGN's rule.
+  """q [B, T, N, H], k/v [B, T, K, H], ids [B, T] → [B, T, N, H] under the attention rule (docs/design.md).
 
   Rows with no visible key (padding) come out 0.
   """

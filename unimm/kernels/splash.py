@@ -2,7 +2,7 @@
 
 Splash takes a mask per head and skips the blocks it rules out. The mixed rule
 depends on the row (where its documents and images are), so each row gets a
-dynamic mask built from its ids — DESIGN's rule, exactly — and its own
+dynamic mask built from its ids — the attention rule of docs/design.md, exactly — and its own
 block-sparsity tables (splash's `process_dynamic_mask`, on device, O(T²) bits
 per row: 16 MiB at T=4096, next to the T×T×heads float scores XLA would hold).
 One mask serves every head. Padding queries see only themselves (splash would

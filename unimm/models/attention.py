@@ -1,6 +1,6 @@
 """Attention over packed rows: the one function every layer calls.
 
-The rule is DESIGN.md's (`unimm.data.packed.attention_mask`): causal, no
+The rule is docs/design.md's (`unimm.data.packed.attention_mask`): causal, no
 attention across packed documents, and — for families that read images as a
 whole (Transfusion) — bidirectional inside each image. Kernels are chosen by
 `implementation` (`config.model.backbone.attention`):
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm.data.packed import attention_mask
+from unimm.models import axes
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
 KERNEL_BACKENDS = {"pallas": "gpu", "splash": "tpu"}
@@ -82,7 +83,8 @@ def _mesh_specs():
   if mesh.empty:
     return None
   specs = tuple(nn.logical_to_mesh_axes(names) for names in (
-      ("act_batch", "act_length", "act_heads", None), ("act_batch", "act_length", "act_kv_heads", None)))
+      (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None),
+      (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None)))
   return mesh, specs
 
 

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimm.models import layers
+from unimm.models import axes, layers
 from unimm.models.patches import ResBlock
 
 
@@ -111,9 +111,9 @@ class SpatialAttention(nn.Module):
   def __call__(self, x):
     n, h, w, c = x.shape
     y = layers.group_norm(c, name="norm")(x).reshape(n, h * w, c)
-    q, k, v = (layers.dense(c, "conv_in", "conv_out", name=name)(y) for name in ("q", "k", "v"))
+    q, k, v = (layers.dense(c, axes.CONV_IN, axes.CONV_OUT, name=name)(y) for name in ("q", "k", "v"))
     weights = jax.nn.softmax(jnp.einsum("nqc,nkc->nqk", q, k) / jnp.sqrt(c).astype(q.dtype), axis=-1)
-    out = layers.dense(c, "conv_in", "conv_out", name="proj")(jnp.einsum("nqk,nkc->nqc", weights, v))
+    out = layers.dense(c, axes.CONV_IN, axes.CONV_OUT, name="proj")(jnp.einsum("nqk,nkc->nqc", weights, v))
     return x + out.reshape(n, h, w, c)
 
 
@@ -190,7 +190,7 @@ class KLVAE(nn.Module):
     if not self.cfg.scale > 0:
       raise ValueError(
           f"KL-VAE latent scale {self.cfg.scale} is unresolved: load the frozen VAE with "
-          "unimm.train.loop.load_frozen_codec (it reads or measures the VAE run's latent statistics) or pass "
+          "unimm.families.load_frozen_codec (it reads or measures the VAE run's latent statistics) or pass "
           "FrozenVAE(params, shift, scale), or pin --config.model.autoencoder.scale=S > 0.")
     return self.cfg.scale
 

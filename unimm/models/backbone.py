@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from unimm.kernels import RESIDUALS
-from unimm.models import attention, layers, settings
+from unimm.models import attention, axes, layers, settings
 
 REMAT_POLICIES = {
     "none": None,  # keep every activation
@@ -53,7 +53,8 @@ class BackboneConfig:
   dtype: str = "bfloat16"  # compute dtype; params stay float32
   remat: str = "dots_no_batch"
   scan: bool = True
-  bidirectional_images: bool = True  # the DESIGN rule; families that predict image codes in order switch it off
+  # The attention rule of docs/design.md; families that predict image codes in order switch it off.
+  bidirectional_images: bool = True
   attention: str = "auto"
   dropout: float = 0.0  # on the attention and MLP branches, in training (a "dropout" rng is given)
   norm_order: str = "pre"  # pre: x + f(norm(x)) (Llama) | swin: x + norm(f(x)) (Chameleon-7B/34B)
@@ -99,25 +100,26 @@ class Attention(nn.Module):
   def __call__(self, x, positions, segment_ids, image_ids):
     c = self.cfg
     dt = c.compute_dtype
-    q = layers.DenseGeneral((c.num_heads, c.head_size), ("embed",), ("heads", "head_dim"), dtype=dt, name="q")(x)
-    k = layers.DenseGeneral((c.kv_heads, c.head_size), ("embed",), ("kv_heads", "head_dim"), dtype=dt, name="k")(x)
-    v = layers.DenseGeneral((c.kv_heads, c.head_size), ("embed",), ("kv_heads", "head_dim"), dtype=dt, name="v")(x)
+    q_axes, kv_axes = (axes.HEADS, axes.HEAD_DIM), (axes.KV_HEADS, axes.HEAD_DIM)
+    q = layers.DenseGeneral((c.num_heads, c.head_size), (axes.EMBED,), q_axes, dtype=dt, name="q")(x)
+    k = layers.DenseGeneral((c.kv_heads, c.head_size), (axes.EMBED,), kv_axes, dtype=dt, name="k")(x)
+    v = layers.DenseGeneral((c.kv_heads, c.head_size), (axes.EMBED,), kv_axes, dtype=dt, name="v")(x)
     if c.qk_norm:
-      q = layers.RMSNorm(c.norm_eps, dt, axis_name="head_dim", name="q_norm")(q)
-      k = layers.RMSNorm(c.norm_eps, dt, axis_name="head_dim", name="k_norm")(k)
+      q = layers.RMSNorm(c.norm_eps, dt, axis_name=axes.HEAD_DIM, name="q_norm")(q)
+      k = layers.RMSNorm(c.norm_eps, dt, axis_name=axes.HEAD_DIM, name="k_norm")(k)
     q = layers.rope(q, positions, theta=c.rope_theta)
     k = layers.rope(k, positions, theta=c.rope_theta)
-    q = layers.constrain(q, ("act_batch", "act_length", "act_heads", None))
-    k = layers.constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
-    v = layers.constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+    q = layers.constrain(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
+    k = layers.constrain(k, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None))
+    v = layers.constrain(v, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None))
     q, k, v = (checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj"))
     cache_ids = {}
     if self.decode:
       k, v, cache_ids = self._update_cache(k, v, segment_ids, image_ids)
     out = attention.attend(q, k, v, segment_ids, image_ids, bidirectional_images=c.bidirectional_images,
                            implementation=c.attention, **cache_ids)
-    out = layers.constrain(out, ("act_batch", "act_length", "act_heads", None))
-    return checkpoint_name(layers.DenseGeneral((c.dim,), ("heads", "head_dim"), ("embed",), num_in_axes=2,
+    out = layers.constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
+    return checkpoint_name(layers.DenseGeneral((c.dim,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), num_in_axes=2,
                                                dtype=dt, name="o")(out), "out_proj")
 
 
@@ -156,10 +158,10 @@ class DecoderLayer(nn.Module):
       x = x + drop(attn_norm(attn(x, positions, segment_ids, image_ids)))
     else:
       x = x + drop(attn(attn_norm(x), positions, segment_ids, image_ids))
-    x = layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+    x = layers.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     mlp = layers.SwiGLU(c.hidden, dt, name="mlp")
     x = x + drop(mlp_norm(mlp(x)) if c.norm_order == "swin" else mlp(mlp_norm(x)))
-    return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+    return layers.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
 
 class _ScanLayer(DecoderLayer):
@@ -181,7 +183,7 @@ class Backbone(nn.Module):
     c = self.cfg
     if c.remat not in REMAT_POLICIES:
       raise ValueError(f"remat policy {c.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
-    x = layers.constrain(x.astype(c.compute_dtype), ("act_batch", "act_length", "act_embed"))
+    x = layers.constrain(x.astype(c.compute_dtype), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     remat = c.remat != "none" and not self.decode  # inference keeps no activations for a backward pass
     if c.scan:
       layer = _ScanLayer
@@ -190,7 +192,7 @@ class Backbone(nn.Module):
       stack = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+                      metadata_params={nn.PARTITION_NAME: axes.LAYERS})
       x, _ = stack(c, self.decode, name="layers")(x, positions, segment_ids, image_ids)
     else:
       layer = DecoderLayer

@@ -8,7 +8,7 @@ tokenizer (`unimm.models.vq`) turns the row's images into codes, which fill
 the image slots as tokens. One backbone and one LM head then do next-token
 prediction over the whole row with the layout's loss weights
 (`data.image_token_weight` > 0 trains the codes). Attention is plain causal:
-the family switches the DESIGN rule's intra-image bidirectionality off
+the family switches the attention rule's (docs/design.md) intra-image bidirectionality off
 (`backbone.bidirectional_images = False`), since codes are predicted in order.
 
 The paper's stability measures are switches: QK-norm, dropout and the
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm.data import packed
-from unimm.models import autoencoders, backbone, layers, transfusion, vq
+from unimm.models import autoencoders, axes, backbone, layers, losses, slots, vq
 
 
 class ChameleonModel(nn.Module):
@@ -43,7 +43,7 @@ class ChameleonModel(nn.Module):
                        "bidirectional_images=False (attention must stay causal inside images).")
     self.embed = layers.Embed(self.vocab_size, c.dim, dtype=c.compute_dtype)
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=c.compute_dtype,
+    self.lm_head = layers.DenseGeneral((self.vocab_size,), (axes.EMBED,), (axes.VOCAB,), dtype=c.compute_dtype,
                                        out_dtype=jnp.float32)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
@@ -53,15 +53,12 @@ class ChameleonModel(nn.Module):
   def __call__(self, tokens, positions, segment_ids, image_ids):
     """Token ids (codes already in the image slots) → logits [B, T, V] (float32)."""
     h = self.decoder(self.embed(tokens), positions, segment_ids, image_ids)
-    return layers.constrain(self.lm_head(h), ("act_batch", "act_length", "act_vocab"))
+    return layers.constrain(self.lm_head(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
 
 def place_codes(tokens, image_ids, code_tokens):
   """tokens [B, T] with image slot s of image k replaced by code_tokens [B, M, P][k-1, s]."""
-  b, m, p = code_tokens.shape
-  index = jnp.clip((image_ids - 1) * p + transfusion.image_slot_index(image_ids), 0, m * p - 1)
-  gathered = jnp.take_along_axis(code_tokens.reshape(b, m * p), index, axis=1)
-  return jnp.where(image_ids > 0, gathered, tokens)
+  return slots.scatter(tokens, code_tokens, image_ids)
 
 
 @dataclasses.dataclass
@@ -128,8 +125,8 @@ class ChameleonTask:
     weights = batch["loss_weights"][:, :-1]
     is_code = (batch["image_ids"][:, 1:] > 0).astype(jnp.float32)
     targets = tokens[:, 1:]
-    text_ce, z_text = transfusion.cross_entropy(logits[:, :-1], targets, weights * (1.0 - is_code), self.z_loss)
-    image_ce, z_image = transfusion.cross_entropy(logits[:, :-1], targets, weights * is_code, self.z_loss)
+    text_ce, z_text = losses.cross_entropy(logits[:, :-1], targets, weights * (1.0 - is_code), self.z_loss)
+    image_ce, z_image = losses.cross_entropy(logits[:, :-1], targets, weights * is_code, self.z_loss)
     return {"text": text_ce, "image": image_ce, "z": z_text + z_image}
 
   @staticmethod

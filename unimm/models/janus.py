@@ -30,10 +30,9 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from unimm.models import backbone, chameleon, layers, transfusion, vit as vit_lib, vq
+from unimm.models import axes, backbone, chameleon, layers, losses, slots, vit as vit_lib, vq
 
 _named = nn.with_logical_partitioning
 
@@ -44,13 +43,13 @@ class Adaptor(nn.Module):
   hidden: int
   features: int
   dtype: jnp.dtype
-  out_name: str = "embed"
+  out_name: str = axes.EMBED
   out_dtype: jnp.dtype | None = None  # float32 for the image head (logits), as the LM head's
 
   @nn.compact
   def __call__(self, x):
-    h = layers.dense(self.hidden, "embed_in", "mlp", dtype=self.dtype, name="fc1")(x.astype(self.dtype))
-    return layers.dense(self.features, "mlp", self.out_name, dtype=self.dtype, out_dtype=self.out_dtype,
+    h = layers.dense(self.hidden, axes.EMBED_IN, axes.MLP, dtype=self.dtype, name="fc1")(x.astype(self.dtype))
+    return layers.dense(self.features, axes.MLP, self.out_name, dtype=self.dtype, out_dtype=self.out_dtype,
                         name="fc2")(nn.gelu(h))
 
 
@@ -78,12 +77,13 @@ class JanusModel(nn.Module):
     self.embed = layers.Embed(self.text_vocab, c.dim, dtype=dt)
     self.vision_encoder = vit_lib.ViT(self.vision)
     self.und_aligner = Adaptor(c.dim, c.dim, dt)
-    self.gen_embed = self.param("gen_embed", _named(nn.initializers.normal(1.0), ("codes", "code_dim")),
+    self.gen_embed = self.param("gen_embed", _named(nn.initializers.normal(1.0), (axes.CODES, axes.CODE_DIM)),
                                 (self.codebook_size, self.code_dim), jnp.float32)
     self.gen_aligner = Adaptor(c.dim, c.dim, dt)
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.text_vocab,), ("embed",), ("vocab",), dtype=dt, out_dtype=jnp.float32)
-    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name="vocab", out_dtype=jnp.float32)
+    self.lm_head = layers.DenseGeneral((self.text_vocab,), (axes.EMBED,), (axes.VOCAB,), dtype=dt,
+                                       out_dtype=jnp.float32)
+    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name=axes.VOCAB, out_dtype=jnp.float32)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
     ids = jnp.zeros((batch, length), jnp.int32)
@@ -97,8 +97,7 @@ class JanusModel(nn.Module):
     if p != self.slots:
       raise ValueError(f"the ViT gives {p} patches per image but images have {self.slots} slots")
     emb = self.und_aligner(feats.reshape(b, m * p, -1))
-    index = jnp.clip((image_ids - 1) * p + transfusion.image_slot_index(image_ids), 0, m * p - 1)
-    return jnp.take_along_axis(emb, index[..., None], axis=1)
+    return slots.values_at_slots(emb.reshape(b, m, p, -1), image_ids)
 
   def __call__(self, tokens, positions, segment_ids, image_ids, images=None):
     """tokens: text ids, codes as `text_vocab + c` at written slots, anything at read slots (which take
@@ -112,7 +111,7 @@ class JanusModel(nn.Module):
       x = jnp.where(read[..., None], self.read_embeddings(images, image_ids).astype(x.dtype), x)
     h = self.decoder(x, positions, segment_ids, image_ids)
     logits = jnp.concatenate([self.lm_head(h), self.gen_head(h)], -1)
-    return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    return layers.constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
 
 def written_slots(image_ids, image_written):
@@ -170,9 +169,9 @@ class JanusTask(chameleon.ChameleonTask):
     weights = batch["loss_weights"][:, :-1]
     is_code = (batch["image_ids"][:, 1:] > 0).astype(jnp.float32)
     v = self.text_vocab
-    text_ce, z_text = transfusion.cross_entropy(logits[..., :v], jnp.clip(targets, 0, v - 1),
+    text_ce, z_text = losses.cross_entropy(logits[..., :v], jnp.clip(targets, 0, v - 1),
                                                 weights * (1.0 - is_code), self.z_loss)
-    image_ce, z_image = transfusion.cross_entropy(logits[..., v:], jnp.clip(targets - v, 0, self.codebook_size - 1),
+    image_ce, z_image = losses.cross_entropy(logits[..., v:], jnp.clip(targets - v, 0, self.codebook_size - 1),
                                                   weights * is_code, self.z_loss)
     return {"text": text_ce, "image": image_ce, "z": z_text + z_image}
 

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unimm.models import axes
+
 Dtype = Any
 init_normal = nn.initializers.normal
 
@@ -31,7 +33,7 @@ def constrain(x, names: Sequence[str | None]):
 class RMSNorm(nn.Module):
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
-  axis_name: str = "embed"
+  axis_name: str = axes.EMBED
 
   @nn.compact
   def __call__(self, x):
@@ -88,10 +90,10 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     dim = x.shape[-1]
-    gate = DenseGeneral((self.hidden,), ("embed",), ("mlp",), dtype=self.dtype, name="gate")(x)
-    up = DenseGeneral((self.hidden,), ("embed",), ("mlp",), dtype=self.dtype, name="up")(x)
-    h = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-    return DenseGeneral((dim,), ("mlp",), ("embed",), dtype=self.dtype, name="down")(h)
+    gate = DenseGeneral((self.hidden,), (axes.EMBED,), (axes.MLP,), dtype=self.dtype, name="gate")(x)
+    up = DenseGeneral((self.hidden,), (axes.EMBED,), (axes.MLP,), dtype=self.dtype, name="up")(x)
+    h = constrain(nn.silu(gate) * up, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+    return DenseGeneral((dim,), (axes.MLP,), (axes.EMBED,), dtype=self.dtype, name="down")(h)
 
 
 def mlp_hidden(dim: int, multiple_of: int = 256) -> int:
@@ -107,7 +109,7 @@ class Embed(nn.Module):
 
   @nn.compact
   def __call__(self, ids):
-    table = self.param("embedding", nn.with_logical_partitioning(init_normal(1.0), ("vocab", "embed")),
+    table = self.param("embedding", nn.with_logical_partitioning(init_normal(1.0), (axes.VOCAB, axes.EMBED)),
                        (self.num_embeddings, self.features), jnp.float32)
     return jnp.take(table, ids, axis=0).astype(self.dtype)
 
@@ -130,8 +132,8 @@ class TimestepMLP(nn.Module):
   @nn.compact
   def __call__(self, t):
     h = timestep_embedding(t, self.frequency_dim).astype(self.dtype)
-    h = DenseGeneral((self.features,), ("time_freq",), ("embed",), dtype=self.dtype, name="fc1")(h)
-    h = DenseGeneral((self.features,), ("embed_in",), ("embed",), dtype=self.dtype, name="fc2")(nn.silu(h))
+    h = DenseGeneral((self.features,), (axes.TIME_FREQ,), (axes.EMBED,), dtype=self.dtype, name="fc1")(h)
+    h = DenseGeneral((self.features,), (axes.EMBED_IN,), (axes.EMBED,), dtype=self.dtype, name="fc2")(nn.silu(h))
     return h
 
 
@@ -145,18 +147,18 @@ def conv(features: int, kernel=(3, 3), *, strides=(1, 1), transpose: bool = Fals
   init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
   cls = nn.ConvTranspose if transpose else nn.Conv
   return cls(features, tuple(kernel), strides=tuple(strides), dtype=dtype, name=name,
-             kernel_init=_named(init, (None, None, "conv_in", "conv_out")),
-             bias_init=_named(nn.initializers.zeros, ("conv_out",)))
+             kernel_init=_named(init, (None, None, axes.CONV_IN, axes.CONV_OUT)),
+             bias_init=_named(nn.initializers.zeros, (axes.CONV_OUT,)))
 
 
 def group_norm(channels: int, groups: int = 8, *, dtype: Dtype = jnp.float32, name: str | None = None):
   """GroupNorm with min(groups, channels) groups and named params."""
   return nn.GroupNorm(min(groups, channels), dtype=dtype, name=name,
-                      scale_init=_named(nn.initializers.ones, ("conv_out",)),
-                      bias_init=_named(nn.initializers.zeros, ("conv_out",)))
+                      scale_init=_named(nn.initializers.ones, (axes.CONV_OUT,)),
+                      bias_init=_named(nn.initializers.zeros, (axes.CONV_OUT,)))
 
 
-def dense(features: int, in_name: str = "embed_in", out_name: str = "conv_out", *, dtype: Dtype = jnp.float32,
+def dense(features: int, in_name: str = axes.EMBED_IN, out_name: str = axes.CONV_OUT, *, dtype: Dtype = jnp.float32,
           out_dtype: Dtype | None = None, name: str | None = None):
   """A biased dense layer with named params (for conv stacks; the backbone uses DenseGeneral); `out_dtype`
   as DenseGeneral's (float32 for output heads)."""

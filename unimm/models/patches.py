@@ -19,7 +19,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from unimm.models import layers
+from unimm.models import axes, layers
 
 
 def patchify(x, k: int):
@@ -46,8 +46,8 @@ class LinearPatch(nn.Module):
 
   def setup(self):
     k, c = self.patch_size, self.latent_shape[2]
-    self.proj_in = layers.DenseGeneral((self.dim,), ("patch",), ("embed",), dtype=self.dtype)
-    self.proj_out = layers.DenseGeneral((k * k * c,), ("embed",), ("patch",), dtype=self.dtype, init_scale=0.0)
+    self.proj_in = layers.DenseGeneral((self.dim,), (axes.PATCH,), (axes.EMBED,), dtype=self.dtype)
+    self.proj_out = layers.DenseGeneral((k * k * c,), (axes.EMBED,), (axes.PATCH,), dtype=self.dtype, init_scale=0.0)
 
   def encode(self, latents, t_emb):
     b, m = latents.shape[:2]
@@ -106,8 +106,8 @@ class UNetPatch(nn.Module):
     self.stem = layers.conv(ch[0], dtype=self.dtype)
     self.down = [[ResBlock(ch[i], dtype=self.dtype) for _ in range(self.blocks_per_level)] for i in range(levels + 1)]
     self.downsample = [layers.conv(ch[i + 1], strides=(2, 2), dtype=self.dtype) for i in range(levels)]
-    self.to_model = layers.dense(self.dim, "conv_in", "embed", dtype=self.dtype)
-    self.from_model = layers.dense(ch[levels], "embed", "conv_out", dtype=self.dtype)
+    self.to_model = layers.dense(self.dim, axes.CONV_IN, axes.EMBED, dtype=self.dtype)
+    self.from_model = layers.dense(ch[levels], axes.EMBED, axes.CONV_OUT, dtype=self.dtype)
     self.up = [[ResBlock(ch[i], dtype=self.dtype) for _ in range(self.blocks_per_level)] for i in range(levels + 1)]
     self.upsample = [layers.conv(ch[i], (2, 2), strides=(2, 2), transpose=True, dtype=self.dtype)
                      for i in range(levels)]

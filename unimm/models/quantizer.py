@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimm.models import layers
+from unimm.models import axes, layers
 
 
 def l2_normalize(x, eps: float = 1e-6):
@@ -81,8 +81,8 @@ class VectorQuantizer(nn.Module):
     """
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"VectorQuantizer takes inputs of {self.code_dim} channels, got {z.shape}")
-    codebook = self.param("codebook", nn.with_logical_partitioning(layers.init_normal(1.0), ("codes", "code_dim")),
-                          (self.codebook_size, self.code_dim), jnp.float32)
+    init = nn.with_logical_partitioning(layers.init_normal(1.0), (axes.CODES, axes.CODE_DIM))
+    codebook = self.param("codebook", init, (self.codebook_size, self.code_dim), jnp.float32)
     z = z.astype(jnp.float32)
     if self.l2_normalized:
       z, codebook = l2_normalize(z), l2_normalize(codebook)

@@ -7,9 +7,10 @@ inverse maps the image slots' outputs to a predicted noise ε (or v, by
 `model.prediction`), trained with the DDPM mean squared error. Loss = LM loss
 (mean over text targets) + λ · diffusion loss (mean over images), λ = 5.
 
-`TransfusionTask` is what the trainer needs from a family: `init`, `loss` and
-`sample_images`; the backbone, patch layers, autoencoder and diffusion are the
-shared parts it composes.
+`TransfusionTask` is the family's task (`unimm.families.Task`: `init`,
+`loss_terms`, `loss_counts`, `combine`, `dummy_batch`) and what its generators
+read; the backbone, patch layers, autoencoder and diffusion are the shared
+parts it composes.
 """
 
 from __future__ import annotations
@@ -24,39 +25,7 @@ import numpy as np
 
 from unimm import diffusion
 from unimm.data import packed
-from unimm.models import autoencoders, backbone, layers, patches
-
-
-def image_slot_index(image_ids):
-  """For each position, its index inside its image (0 at text): [B, T]."""
-  idx = jnp.arange(image_ids.shape[-1])
-  prev = jnp.pad(image_ids, ((0, 0), (1, 0)))[:, :-1]
-  starts = (image_ids > 0) & (image_ids != prev)
-  start_pos = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-  return jnp.where(image_ids > 0, idx - start_pos, 0)
-
-
-def image_first_positions(image_ids, max_images: int):
-  """Position of each image's first slot: [B, M] (0 where the image is absent)."""
-  onehot = image_ids[:, None, :] == jnp.arange(1, max_images + 1)[None, :, None]
-  return jnp.argmax(onehot, axis=-1)
-
-
-def place_patches(x, image_vectors, image_ids):
-  """Puts image_vectors [B, M, P, D] into the image slots of x [B, T, D]."""
-  b, m, p, d = image_vectors.shape
-  flat = image_vectors.reshape(b, m * p, d)
-  index = jnp.clip((image_ids - 1) * p + image_slot_index(image_ids), 0, m * p - 1)
-  gathered = jnp.take_along_axis(flat, index[..., None], axis=1)
-  return jnp.where((image_ids > 0)[..., None], gathered.astype(x.dtype), x)
-
-
-def gather_patches(h, image_ids, max_images: int, slots: int):
-  """The outputs at each image's slots: h [B, T, D] → [B, M, P, D]."""
-  b, t, d = h.shape
-  first = image_first_positions(image_ids, max_images)
-  pos = jnp.clip(first[:, :, None] + jnp.arange(slots), 0, t - 1).reshape(b, max_images * slots)
-  return jnp.take_along_axis(h, pos[..., None], axis=1).reshape(b, max_images, slots, d)
+from unimm.models import autoencoders, axes, backbone, layers, losses, patches, slots as slots_lib
 
 
 class TransfusionModel(nn.Module):
@@ -83,7 +52,8 @@ class TransfusionModel(nn.Module):
     else:
       raise ValueError(f"patch kind {self.patch_kind!r}; expected 'linear' or 'unet'")
     self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.vocab_size,), ("embed",), ("vocab",), dtype=dt, out_dtype=jnp.float32)
+    self.lm_head = layers.DenseGeneral((self.vocab_size,), (axes.EMBED,), (axes.VOCAB,), dtype=dt,
+                                       out_dtype=jnp.float32)
 
   @property
   def slots(self) -> int:
@@ -104,53 +74,15 @@ class TransfusionModel(nn.Module):
     x = self.embed(tokens)
     t_emb = self.time(timesteps)
     image_vectors, aux = self.patch.encode(noisy_latents, t_emb)
-    x = place_patches(x, image_vectors, image_ids)
+    x = slots_lib.scatter(x, image_vectors, image_ids)
     h = self.decoder(x, positions, segment_ids, image_ids)
-    eps = self.patch.decode(gather_patches(h, image_ids, self.max_images, self.slots), t_emb, aux)
+    eps = self.patch.decode(slots_lib.gather(h, image_ids, self.max_images, self.slots), t_emb, aux)
     if return_hidden:
       if self.is_initializing():
         self.lm_head(h[:, :1])  # create the head's params
       return h, eps.astype(jnp.float32)
-    logits = layers.constrain(self.lm_head(h), ("act_batch", "act_length", "act_vocab"))
+    logits = layers.constrain(self.lm_head(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
     return logits, eps.astype(jnp.float32)
-
-
-def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
-  """Weighted sums over positions: (Σ w·CE, Σ w·z-term) with z = log Z (float32)."""
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  ce = log_z - target_logit
-  return jnp.sum(ce * weights), jnp.sum(z_loss * jnp.square(log_z) * weights)
-
-
-def chunked_cross_entropy(hidden, kernel, targets, weights, *, chunk: int, z_loss: float = 0.0,
-                          dtype=jnp.float32):
-  """`cross_entropy(hidden @ kernel, …)` without ever holding the [B, T, V] logits.
-
-  hidden [B, T, D], kernel [D, V] (the LM head), targets/weights [B, T]. A scan
-  over T in chunks of `chunk` positions; each chunk's logits are recomputed in
-  the backward pass (jax.checkpoint), so the memory is B·chunk·V instead of
-  B·T·V (float32 logits and their gradient: 4 GiB each at 8×4096 rows and a 32k
-  vocabulary) for one more LM-head matmul. Same numerics as the model's head:
-  a `dtype` matmul with float32 output, float32 softmax.
-  """
-  b, t, d = hidden.shape
-  if t % chunk:
-    raise ValueError(f"model.lm_loss_chunk={chunk} does not divide the row length {t}")
-  to_chunks = lambda x: jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
-
-  @jax.checkpoint
-  def one_chunk(sums, xs):
-    h, y, w = xs
-    logits = jax.lax.dot_general(h.astype(dtype), kernel.astype(dtype), (((2,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-    logits = layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
-    ce, z = cross_entropy(logits, y, w, z_loss)
-    return (sums[0] + ce, sums[1] + z), None
-
-  zero = jnp.zeros((), jnp.float32)
-  (ce, z), _ = jax.lax.scan(one_chunk, (zero, zero), (to_chunks(hidden), to_chunks(targets), to_chunks(weights)))
-  return ce, z
 
 
 @dataclasses.dataclass
@@ -237,11 +169,12 @@ class TransfusionTask:
     weights = batch["loss_weights"][:, :-1]
     if chunked:  # every position's hidden state; the last (no next token) with weight 0
       pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
-      lm_sum, z_sum = chunked_cross_entropy(logits_or_hidden, params["lm_head"]["kernel"], pad(batch["tokens"][:, 1:]),
-                                            pad(weights), chunk=self.lm_loss_chunk, z_loss=self.z_loss,
-                                            dtype=self.model.backbone.compute_dtype)
+      lm_sum, z_sum = losses.chunked_cross_entropy(logits_or_hidden, params["lm_head"]["kernel"],
+                                                   pad(batch["tokens"][:, 1:]), pad(weights),
+                                                   chunk=self.lm_loss_chunk, z_loss=self.z_loss,
+                                                   dtype=self.model.backbone.compute_dtype)
     else:
-      lm_sum, z_sum = cross_entropy(logits_or_hidden[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
+      lm_sum, z_sum = losses.cross_entropy(logits_or_hidden[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
     per_image = diffusion.per_image_error(out, diffusion.target(self.schedule, self.prediction, latents, noise, t))
     valid = batch["image_valid"].astype(jnp.float32)
     return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm.data import packed
-from unimm.models import backbone, layers, settings
+from unimm.models import axes, backbone, layers, settings
 
 _named = nn.with_logical_partitioning
 
@@ -78,8 +78,8 @@ def _dense(features, in_name, out_name, dtype, name):
 
 
 def _layer_norm(dtype, name):
-  return nn.LayerNorm(1e-6, dtype=dtype, name=name, scale_init=_named(nn.initializers.ones, ("embed",)),
-                      bias_init=_named(nn.initializers.zeros, ("embed",)))
+  return nn.LayerNorm(1e-6, dtype=dtype, name=name, scale_init=_named(nn.initializers.ones, (axes.EMBED,)),
+                      bias_init=_named(nn.initializers.zeros, (axes.EMBED,)))
 
 
 class MultiHeadAttention(nn.Module):
@@ -94,15 +94,17 @@ class MultiHeadAttention(nn.Module):
     head = d // self.num_heads
 
     def project(x, name):
-      y = layers.DenseGeneral((self.num_heads, head), ("embed",), ("heads", "head_dim"), dtype=self.dtype,
+      y = layers.DenseGeneral((self.num_heads, head), (axes.EMBED,), (axes.HEADS, axes.HEAD_DIM), dtype=self.dtype,
                               name=name)(x)
-      return y + self.param(f"{name}_bias", _named(nn.initializers.zeros, ("heads", "head_dim")),
+      return y + self.param(f"{name}_bias", _named(nn.initializers.zeros, (axes.HEADS, axes.HEAD_DIM)),
                             (self.num_heads, head), jnp.float32).astype(self.dtype)
     q, k, v = project(queries, "q"), project(keys, "k"), project(keys, "v")
     scores = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / math.sqrt(head)
     out = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(scores, axis=-1).astype(self.dtype), v)
-    out = layers.DenseGeneral((d,), ("heads", "head_dim"), ("embed",), num_in_axes=2, dtype=self.dtype, name="o")(out)
-    return out + self.param("o_bias", _named(nn.initializers.zeros, ("embed",)), (d,), jnp.float32).astype(self.dtype)
+    out = layers.DenseGeneral((d,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), num_in_axes=2, dtype=self.dtype,
+                              name="o")(out)
+    bias = self.param("o_bias", _named(nn.initializers.zeros, (axes.EMBED,)), (d,), jnp.float32)
+    return out + bias.astype(self.dtype)
 
 
 class MLP(nn.Module):
@@ -112,9 +114,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    h = nn.gelu(_dense(self.hidden, "embed", "mlp", self.dtype, "fc1")(x))
-    h = layers.constrain(h, ("act_batch", "act_length", "act_mlp"))
-    return _dense(d, "mlp", "embed", self.dtype, "fc2")(h)
+    h = nn.gelu(_dense(self.hidden, axes.EMBED, axes.MLP, self.dtype, "fc1")(x))
+    h = layers.constrain(h, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+    return _dense(d, axes.MLP, axes.EMBED, self.dtype, "fc2")(h)
 
 
 class EncoderBlock(nn.Module):
@@ -126,7 +128,7 @@ class EncoderBlock(nn.Module):
     y = _layer_norm(dt, "attn_norm")(x)
     x = x + MultiHeadAttention(self.cfg.num_heads, dt, name="attn")(y, y)
     x = x + MLP(self.cfg.mlp_dim, dt, name="mlp")(_layer_norm(dt, "mlp_norm")(x))
-    return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+    return layers.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
 
 def normalize_pixels(images):
@@ -145,12 +147,12 @@ class ViT(nn.Module):
     p = c.patch_size
     c.grid(images.shape[1:])
     x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", dtype=dt, name="patch_embed",
-                kernel_init=_named(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
-                bias_init=_named(nn.initializers.zeros, ("embed",)))(normalize_pixels(images))
+                kernel_init=_named(nn.initializers.lecun_normal(), (None, None, axes.CONV_IN, axes.EMBED)),
+                bias_init=_named(nn.initializers.zeros, (axes.EMBED,)))(normalize_pixels(images))
     x = x.reshape(x.shape[0], -1, c.width)
-    pos = self.param("pos_embedding", _named(nn.initializers.normal(0.02), (None, "embed")), x.shape[1:],
+    pos = self.param("pos_embedding", _named(nn.initializers.normal(0.02), (None, axes.EMBED)), x.shape[1:],
                      jnp.float32)
-    x = layers.constrain((x + pos).astype(dt), ("act_batch", "act_length", "act_embed"))
+    x = layers.constrain((x + pos).astype(dt), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     block = nn.remat(EncoderBlock) if c.remat else EncoderBlock
     for i in range(c.blocks_used):
       x = block(c, name=f"block_{i}")(x)
@@ -168,7 +170,7 @@ class MAPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    probe = self.param("probe", _named(nn.initializers.xavier_uniform(), (None, None, "embed")),
+    probe = self.param("probe", _named(nn.initializers.xavier_uniform(), (None, None, axes.EMBED)),
                        (1, 1, x.shape[-1]), jnp.float32)
     y = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(
         jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1])).astype(self.dtype), x)
@@ -237,10 +239,10 @@ class SigLIPModel(nn.Module):
     dt = jnp.dtype(self.vit.dtype)
     self.image_encoder = ViT(self.vit)
     self.map_head = MAPHead(self.vit.num_heads, self.vit.mlp_dim, dt)
-    self.image_proj = _dense(self.loss.embed_dim, "embed", None, jnp.float32, None)
+    self.image_proj = _dense(self.loss.embed_dim, axes.EMBED, None, jnp.float32, None)
     self.text_embed = layers.Embed(self.vocab_size, self.text.dim, dtype=self.text.compute_dtype)
     self.text_encoder = backbone.Backbone(self.text)
-    self.text_proj = _dense(self.loss.embed_dim, "embed", None, jnp.float32, None)
+    self.text_proj = _dense(self.loss.embed_dim, axes.EMBED, None, jnp.float32, None)
     self.t_prime = self.param("t_prime", nn.initializers.constant(math.log(self.loss.init_temperature)), (),
                               jnp.float32)
     self.bias = self.param("bias", nn.initializers.constant(self.loss.init_bias), (), jnp.float32)

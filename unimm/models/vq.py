@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimm.models import autoencoders, layers, perceptual, quantizer, settings
+from unimm.models import autoencoders, axes, layers, perceptual, quantizer, settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +74,10 @@ class VQModel(nn.Module):
     c = self.cfg
     self.encoder = autoencoders.ConvEncoder(c.channels, c.channel_mults, c.blocks_per_level, c.z_channels,
                                             attention=c.attention)
-    self.quant_proj = layers.dense(c.code_dim, "conv_in", "code_dim")
+    self.quant_proj = layers.dense(c.code_dim, axes.CONV_IN, axes.CODE_DIM)
     self.quantizer = quantizer.VectorQuantizer(c.codebook_size, c.code_dim, l2_normalized=c.l2_normalized,
                                                beta=c.beta, entropy_temperature=c.entropy_temperature)
-    self.post_quant_proj = layers.dense(c.z_channels, "code_dim", "conv_out")
+    self.post_quant_proj = layers.dense(c.z_channels, axes.CODE_DIM, axes.CONV_OUT)
     self.decoder = autoencoders.ConvDecoder(c.channels, c.channel_mults, c.blocks_per_level, self.image_channels,
                                             attention=c.attention)
 

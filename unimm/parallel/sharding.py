@@ -29,34 +29,36 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from unimm.models import axes
+
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
 
 RULES = {
     "default": (
         # activations
-        ("act_batch", BATCH_AXES),
-        ("act_length", "sequence"),
-        ("act_embed", None),
-        ("act_heads", "tensor"),
-        ("act_kv_heads", "tensor"),
-        ("act_mlp", "tensor"),
-        ("act_vocab", "tensor"),
+        (axes.ACT_BATCH, BATCH_AXES),
+        (axes.ACT_LENGTH, "sequence"),
+        (axes.ACT_EMBED, None),
+        (axes.ACT_HEADS, "tensor"),
+        (axes.ACT_KV_HEADS, "tensor"),
+        (axes.ACT_MLP, "tensor"),
+        (axes.ACT_VOCAB, "tensor"),
         # parameters
-        ("embed", "fsdp"),
-        ("vocab", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("mlp", "tensor"),
-        ("head_dim", None),
-        ("layers", None),
-        ("patch", None),
-        ("time_freq", None),
-        ("embed_in", None),
-        ("conv_in", None),  # conv stacks (U-Net patch layers, VAE) are small: replicated
-        ("conv_out", None),
-        ("codes", None),  # VQ codebooks are small: replicated
-        ("code_dim", None),
+        (axes.EMBED, "fsdp"),
+        (axes.VOCAB, "tensor"),
+        (axes.HEADS, "tensor"),
+        (axes.KV_HEADS, "tensor"),
+        (axes.MLP, "tensor"),
+        (axes.HEAD_DIM, None),
+        (axes.LAYERS, None),
+        (axes.PATCH, None),
+        (axes.TIME_FREQ, None),
+        (axes.EMBED_IN, None),
+        (axes.CONV_IN, None),  # conv stacks (U-Net patch layers, VAE) are small: replicated
+        (axes.CONV_OUT, None),
+        (axes.CODES, None),  # VQ codebooks are small: replicated
+        (axes.CODE_DIM, None),
     ),
 }
 

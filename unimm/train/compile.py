@@ -48,7 +48,8 @@ def target_platform(kind: str) -> str:
 
 def advice(config, mesh) -> list[str]:
   """What to change when a compiled step does not fit, most effective first: FSDP over every device, the
-  next leaner remat policy, twice the accumulation, the chunked LM loss."""
+  next leaner remat policy, twice the accumulation, then what the family offers (the chunked LM loss)."""
+  from unimm import families  # pylint: disable=g-import-not-at-top
   from unimm.parallel import targets  # pylint: disable=g-import-not-at-top
   out = []
   devices = int(np.prod(list(mesh.shape.values())))
@@ -66,8 +67,7 @@ def advice(config, mesh) -> list[str]:
   if micro_rows >= 2:
     out.append(f"halve the rows each device holds at once: --config.train.grad_accum_steps={2 * max(accum, 1)} "
                f"(now {micro_rows} rows per device per microbatch)")
-  if config.model.family == "transfusion" and not int(config.model.lm_loss_chunk):
-    out.append("compute the LM loss without the [B, T, V] logits: --config.model.lm_loss_chunk=512")
+  out += families.of(config).memory_advice(config)  # e.g. Transfusion's chunked LM loss
   if not out:
     out.append("split the model over more devices (--config.mesh.tensor=k) or use more devices")
   return out
@@ -148,7 +148,8 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
   """Lowers and compiles `config`'s train step for `topology`; returns the report (see the module doc).
   `hlo_path`: where to write the compiled (partitioned, per-device) HLO text."""
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
-  from unimm.models import attention, backbone, families  # pylint: disable=g-import-not-at-top
+  from unimm import families  # pylint: disable=g-import-not-at-top
+  from unimm.models import attention, backbone  # pylint: disable=g-import-not-at-top
   from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
   from unimm.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   kind, devices = target_devices(topology)

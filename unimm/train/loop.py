@@ -24,36 +24,12 @@ import jax
 import numpy as np
 import tqdm
 
-from unimm import imaging
+from unimm import families, imaging
 from unimm.data import documents, pipeline
-from unimm.inference import generators, placement, prompts as prompts_lib
-from unimm.models import autoencoders, chameleon, families
+from unimm.inference import placement, prompts as prompts_lib
 from unimm.parallel import distributed, sharding
-from unimm.train import checkpoint, config_record, health as health_lib, latent_stats, metrics as metrics_lib
+from unimm.train import checkpoint, config_record, health as health_lib, metrics as metrics_lib
 from unimm.train.setup import Setup, build, flops_per_token
-
-
-def load_frozen_codec(config):
-  """The frozen image codec's params a family encodes images with, if the config names one:
-  Transfusion's KL-VAE (model.autoencoder.checkpoint) as a `FrozenVAE` with the latent shift/scale the
-  diffusion uses (resolved here, once, for training, eval and sampling alike: `latent_stats.resolve`),
-  or a code family's VQ tokenizer (model.vq.checkpoint)."""
-  if config.model.family in families.CODE_FAMILIES:
-    if not config.model.vq.checkpoint:
-      return None  # the family says what it needs
-    return chameleon.frozen_tokenizer_params(
-        checkpoint.Checkpointer(config.model.vq.checkpoint, async_save=False).restore_params())
-  ae = config.model.autoencoder
-  if config.model.family != "transfusion" or ae.kind == "identity" or not ae.checkpoint:
-    return None  # families that need one say so (transfusion_task), the codec families train it
-  ckpt = checkpoint.Checkpointer(ae.checkpoint, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no complete checkpoint in config.model.autoencoder.checkpoint={ae.checkpoint!r}: "
-                            "train the VAE first (configs/vae/...) or point it at the VAE run's checkpoints dir")
-  params = ckpt.restore_params(step)
-  shift, scale = latent_stats.resolve(config, params, step)
-  return autoencoders.FrozenVAE(params, shift=shift, scale=scale)
 
 
 def graft(params, source, prefix: str = ""):
@@ -75,10 +51,10 @@ def graft(params, source, prefix: str = ""):
 
 
 def start_params(config, params):
-  """A fresh run's params: the pretrained parts its family names (`families.pretrained_parts`), then a
+  """A fresh run's params: the pretrained parts its family names (`Family.pretrained_parts`), then a
   previous stage's params (train.init_from) over them."""
   total = len(jax.tree.leaves(params))
-  for prefix, directory, extract in families.pretrained_parts(config):
+  for prefix, directory, extract in families.of(config).pretrained_parts(config):
     part = extract(checkpoint.Checkpointer(directory, async_save=False).restore_params())
     params, done = graft(params, part, prefix)
     logging.info("%s: %d params from %s.", prefix, len(done), directory)
@@ -112,12 +88,13 @@ def sample_prompts(config, tokenizer, count: int) -> list[str]:
 def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: str, writer) -> str | None:
   """Samples images for validation captions (KV-cached, on the training mesh); writes a PNG grid and to TB."""
   prompts = sample_prompts(config, tokenizer, int(config.train.sample_prompts))
-  if not prompts or not generators.generates_images(setup.task):
+  family = families.of(config)
+  if not prompts or not family.writes_images:
     return None
   slots = setup.task.model.slots
   encoded = [prompts_lib.encode([documents.Text(p)], tokenizer, slots) for p in prompts]
-  generator = generators.image_generator(setup.task, state.params, tokenizer.specials,
-                                         placement.Placement(setup.mesh, setup.rules))
+  generator = family.image_generator(setup.task, state.params, tokenizer.specials,
+                                     placement.Placement(setup.mesh, setup.rules))
   images = generator.generate(encoded, jax.random.key(int(config.seed) + 1), num_steps=int(config.train.sample_steps),
                               guidance=float(config.train.sample_guidance))
   if jax.process_index() != 0:
@@ -224,7 +201,7 @@ def train(config, workdir: str) -> dict:
   tokenizer = pipeline.load_tokenizer(config.data)
   families.text_vocabulary(config, tokenizer.vocab_size)  # a vocabulary too small for the tokenizer fails here
   mesh = sharding.make_mesh(config.mesh)
-  setup = build(config, mesh, tokenizer.vocab_size, load_frozen_codec(config))
+  setup = build(config, mesh, tokenizer.vocab_size, families.load_frozen_codec(config))
   logging.info("Mesh %s; %d parameters (%d in matmuls).", dict(mesh.shape), setup.total_params, setup.matmul_params)
 
   data = pipeline.build_pipeline(config, "train", jax.process_index(), jax.process_count())
@@ -306,12 +283,12 @@ def train(config, workdir: str) -> dict:
   writer.close()
   if preempted:
     return {"step": step, "preempted": True, **last}
-  if config.model.family == "kl_vae" and step >= int(t.num_steps):
-    # Consumers diffuse in (z − shift)·scale: measure it once, here, on the final params.
-    params = host_params(state.params)
+  family = families.of(config)
+  if family.after_training is not None and step >= int(t.num_steps):
+    params = host_params(state.params)  # every process takes part in gathering them
     if lead:
-      latent_stats.record_after_training(config, params, step, ckpt.directory)
-    distributed.barrier("latent_stats_recorded")
+      family.after_training(config, params, step, ckpt.directory)  # e.g. the VAE's latent statistics
+    distributed.barrier("after_training")
   if lead:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **last}, f, indent=1)

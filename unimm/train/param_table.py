@@ -6,7 +6,7 @@ Traced with `eval_shape`, so a 7B config takes seconds on a laptop. One row per 
 dtype, logical axes, the partition spec the config's sharding rules give it, the shape each device holds
 on the config's mesh (over --topology's chips, else this host's devices), its weight-decay multiplier
 (`unimm.train.optimizer`), whether it trains (`train.trainable`) and its size; then totals by top-level
-module, the matmul / non-matmul split the FLOP count uses (`setup.is_matmul_param`), and the bytes of
+module, the matmul / non-matmul split the FLOP count uses (`Family.is_matmul_param`), and the bytes of
 parameters and Adam moments per device.
 """
 
@@ -17,6 +17,7 @@ import math
 import flax.linen as nn
 import jax
 
+from unimm import families
 from unimm.parallel import sharding
 from unimm.train import optimizer, setup as setup_lib, step as step_lib
 
@@ -32,6 +33,7 @@ def param_rows(config, vocab_size: int | None, num_devices: int) -> list[dict]:
   mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   wd_mults = optimizer.wd_mults_of(config.train)
   partition = step_lib.Partition(tuple(config.train.trainable))
+  family = families.of(config)
   rows = []
   leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   for key_path, leaf in leaves:
@@ -45,7 +47,7 @@ def param_rows(config, vocab_size: int | None, num_devices: int) -> list[dict]:
         "partition_spec": spec, "per_device_shape": per_device, "count": math.prod(value.shape),
         "per_device_count": math.prod(per_device), "itemsize": value.dtype.itemsize,
         "weight_decay": optimizer.decay_multiplier(path, wd_mults), "trains": partition.trains(path),
-        "matmul": setup_lib.is_matmul_param(path)})
+        "matmul": family.is_matmul_param(path)})
   return sorted(rows, key=lambda r: r["path"])
 
 

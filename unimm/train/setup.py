@@ -14,7 +14,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from unimm.models import families
+from unimm import families
 from unimm.parallel import sharding, targets
 from unimm.train import optimizer as optimizer_lib, step as step_lib
 
@@ -53,16 +53,6 @@ def abstract_params(config, vocab_size: int | None):
   return jax.eval_shape(init, codec, jax.random.key(0))
 
 
-# Parameters that are not per-token matmuls: embedding tables, and an image encoder run once per image
-# (Janus's ViT). The FLOP count (6·N per token) leaves them out.
-NON_MATMUL_PARAMS = ("embedding", "gen_embed", "vision_encoder")
-
-
-def is_matmul_param(path: str) -> bool:
-  """Whether the parameter at '/'-joined `path` counts in the 6·N FLOPs per token."""
-  return not any(k in path for k in NON_MATMUL_PARAMS)
-
-
 def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str | None = None) -> Setup:
   """The sharded state and step of `config` on `mesh` (its "auto" settings resolved for `platform`, by
   default the mesh's: see `unimm.parallel.targets`); `vocab_size`: the ids the tokenizer emits."""
@@ -73,6 +63,7 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   init_batch = task.dummy_batch(1, int(config.data.seq_len), image_shape(config))
   partition = step_lib.Partition(tuple(config.train.trainable))
+  family = families.of(config)
 
   def init_boxed(rng, batch):  # the batch is an argument so tracing never sees constants
     return step_lib.init_state(task, optimizer, rng, batch, partition)
@@ -87,7 +78,8 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
   init = jax.jit(lambda rng, batch: nn.meta.unbox(init_boxed(rng, batch)), out_shardings=state_sharding)
   train_step = step_lib.make_train_step(task, optimizer, schedule,
                                         grad_accum_steps=int(config.train.grad_accum_steps),
-                                        skip_nonfinite=bool(config.train.skip_nonfinite), partition=partition)
+                                        skip_nonfinite=bool(config.train.skip_nonfinite), partition=partition,
+                                        after_update=family.after_update)
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
@@ -109,14 +101,12 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
            for path, x in jax.tree_util.tree_leaves_with_path(abstract.params)]
   return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
                init=run_init, step=run_step, lower=lower,
-               matmul_params=sum(n for path, n in sizes if is_matmul_param(path)),
+               matmul_params=sum(n for path, n in sizes if family.is_matmul_param(path)),
                total_params=sum(n for _, n in sizes), config=config)
 
 
 def flops_per_token(setup: Setup, config) -> float:
-  """Model FLOPs per trained token: 6·N (N = parameters in matmuls, i.e. all but the embedding tables
-  and a per-image encoder such as Janus's ViT, which like the frozen codecs is not counted) + 6·L·D·T
-  for attention scores and values (12·L·D·T halved for the causal mask; T = the row length, an upper
-  bound for packed rows)."""
-  b = config.model.backbone
-  return 6.0 * setup.matmul_params + 6.0 * b.num_layers * b.dim * int(config.data.seq_len)
+  """Model FLOPs per trained token, as the family counts them (`Family.flops_per_token`; by default 6·N
+  for the N parameters in per-token matmuls — not the embedding tables, a per-image encoder such as
+  Janus's ViT, nor the frozen codecs — plus the attention scores and values)."""
+  return families.of(config).flops_per_token(config, setup.matmul_params)

@@ -77,13 +77,14 @@ def split_microbatches(batch: dict, num: int) -> dict:
 
 
 def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
-                    partition: Partition = Partition()):
+                    partition: Partition = Partition(), after_update: bool = False):
   """`step(state, batch, rng) → (state, metrics)`; the loss is exact under accumulation.
 
   Loss parts are sums normalised by whole-batch counts, so summing microbatch
   losses gives the full batch's loss and gradient. `task.loss_terms` gets the
-  step (e.g. to switch a term on late); an optional `task.after_update(params,
-  batch, rng, step)` edits the updated params (e.g. restarting dead VQ codes).
+  step (e.g. to switch a term on late); with `after_update` (the family's record
+  says so), `task.after_update(params, batch, rng, step)` edits the updated params
+  (e.g. restarting dead VQ codes).
   """
 
   def loss_fn(trainable, frozen, batch, rng, counts, step):
@@ -117,7 +118,7 @@ def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, ski
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     params = partition.merge(optax.apply_updates(trainable, updates), frozen)
-    if hasattr(task, "after_update"):  # e.g. the VQ tokenizer restarting dead codes
+    if after_update:  # e.g. the VQ tokenizer restarting dead codes
       params = task.after_update(params, batch, jax.random.fold_in(rng, 1 << 30), state.step)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)

@@ -1,0 +1,417 @@
+"""Model families: one record per family, registered by name, owning everything family-specific.
+
+A family is a `Family` record (`register`ed here for the built-in ones, or by a user or a test at run
+time): how to build its task (the object the trainer drives, see `Task`), which frozen image codec it
+reads images with and how to load it, which parts start from another run, which parameters its FLOP count
+leaves out, its evaluator, its image and text generators, and what a finished run writes for its
+consumers. `train/`, `eval/`, `inference/` and `main.py` ask the record (`of(config)`); none of them
+decides by a family's name or a task's type. Families: transfusion, chameleon, janus (the unified models);
+kl_vae, vq, siglip (the image codecs and encoder they are built on, trained through the same trainer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from unimm import diffusion
+from unimm.inference import codes, images, text
+from unimm.models import autoencoders, backbone, chameleon, janus, transfusion, vit, vq
+
+
+@runtime_checkable
+class Task(Protocol):
+  """What the trainer drives (`unimm.train.step`). Losses are sums over a batch's targets
+  (`loss_terms`) with their counts (`loss_counts`), so microbatches and data-parallel shards add up before
+  `combine` divides; a family may also define `after_update(params, batch, rng, step) -> params` (e.g. the
+  VQ tokenizer restarting dead codes), which its record declares (`Family.after_update`)."""
+
+  def init(self, rng, batch: dict) -> Any:
+    """The params (boxed, with logical axes) for example rows `batch`."""
+
+  def loss_terms(self, params, batch: dict, rng, step) -> dict:
+    """{term: summed loss over the batch} (scalars)."""
+
+  def loss_counts(self, batch: dict) -> dict:
+    """{term: how many targets its sum covers}; terms the counts lack are already normalised."""
+
+  def combine(self, sums: dict, counts: dict) -> tuple[Any, dict]:
+    """(the loss to differentiate, {metric: value}) from summed terms and counts."""
+
+  def dummy_batch(self, batch_size: int, seq_len: int, image_shape) -> dict:
+    """Example rows of the given shape (zeros): what `init` and tracing see."""
+
+
+def _none(config, *args, **kwargs):
+  del config, args, kwargs
+
+
+def _no_parts(config) -> list:
+  del config
+  return []
+
+
+def standard_flops_per_token(config, matmul_params: int) -> float:
+  """6·N (N = parameters in per-token matmuls) + 6·L·D·T for attention scores and values (12·L·D·T halved
+  for the causal mask; T = the row length, an upper bound for packed rows)."""
+  b = config.model.backbone
+  return 6.0 * matmul_params + 6.0 * int(b.num_layers) * int(b.dim) * int(config.data.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """Everything the shared code needs to know about one family (see the module docstring).
+
+  Callables take the run's config first. `load_frozen_codec(config)`: the frozen codec's params its
+  checkpoint names (None when it needs none, or none is named: `build_task` then says what is missing);
+  `random_frozen_codec(config, seed)`: random params in their place (benchmarks, compile-only runs,
+  tests); `pretrained_parts(config)`: [(param path prefix, checkpoints dir, params → the part's)] a fresh
+  run grafts in; `evaluate(config, task, params, tokenizer, **options)`: eval.json's dict;
+  `image_generator` / `text_generator(task, params, specials, placement, code_sampling)`: the generators
+  (None: the family writes no images / no text); `after_training(config, host params, step, checkpoints
+  dir)`: what a finished run stores for its consumers; `memory_advice(config)`: family-specific ways to
+  fit a step in memory (`--mode=compile`)."""
+
+  name: str
+  build_task: Callable[..., Task]  # (config, vocab_size, frozen_codec=None)
+  load_frozen_codec: Callable[[Any], Any] = _none
+  random_frozen_codec: Callable[..., Any] = _none
+  pretrained_parts: Callable[[Any], list] = _no_parts
+  # Parameters that are not per-token matmuls (substrings of their '/'-joined paths): embedding tables,
+  # an image encoder run once per image. The FLOP count (`flops_per_token`) leaves them out.
+  non_matmul_params: tuple[str, ...] = ("embedding",)
+  flops_per_token: Callable[[Any, int], float] = standard_flops_per_token  # (config, matmul params)
+  evaluate: Callable[..., dict] | None = None
+  image_generator: Callable[..., Any] | None = None
+  text_generator: Callable[..., Any] | None = None
+  after_update: bool = False  # the task updates params after each optimizer step (`Task` docstring)
+  after_training: Callable[..., Any] | None = None
+  memory_advice: Callable[[Any], list[str]] = _no_parts
+
+  def is_matmul_param(self, path: str) -> bool:
+    """Whether the parameter at '/'-joined `path` counts in the 6·N FLOPs per token."""
+    return not any(k in path for k in self.non_matmul_params)
+
+  @property
+  def writes_images(self) -> bool:
+    return self.image_generator is not None
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family, *, replace: bool = False) -> Family:
+  """Adds `family` under its name (`config.model.family`); a name already taken needs `replace=True`."""
+  if family.name in _REGISTRY and not replace:
+    raise ValueError(f"family {family.name!r} is already registered; pass replace=True to replace it")
+  _REGISTRY[family.name] = family
+  return family
+
+
+def unregister(name: str) -> None:
+  _REGISTRY.pop(name, None)
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get(name: str) -> Family:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model family {name!r}; known: {names()} (a new one: families.register)")
+  return _REGISTRY[name]
+
+
+def of(config) -> Family:
+  """`config.model.family`'s record."""
+  return get(str(config.model.family))
+
+
+def with_latent_stats(ae: autoencoders.AutoencoderConfig, frozen_codec):
+  """(the autoencoder config with the latent shift/scale the diffusion uses, the VAE's params). A
+  `FrozenVAE` (`load_vae`, `random_vae`) carries them resolved; bare params keep
+  the config's, which must then be pinned (scale > 0) before anything is encoded."""
+  ae.pinned_latent_stats()  # checks the config's shift/scale
+  if isinstance(frozen_codec, autoencoders.FrozenVAE):
+    resolved = dataclasses.replace(ae, shift=float(frozen_codec.shift), scale=float(frozen_codec.scale))
+    return resolved, frozen_codec.params
+  return ae, frozen_codec
+
+
+VOCAB_MULTIPLE = 128  # model vocabularies are padded to it (tiles of the embedding and the LM head)
+
+
+def padded_vocabulary(ids: int) -> int:
+  """`ids` rounded up to a multiple of VOCAB_MULTIPLE."""
+  return -(-int(ids) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def text_vocabulary(config, tokenizer_ids: int | None) -> int:
+  """The model's text vocabulary: `config.model.vocab_size` when the config declares one (paper configs
+  do, so compiling needs no tokenizer), else the tokenizer's id count rounded up to a multiple of 128.
+
+  `tokenizer_ids`: how many ids the tokenizer emits (its pieces plus the specials unimm appends; None:
+  no tokenizer at hand). A declared vocabulary must hold them: an id past the model's rows would read a
+  NaN embedding (Transfusion), an image code's (Chameleon) or a clipped target (Janus). Ids between the
+  tokenizer's and the model's size are padding: no tokenizer emits them, so they are never targets, and
+  the generators never sample them.
+  """
+  declared = int(config.model.vocab_size)
+  if declared <= 0:
+    if tokenizer_ids is None:
+      raise ValueError("config.model.vocab_size=0 sizes the vocabulary from the tokenizer, and none was given; "
+                       "declare the vocabulary (e.g. --config.model.vocab_size=32128) or load the tokenizer")
+    return padded_vocabulary(tokenizer_ids)
+  if tokenizer_ids is not None and int(tokenizer_ids) > declared:
+    raise ValueError(
+        f"config.model.vocab_size={declared} is smaller than the tokenizer's {int(tokenizer_ids)} ids "
+        "(its pieces plus the specials unimm appends: PAD, BOI, EOI, IMG and 16 reserved ids, where the model "
+        f"lacks them; tokenizer {config.data.tokenizer.path!r}). Set --config.model.vocab_size="
+        f"{padded_vocabulary(tokenizer_ids)} (the next "
+        "multiple of 128) or 0 (sized from the tokenizer).")
+  return declared
+
+
+def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.TransfusionTask:
+  m, d = config.model, config.data
+  ae = autoencoders.AutoencoderConfig.from_config(m.autoencoder)
+  if ae.kind != "identity":
+    ae, frozen_codec = with_latent_stats(ae, frozen_codec)
+  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  if ae.kind != "identity" and frozen_codec is None and not ae.checkpoint:
+    raise ValueError("config.model.autoencoder.kind='kl_vae' needs config.model.autoencoder.checkpoint "
+                     "(train one with configs/vae/...) or frozen params passed in.")
+  model = transfusion.TransfusionModel(
+      vocab_size=text_vocabulary(config, vocab_size),
+      backbone=backbone.BackboneConfig.from_config(m.backbone),
+      latent_shape=ae.latent_shape(image_shape),
+      max_images=int(d.max_images_per_row),
+      patch_kind=m.patch_kind, patch_size=int(m.patch_size),
+      unet_channels=tuple(m.unet_channels), unet_blocks=int(m.unet_blocks))
+  return transfusion.TransfusionTask(
+      model=model, autoencoder=ae, schedule=diffusion.Schedule.cosine(int(m.num_timesteps)),
+      diffusion_weight=float(m.diffusion_weight), prediction=str(m.prediction), z_loss=float(m.z_loss),
+      frozen_autoencoder=frozen_codec, image_shape=image_shape, lm_loss_chunk=int(m.lm_loss_chunk),
+      tokenizer_ids=vocab_size or 0,
+      clip_x0=float(m.clip_x0))
+
+
+def autoencoder_task(config, vocab_size: int, frozen_codec=None) -> autoencoders.AutoencoderTask:
+  """Trains config.model.autoencoder (kind kl_vae) itself."""
+  del vocab_size, frozen_codec
+  ae = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
+  if ae.kind != "kl_vae":
+    raise ValueError(f"family kl_vae trains config.model.autoencoder.kind='kl_vae', got {ae.kind!r}")
+  ae.latent_shape((int(config.data.image_size),) * 2 + (int(config.data.image_channels),))  # checks downsample
+  return autoencoders.AutoencoderTask(autoencoders.KLVAE(ae, int(config.data.image_channels)),
+                                      kl_weight=float(config.model.kl_weight), l1=bool(config.model.l1))
+
+
+def chameleon_task(config, vocab_size: int, frozen_codec=None) -> chameleon.ChameleonTask:
+  """Chameleon: the frozen VQ tokenizer of config.model.vq (its `checkpoint`) puts images in the vocabulary."""
+  m, d = config.model, config.data
+  cfg = vq.VQConfig.from_config(m.vq)
+  if frozen_codec is None:
+    raise ValueError("family chameleon needs a trained VQ tokenizer: set config.model.vq.checkpoint to a "
+                     "configs/tokenizers/... run's checkpoints dir (or pass its params).")
+  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  text_vocab = text_vocabulary(config, vocab_size)
+  model = chameleon.ChameleonModel(
+      vocab_size=text_vocab + cfg.codebook_size, backbone=backbone.BackboneConfig.from_config(m.backbone),
+      max_images=int(d.max_images_per_row), slots=int(d.image_slots))
+  return chameleon.ChameleonTask(model=model, tokenizer=vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer=frozen_codec,
+                                 text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss),
+                                 tokenizer_ids=vocab_size or 0)
+
+
+def tokenizer_task(config, vocab_size: int, frozen_codec=None) -> vq.TokenizerTask:
+  """Trains the VQ image tokenizer config.model.vq itself (configs/tokenizers/)."""
+  del vocab_size, frozen_codec
+  cfg = vq.VQConfig.from_config(config.model.vq)
+  cfg.grid((int(config.data.image_size),) * 2)  # checks the downsampling divides the images
+  return vq.TokenizerTask(vq.VQModel(cfg, int(config.data.image_channels)),
+                          vq.TokenizerLoss.from_config(config.model.vq_loss))
+
+
+def janus_task(config, vocab_size: int, frozen_codec=None) -> janus.JanusTask:
+  """Janus: ViT (model.vision) for images read, the frozen VQ tokenizer (model.vq.checkpoint) for images written."""
+  if frozen_codec is None:
+    raise ValueError("family janus needs a trained VQ tokenizer: set config.model.vq.checkpoint to a "
+                     "configs/tokenizers/... run's checkpoints dir (or pass its params).")
+  d = config.data
+  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  return janus.build(config, text_vocabulary(config, vocab_size), frozen_codec, image_shape, tokenizer_ids=vocab_size)
+
+
+def siglip_task(config, vocab_size: int, frozen_codec=None) -> vit.SigLIPTask:
+  """Pretrains the ViT of config.model.vision with the sigmoid image–text loss (for Janus to read with)."""
+  del frozen_codec
+  m = config.model
+  cfg = vit.ViTConfig.from_config(m.vision)
+  cfg.grid((int(config.data.image_size),) * 2)  # checks the patch size divides the images
+  model = vit.SigLIPModel(vit=cfg, text=backbone.BackboneConfig.from_config(m.siglip_text),
+                          vocab_size=text_vocabulary(config, vocab_size), loss=vit.SigLIPLoss.from_config(m.siglip))
+  return vit.SigLIPTask(model=model, max_images=int(config.data.max_images_per_row))
+
+
+# -- frozen codecs: loaded from the run their checkpoint names, or random stand-ins -----------------------
+
+def _restore_params(directory: str):
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when loading)
+  return checkpoint.Checkpointer(directory, async_save=False).restore_params()
+
+
+def load_vq_tokenizer(config):
+  """A code family's frozen VQ tokenizer (model.vq.checkpoint), or None if the config names none."""
+  if not config.model.vq.checkpoint:
+    return None  # the family's build_task says what it needs
+  return chameleon.frozen_tokenizer_params(_restore_params(config.model.vq.checkpoint))
+
+
+def load_vae(config):
+  """Transfusion's KL-VAE (model.autoencoder.checkpoint) as a `FrozenVAE` with the latent shift/scale the
+  diffusion uses (resolved here, once, for training, eval and sampling alike: `latent_stats.resolve`);
+  None with the identity autoencoder (pixels) or no checkpoint named (`transfusion_task` says so)."""
+  from unimm.train import checkpoint, latent_stats  # pylint: disable=g-import-not-at-top
+  ae = config.model.autoencoder
+  if ae.kind == "identity" or not ae.checkpoint:
+    return None
+  ckpt = checkpoint.Checkpointer(ae.checkpoint, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in config.model.autoencoder.checkpoint={ae.checkpoint!r}: "
+                            "train the VAE first (configs/vae/...) or point it at the VAE run's checkpoints dir")
+  params = ckpt.restore_params(step)
+  shift, scale = latent_stats.resolve(config, params, step)
+  return autoencoders.FrozenVAE(params, shift=shift, scale=scale)
+
+
+def _example_image(config):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  d = config.data
+  return jnp.zeros((1, int(d.image_size), int(d.image_size), int(d.image_channels)), jnp.uint8)
+
+
+def random_vq_tokenizer(config, seed: int = 0):
+  """Random params of the VQ tokenizer of `config.model.vq`: shapes and cost are what matter."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  image = _example_image(config)
+  model = vq.VQModel(vq.VQConfig.from_config(config.model.vq), image.shape[-1])
+  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), image)["params"])
+
+
+def random_vae(config, seed: int = 0):
+  """A `FrozenVAE` of random weights (no statistics to read: shift 0, scale 1), or None for pixels."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  ae = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
+  if ae.kind != "kl_vae":
+    return None
+  image = _example_image(config)
+  vae = autoencoders.KLVAE(ae, image.shape[-1])
+  params = nn.meta.unbox(jax.jit(vae.init)(jax.random.key(seed), image, jax.random.key(1))["params"])
+  return autoencoders.FrozenVAE(params, shift=0.0, scale=1.0)
+
+
+def janus_pretrained_parts(config) -> list[tuple[str, str, Callable]]:
+  """Janus: the SigLIP run's ViT (model.vision.checkpoint) as the `vision_encoder`."""
+  if config.model.vision.checkpoint:
+    return [("vision_encoder", config.model.vision.checkpoint, janus.vision_params)]
+  return []
+
+
+# -- generators: every family's take the same prompts and are called the same way ---------------------------
+
+def _code_options(code_sampling) -> codes.CodeSampling:
+  if code_sampling is None:
+    return codes.CodeSampling()
+  return codes.CodeSampling(**dataclasses.asdict(code_sampling))
+
+
+def diffusion_image_generator(task, params, specials, placement=None, code_sampling=None):
+  del code_sampling  # no codes: images are denoised
+  return images.ImageGenerator(task, params, specials, placement)
+
+
+def diffusion_text_generator(task, params, specials, placement=None, code_sampling=None):
+  del code_sampling
+  return text.TextGenerator(task, params, specials, placement)
+
+
+def code_image_generator(task, params, specials, placement=None, code_sampling=None):
+  """`code_sampling`: temperature / top-k / top-p over image codes (default temperature 1)."""
+  return codes.CodeImageGenerator(task, params, specials, placement, _code_options(code_sampling))
+
+
+def code_text_generator(task, params, specials, placement=None, code_sampling=None):
+  return codes.CodeTextGenerator(task, params, specials, placement, _code_options(code_sampling))
+
+
+# -- evaluators (the evaluation module asks this registry for generators, so it is imported when used) ----
+
+def evaluate_unified(*args, **kwargs) -> dict:
+  from unimm.eval import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.evaluate_unified(*args, **kwargs)
+
+
+def evaluate_vq_tokenizer(config, task, params, tokenizer, *, num_examples: int = 200, out_dir=None, **unused):
+  from unimm.eval import evaluate  # pylint: disable=g-import-not-at-top
+  del tokenizer, unused
+  return {"tokenizer": evaluate.evaluate_tokenizer(config, task, params, num_examples=num_examples, out_dir=out_dir)}
+
+
+def evaluate_siglip(config, task, params, tokenizer, *, num_examples: int = 200, **unused):
+  from unimm.eval import evaluate  # pylint: disable=g-import-not-at-top
+  del unused
+  return {"zero_shot": evaluate.evaluate_siglip(config, task, params, tokenizer, num_examples=num_examples)}
+
+
+def record_latent_stats(config, params, step: int, directory: str):
+  """A finished kl_vae run: its consumers diffuse in (z − shift)·scale, measured once on the final params."""
+  from unimm.train import latent_stats  # pylint: disable=g-import-not-at-top
+  return latent_stats.record_after_training(config, params, step, directory)
+
+
+def transfusion_memory_advice(config) -> list[str]:
+  if not int(config.model.lm_loss_chunk):
+    return ["compute the LM loss without the [B, T, V] logits: --config.model.lm_loss_chunk=512"]
+  return []
+
+
+# -- the built-in families --------------------------------------------------------------------------------
+
+for _family in (
+    Family("transfusion", transfusion_task, load_frozen_codec=load_vae, random_frozen_codec=random_vae,
+           evaluate=evaluate_unified, image_generator=diffusion_image_generator,
+           text_generator=diffusion_text_generator, memory_advice=transfusion_memory_advice),
+    Family("chameleon", chameleon_task, load_frozen_codec=load_vq_tokenizer, random_frozen_codec=random_vq_tokenizer,
+           evaluate=evaluate_unified, image_generator=code_image_generator, text_generator=code_text_generator),
+    Family("janus", janus_task, load_frozen_codec=load_vq_tokenizer, random_frozen_codec=random_vq_tokenizer,
+           pretrained_parts=janus_pretrained_parts, non_matmul_params=("embedding", "gen_embed", "vision_encoder"),
+           evaluate=evaluate_unified, image_generator=code_image_generator, text_generator=code_text_generator),
+    Family("kl_vae", autoencoder_task, after_training=record_latent_stats),
+    Family("vq", tokenizer_task, evaluate=evaluate_vq_tokenizer, after_update=True),
+    Family("siglip", siglip_task, evaluate=evaluate_siglip),
+):
+  register(_family)
+
+
+def build_task(config, vocab_size: int | None, **kwargs) -> Task:
+  """`config`'s task; `vocab_size`: the ids the tokenizer emits (None: none at hand, the config declares
+  the vocabulary — see `text_vocabulary`)."""
+  family = of(config)
+  if config.model.backbone.remat == "auto":  # built outside a training setup (eval, sample, tools): this host's
+    from unimm.parallel import targets  # pylint: disable=g-import-not-at-top
+    config = targets.resolve_targets(config, targets.platform_of())
+  return family.build_task(config, vocab_size, **kwargs)
+
+
+def load_frozen_codec(config):
+  """The frozen image codec's params `config`'s family reads images with (see `Family`)."""
+  return of(config).load_frozen_codec(config)
+
+
+def random_frozen_codec(config, seed: int = 0):
+  """Random params in place of the family's frozen codec (None if it needs none)."""
+  return of(config).random_frozen_codec(config, seed)
