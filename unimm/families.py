@@ -46,7 +46,7 @@ def _none(config, *args, **kwargs):
   del config, args, kwargs
 
 
-def _no_parts(config) -> list:
+def _empty_list(config) -> list:
   del config
   return []
 
@@ -76,7 +76,7 @@ class Family:
   build_task: Callable[..., Task]  # (config, vocab_size, frozen_codec=None)
   load_frozen_codec: Callable[[Any], Any] = _none
   random_frozen_codec: Callable[..., Any] = _none
-  pretrained_parts: Callable[[Any], list] = _no_parts
+  pretrained_parts: Callable[[Any], list] = _empty_list
   # Parameters that are not per-token matmuls (substrings of their '/'-joined paths): embedding tables,
   # an image encoder run once per image. The FLOP count (`flops_per_token`) leaves them out.
   non_matmul_params: tuple[str, ...] = ("embedding",)
@@ -86,7 +86,7 @@ class Family:
   text_generator: Callable[..., Any] | None = None
   after_update: bool = False  # the task updates params after each optimizer step (`Task` docstring)
   after_training: Callable[..., Any] | None = None
-  memory_advice: Callable[[Any], list[str]] = _no_parts
+  memory_advice: Callable[[Any], list[str]] = _empty_list
 
   def is_matmul_param(self, path: str) -> bool:
     """Whether the parameter at '/'-joined `path` counts in the 6·N FLOPs per token."""
