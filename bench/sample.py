@@ -70,7 +70,7 @@ def main():
   params = nn.meta.unbox(jax.jit(task.init)(jax.random.key(0), task.dummy_batch(
       1, int(config.data.seq_len), setup_lib.image_shape(config))))
   image_gen = images.ImageGenerator(task, params, SPECIALS)
-  text_gen = text.TextGenerator(task, params, SPECIALS)
+  text_gen = text.TextGenerator(text.DiffusionStepper(task, params, SPECIALS))
   b, key = args.batch, jax.random.key(1)
   prompts = random_prompts(b, 16, vocab, 0)
   result = {"config": args.config, "overrides": args.set, "device": jax.devices()[0].device_kind,

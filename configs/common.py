@@ -165,7 +165,7 @@ def smoke_data(c: mlc.ConfigDict, views: dict) -> None:
   c.data.image_size = 32
   c.data.image_channels = 3
   c.data.seq_len = 256
-  c.data.batch_size = 8
+  c.data.batch_size = 4
   c.data.max_images_per_row = 3
 
 

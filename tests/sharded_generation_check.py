@@ -25,12 +25,13 @@ def generate(where):
   task, params = tiny_task(perturb=True)
   image = np.random.default_rng(0).integers(0, 256, (4, 4, 1), dtype=np.uint8)
   prompts = [prompt("11 13 12"), prompt("2 5 18"), prompt("24 12 5", image)]  # 3 rows: padded to the mesh
-  gen = text.TextGenerator(task, params, SPECIALS, where)
+  gen = text.TextGenerator(text.DiffusionStepper(task, params, SPECIALS, where))
   plain = gen.generate(prompts, max_new_tokens=8)
   mixed = gen.generate_mixed(prompts, max_new_tokens=10, rng=jax.random.key(1),
                              diffusion=images.DiffusionOptions(num_steps=4))
   pictures = images.ImageGenerator(task, params, SPECIALS, where).generate(prompts, jax.random.key(2), num_steps=4)
-  specs = {jax.tree_util.keystr(p): str(x.sharding.spec) for p, x in jax.tree_util.tree_leaves_with_path(gen.params)}
+  leaves = jax.tree_util.tree_leaves_with_path(gen.stepper.params)
+  specs = {jax.tree_util.keystr(p): str(x.sharding.spec) for p, x in leaves}
   return {"plain": plain, "mixed_tokens": [g.tokens for g in mixed],
           "mixed_images": [np.stack(g.images).astype(int).tolist() if g.images else [] for g in mixed],
           "images": pictures.astype(int).tolist(), "specs": specs}
@@ -44,7 +45,7 @@ def generate_codes(where):
   greedy = codes.CodeSampling(temperature=0.0)
   pictures = codes.CodeImageGenerator(task, params, test_chameleon.SPECIALS, where, greedy).generate(
       prompts, jax.random.key(2), guidance=3.0)
-  outs = codes.CodeTextGenerator(task, params, test_chameleon.SPECIALS, where, greedy).generate_mixed(
+  outs = text.TextGenerator(codes.CodeStepper(task, params, test_chameleon.SPECIALS, where, greedy)).generate_mixed(
       prompts, max_new_tokens=8, rng=jax.random.key(1))
   return {"images": pictures.astype(int).tolist(), "tokens": [g.tokens for g in outs]}
 

@@ -10,8 +10,8 @@ import pytest
 
 from unimm.data import documents
 from unimm.data.tokenizer import SpecialIds
-from unimm.inference import codes, prompts as prompts_lib, sampling
-from unimm.models import backbone, chameleon, vq
+from unimm.inference import codes, prompts as prompts_lib, sampling, text
+from unimm.models import backbone, chameleon, code_images, vq
 
 SPECIALS = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4, img=5, reserved=())
 TEXT_VOCAB = 40
@@ -37,8 +37,8 @@ def tiny_task(*, qk_norm=True, z_loss=1e-5, dropout=0.0, norm_order="pre", max_i
   model = chameleon.ChameleonModel(vocab_size=TEXT_VOCAB + CODEBOOK, backbone=cfg, max_images=max_images,
                                    slots=SLOTS)
   tokenizer, tok_params = tiny_tokenizer()
-  task = chameleon.ChameleonTask(model=model, tokenizer=tokenizer, frozen_tokenizer=tok_params,
-                                 text_vocab=TEXT_VOCAB, image_shape=IMAGE, z_loss=z_loss)
+  task = chameleon.ChameleonTask(model=model, codes=code_images.CodeImages(tokenizer, tok_params, TEXT_VOCAB, IMAGE),
+                                 z_loss=z_loss)
   ids = jnp.zeros((1, 8), jnp.int32)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), ids, ids, ids, ids)["params"])
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 8.0  # no near-ties under greedy decoding
@@ -111,7 +111,7 @@ def test_codes_fill_image_slots_in_raster_order():
   task, _ = tiny_task()
   batch = packed_batch(task)
   images = np.asarray(batch["images"])
-  want_codes = np.asarray(task.tokenizer.apply({"params": task.frozen_tokenizer},
+  want_codes = np.asarray(task.codes.tokenizer.apply({"params": task.codes.params},
                                                jnp.asarray(images.reshape(-1, *IMAGE)), method=vq.VQModel.encode))
   want_codes = want_codes.reshape(2, 2, SLOTS) + TEXT_VOCAB
   tokens = np.asarray(jitted(task)[0](batch))
@@ -255,13 +255,13 @@ def test_cached_guided_code_drawing_equals_uncached():
   prompts = [prompt("1 2 3"), prompt("4"), prompt("2", random_images(1, 3)[0])]
   guidance = 3.0
   out_codes = []
-  orig_draw = gen.draw
+  orig_draw = gen.steps.draw
 
   def capture(*args, **kwargs):
     c = orig_draw(*args, **kwargs)
     out_codes.append(c)
     return c
-  gen.draw = capture
+  gen.steps.draw = capture
   images = gen.generate(prompts, jax.random.key(0), guidance=guidance)
   assert images.shape == (3, *IMAGE) and images.dtype == np.uint8
   drawn = out_codes[0][:3]
@@ -274,12 +274,12 @@ def test_cached_guided_code_drawing_equals_uncached():
       u = full_logits(task, params, uncond + list(drawn[i, :s]))
       g = u + guidance * (c - u)
       assert TEXT_VOCAB + int(np.argmax(g[TEXT_VOCAB:])) == drawn[i, s]
-  np.testing.assert_array_equal(images, np.asarray(task.decode_codes(drawn)))
+  np.testing.assert_array_equal(images, np.asarray(task.codes.decode(drawn)))
 
 
 def test_cached_text_decoding_equals_uncached():
   task, params = tiny_task()
-  gen = codes.CodeTextGenerator(task, params, SPECIALS)
+  gen = text.TextGenerator(codes.CodeStepper(task, params, SPECIALS))
   prompts = [prompt("1 2"), prompt("3", random_images(1, 7)[0]), prompt("4 4 4")]
   outs = gen.generate(prompts, max_new_tokens=6)
   for p, out in zip(prompts, outs):
@@ -299,28 +299,28 @@ def test_constrained_decoding_never_mixes_modalities():
   """Sampling near-uniformly (temperature 100) over text and codes: text never holds a code, an image
   is exactly SLOTS codes then EOI, every image decodes, and rows never exceed their image budget."""
   task, params = tiny_task(max_images=2)
-  gen = codes.CodeTextGenerator(task, params, SPECIALS, options=codes.CodeSampling(temperature=100.0,
-                                                                                   guidance=None))
+  stepper = codes.CodeStepper(task, params, SPECIALS, options=codes.CodeSampling(temperature=100.0, guidance=None))
+  gen = text.TextGenerator(stepper)
   recorded = []
-  orig_feed, orig_event = gen._feed, gen._image_event  # pylint: disable=protected-access
+  orig_feed, orig_event = stepper.feed, stepper.draw_images
 
   def feed(cache, tokens, *args):
     recorded.append(("text", np.asarray(tokens)))
     return orig_feed(cache, tokens, *args)
 
-  def event(cache, filled, rows, next_pos, image_count, rng, diffusion, out, logits):
-    logits_out, cache = orig_event(cache, filled, rows, next_pos, image_count, rng, diffusion, out, logits)
-    recorded.append(("image", rows.copy()))
-    return logits_out, cache
-  gen._feed, gen._image_event = feed, event  # pylint: disable=protected-access
-  orig_draw = gen.draw
+  def event(cache, ev, rng, diffusion):
+    out = orig_event(cache, ev, rng, diffusion)
+    recorded.append(("image", ev.rows.copy()))
+    return out
+  stepper.feed, stepper.draw_images = feed, event
+  orig_draw = stepper.draw
   drawn = []
 
   def draw(*args, **kwargs):
     c = orig_draw(*args, **kwargs)
     drawn.append(c)
     return c
-  gen.draw = draw
+  stepper.draw = draw
   outs = gen.generate_mixed([prompt("1"), prompt("2 3"), prompt("")] * 4, max_new_tokens=40,
                             rng=jax.random.key(3), options=sampling.SamplingOptions(temperature=100.0))
   total_images = 0

@@ -47,7 +47,8 @@ def test_chameleon_7b_shape():
   batch = task.dummy_batch(1, 64, (512, 512, 3))
   params = jax.eval_shape(task.init, jax.random.key(0), batch)
   assert abs(count(params) / 1e9 - 7.0) / 7.0 < 0.05, count(params)
-  assert params["embed"]["embedding"].value.shape[0] == 65_536 and task.codebook_size == 8192 and task.text_vocab == 57_344
+  assert params["embed"]["embedding"].value.shape[0] == 65_536 and task.codes.codebook_size == 8192
+  assert task.codes.text_vocab == 57_344
   assert task.model.slots == 1024 and config.model.backbone.qk_norm and config.model.z_loss == 1e-5
 
 

@@ -82,7 +82,8 @@ def test_cached_text_and_captions_equal_uncached():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (4, 4, 1), dtype=np.uint8)
   prompts = [prompt("1 5 9"), prompt("", image), prompt("3 4 8 12 20 21", image), prompt("7")]
-  got = text.TextGenerator(task, params, SPECIALS).generate(prompts, max_new_tokens=[10, 10, 10, 3])
+  gen = text.TextGenerator(text.DiffusionStepper(task, params, SPECIALS))
+  got = gen.generate(prompts, max_new_tokens=[10, 10, 10, 3])
   for p, tokens, budget in zip(prompts, got, [10, 10, 10, 3]):
     assert tokens == uncached_greedy(task, params, p, budget)
     assert len(tokens) == budget or tokens[-1] == SPECIALS.eos

@@ -11,8 +11,8 @@ import optax
 from test_chameleon import CODEBOOK, IMAGE, SLOTS, SPECIALS, TEXT_VOCAB, FakeTokenizer, prompt, random_images
 from test_chameleon import tiny_tokenizer
 from unimm.data import documents, layout, packing
-from unimm.inference import codes, prompts as prompts_lib
-from unimm.models import backbone, janus, vit
+from unimm.inference import codes, prompts as prompts_lib, text as text_lib
+from unimm.models import backbone, code_images, janus, vit
 from unimm.train import step as step_lib
 
 VIT = vit.ViTConfig(patch_size=2, width=16, depth=2, num_heads=2, mlp_dim=32, dtype="float32", remat=False)
@@ -26,8 +26,7 @@ def tiny_task():
   tokenizer, tok_params = tiny_tokenizer()
   model = janus.JanusModel(text_vocab=TEXT_VOCAB, codebook_size=CODEBOOK, code_dim=tokenizer.cfg.code_dim,
                            backbone=cfg, vision=VIT, max_images=2, slots=SLOTS, image_shape=IMAGE)
-  task = janus.JanusTask(model=model, tokenizer=tokenizer, frozen_tokenizer=tok_params, text_vocab=TEXT_VOCAB,
-                         image_shape=IMAGE)
+  task = janus.JanusTask(model=model, codes=code_images.CodeImages(tokenizer, tok_params, TEXT_VOCAB, IMAGE))
   params = nn.meta.unbox(jax.jit(task.init)(jax.random.key(0), packed_batch()))
   # Sharper heads: no near-ties under greedy decoding.
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 8.0
@@ -83,7 +82,7 @@ def test_roles_pick_the_encoder_and_the_targets():
   codes_in = tokens >= TEXT_VOCAB
   # Row 1's image slots hold its codes (the frozen tokenizer's, in raster order); row 2's read image keeps IMG.
   slots1 = np.asarray(batch["image_ids"][0]) == 1
-  want = np.asarray(task.code_tokens(batch["images"]))[0, 0]
+  want = np.asarray(task.codes.encode(batch["images"]))[0, 0]
   np.testing.assert_array_equal(tokens[0, slots1], want)
   assert not codes_in[1].any() and (tokens[1, np.asarray(batch["image_ids"][1]) == 1] == SPECIALS.img).all()
   # Only written images' slots (and the EOI after them) are targets; the read image's are not.
@@ -192,8 +191,8 @@ def test_guided_codes_from_one_doubled_cached_batch_equal_two_separate_uncached_
   prompts = [prompt("1 2 3"), prompt("4")]
   guidance = 5.0
   drawn = []
-  orig_draw = gen.draw
-  gen.draw = lambda *a, **k: drawn.append(orig_draw(*a, **k)) or drawn[-1]
+  orig_draw = gen.steps.draw
+  gen.steps.draw = lambda *a, **k: drawn.append(orig_draw(*a, **k)) or drawn[-1]
   images = gen.generate([p for p in prompts for _ in range(2)], jax.random.key(0), guidance=guidance)
   assert images.shape == (4, *IMAGE) and images.dtype == np.uint8
   got = drawn[0][:4]
@@ -207,11 +206,10 @@ def test_guided_codes_from_one_doubled_cached_batch_equal_two_separate_uncached_
       u = full_logits(task, params, uncond + list(got[2 * i, :s]))
       g = u + guidance * (c - u)
       assert TEXT_VOCAB + int(np.argmax(g[TEXT_VOCAB:])) == got[2 * i, s]
-  np.testing.assert_array_equal(images, np.asarray(task.decode_codes(got)))
+  np.testing.assert_array_equal(images, np.asarray(task.codes.decode(got)))
   # Mid-text images (generate_mixed) get twins of their rows' prefix lengths, written to end where the
   # rows' caches end: their logits equal the PAD prompts' uncached ones.
-  text_gen = codes.CodeTextGenerator(task, params, SPECIALS)
-  logits, _, lengths = text_gen._uncond_twins(np.array([5, 3]), 32, 12)  # pylint: disable=protected-access
+  logits, _, lengths = codes.CodeStepper(task, params, SPECIALS).uncond_twins(np.array([5, 3]), 32, 12)
   assert lengths.tolist() == [5, 3]
   for row, n in enumerate((5, 3)):
     want = full_logits(task, params, [SPECIALS.bos] + [SPECIALS.pad] * (n - 2) + [SPECIALS.boi])
@@ -220,7 +218,7 @@ def test_guided_codes_from_one_doubled_cached_batch_equal_two_separate_uncached_
 
 def test_cached_captioning_reads_the_image_and_equals_uncached():
   task, params = tiny_task()
-  gen = codes.CodeTextGenerator(task, params, SPECIALS)
+  gen = text_lib.TextGenerator(codes.CodeStepper(task, params, SPECIALS))
   ims = random_images(2, seed=5)
   prompts = [prompt("", ims[0]), prompt("1", ims[1])]
   outs = gen.generate(prompts, max_new_tokens=5)

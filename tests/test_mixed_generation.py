@@ -87,7 +87,8 @@ def test_mixed_generation_equals_full_recompute(monkeypatch, prediction):
     return x
   monkeypatch.setattr(images_lib.ImageGenerator, "denoise", spy)
   options = images_lib.DiffusionOptions(num_steps=5, guidance=3.0)
-  got = text.TextGenerator(task, params, SPECIALS).generate_mixed(prompts, max_new_tokens=12, diffusion=options)
+  gen = text.TextGenerator(text.DiffusionStepper(task, params, SPECIALS))
+  got = gen.generate_mixed(prompts, max_new_tokens=12, diffusion=options)
 
   assert [g.tokens.count(SPECIALS.boi) for g in got] == [1, 2, 0, 1]
   for g in got:

@@ -19,7 +19,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from conftest import REPO, SHAPES_VAE_OVERRIDES
+from conftest import REPO, SHAPES_VAE_OVERRIDES, optimized_xla_env
 from unimm.train import config_record
 from test_train_loop import wait_for_step
 
@@ -35,8 +35,12 @@ def cli(config: str, family: str, data_dir: str, workdir: str, *extra) -> list[s
           *[f"--config.data.sources.{s}.builder_config=small" for s in SOURCES[family]], *extra]
 
 
-def run(cmd, ok=True, timeout=600):
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+# Launches that train (dozens of steps) compile at XLA's level 1, the rest (compile-bound) at the suite's 0.
+TRAINING_ENV = optimized_xla_env(level=1)
+
+
+def run(cmd, ok=True, timeout=600, env=None):
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
   if ok:
     assert out.returncode == 0, out.stderr[-4000:]
   return out
@@ -50,14 +54,15 @@ def step_losses(workdir) -> dict[int, dict]:
 def train_preempt_resume(cmd, workdir) -> dict[int, dict]:
   """Trains `cmd` (a 24-step smoke run), SIGTERMs it after step 6 (it saves and exits 0), resumes it to the
   end; checks the losses are finite and fall; returns the per-step metrics."""
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=TRAINING_ENV)
   wait_for_step(workdir, 6, proc)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0 and "SIGTERM" in err, err[-3000:]
   preempted = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert 6 <= preempted < 24
-  out = run(cmd)
+  out = run(cmd, env=TRAINING_ENV)
   assert f"Resumed from step {preempted}" in out.stderr
   losses = step_losses(workdir)
   assert sorted(losses) == list(range(1, 25))
@@ -165,8 +170,8 @@ def test_janus_pro_7b_smoke_stages(data_dir, shapes_vq, tmp_path):
                f"--config.model.vision.checkpoint={siglip}/checkpoints",
                f"--config.model.vq.checkpoint={shapes_vq}/checkpoints", *VIT, *extra)
 
-  run(stage_cmd(1))
-  run(stage_cmd(2, f"--config.train.init_from={tmp_path / 'stage1'}/checkpoints"))
+  run(stage_cmd(1), env=TRAINING_ENV)
+  run(stage_cmd(2, f"--config.train.init_from={tmp_path / 'stage1'}/checkpoints"), env=TRAINING_ENV)
   cmd3 = stage_cmd(3, f"--config.train.init_from={tmp_path / 'stage2'}/checkpoints")
   losses3 = train_preempt_resume(cmd3, str(tmp_path / "stage3"))
   assert all(losses3[s]["image_loss"] > 0 for s in losses3)

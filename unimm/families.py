@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from unimm import diffusion
 from unimm.inference import codes, images, text
-from unimm.models import autoencoders, backbone, chameleon, janus, transfusion, vit, vq
+from unimm.models import autoencoders, backbone, chameleon, code_images, janus, transfusion, vit, vq
 
 
 @runtime_checkable
@@ -219,9 +219,8 @@ def chameleon_task(config, vocab_size: int, frozen_codec=None) -> chameleon.Cham
   model = chameleon.ChameleonModel(
       vocab_size=text_vocab + cfg.codebook_size, backbone=backbone.BackboneConfig.from_config(m.backbone),
       max_images=int(d.max_images_per_row), slots=int(d.image_slots))
-  return chameleon.ChameleonTask(model=model, tokenizer=vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer=frozen_codec,
-                                 text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss),
-                                 tokenizer_ids=vocab_size or 0)
+  codes = code_images.CodeImages(vq.VQModel(cfg, image_shape[-1]), frozen_codec, text_vocab, image_shape)
+  return chameleon.ChameleonTask(model=model, codes=codes, z_loss=float(m.z_loss), tokenizer_ids=vocab_size or 0)
 
 
 def tokenizer_task(config, vocab_size: int, frozen_codec=None) -> vq.TokenizerTask:
@@ -265,7 +264,7 @@ def load_vq_tokenizer(config):
   """A code family's frozen VQ tokenizer (model.vq.checkpoint), or None if the config names none."""
   if not config.model.vq.checkpoint:
     return None  # the family's build_task says what it needs
-  return chameleon.frozen_tokenizer_params(_restore_params(config.model.vq.checkpoint))
+  return code_images.tokenizer_params(_restore_params(config.model.vq.checkpoint))
 
 
 def load_vae(config):
@@ -336,7 +335,7 @@ def diffusion_image_generator(task, params, specials, placement=None, code_sampl
 
 def diffusion_text_generator(task, params, specials, placement=None, code_sampling=None):
   del code_sampling
-  return text.TextGenerator(task, params, specials, placement)
+  return text.TextGenerator(text.DiffusionStepper(task, params, specials, placement))
 
 
 def code_image_generator(task, params, specials, placement=None, code_sampling=None):
@@ -345,7 +344,7 @@ def code_image_generator(task, params, specials, placement=None, code_sampling=N
 
 
 def code_text_generator(task, params, specials, placement=None, code_sampling=None):
-  return codes.CodeTextGenerator(task, params, specials, placement, _code_options(code_sampling))
+  return text.TextGenerator(codes.CodeStepper(task, params, specials, placement, _code_options(code_sampling)))
 
 
 # -- evaluators (the evaluation module asks this registry for generators, so it is imported when used) ----

@@ -13,8 +13,8 @@ row has an unconditional twin run in the same batch, and the code logits are
 `l_u + s·(l_c − l_u)`; then temperature / top-k / top-p over the codes. The codes go through the frozen VQ decoder.
 
 `CodeImageGenerator.generate` is text→image (the prompt, then an image);
-`CodeTextGenerator` is `unimm.inference.text.TextGenerator` with this
-family's steps: text, and an image drawn whenever the model emits `BOI`.
+`unimm.inference.text.TextGenerator` with a `CodeStepper` writes text, and an
+image whenever the model emits `BOI`.
 """
 
 from __future__ import annotations
@@ -57,15 +57,21 @@ def guided(logits, guidance: float | None):
   return uncond + guidance * (cond - uncond)
 
 
-class _CodeSteps:
-  """The KV-cached step of a code family's model, and drawing one image's codes against a cache."""
+class CodeStepper:
+  """A code family's KV-cached steps: the generation loop's (`unimm.inference.text.TextGenerator`, with
+  `DiffusionStepper`'s interface) and drawing one image's codes against a cache (`draw`, also used by
+  `CodeImageGenerator`)."""
 
-  def _init_steps(self, task, params, specials, placement):
+  draws_images_always = True  # after BOI only codes are allowed, so a BOI always becomes an image
+
+  def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None,
+               options: CodeSampling = CodeSampling()):
     self.task = task
     self.model = dataclasses.replace(task.model, decode=True)
     self.placement = placement or placement_lib.Placement.single_device()
     self.params = self.placement.params(self.model, params)
     self.specials = specials
+    self.options = options
 
     def step(params, cache, *inputs):
       logits, mutated = self.model.apply({"params": params, "cache": cache}, *inputs, mutable=["cache"])
@@ -74,23 +80,35 @@ class _CodeSteps:
 
     # The family's model inputs for prompt rows: e.g. the frozen tokenizer's codes in image slots (Chameleon).
     self._model_inputs = jax.jit(self.task.model_inputs)
-    self._decode = jax.jit(self.task.decode_codes)
+    self._decode = jax.jit(self.task.codes.decode)
 
-  def _tokens_step(self, cache, *inputs):
+  @property
+  def padding_ids(self) -> tuple[int, int]:
+    return self.task.tokenizer_ids, self.task.codes.text_vocab  # codes follow the padded text vocabulary
+
+  def _step(self, cache, *inputs):
+    """One step of token inputs (tokens, positions, segment ids, image ids)."""
     with self.placement.context():
       return self._step_jit(self.params, cache, *inputs)
 
-  def _prefill_rows(self, cache, rows: dict):
+  def prefill(self, cache, rows: dict):
     with self.placement.context():
       inputs = self._model_inputs(self.placement.rows(rows))
-    return self._tokens_step(cache, *inputs)
+    return self._step(cache, *inputs)
+
+  def feed(self, cache, tokens, positions, segments, image_ids):
+    """One text step."""
+    return self._step(cache, tokens, positions, segments, image_ids)
+
+  def mask(self, logits, images_full):
+    return mask_text(logits, self.task.codes.text_vocab, self.specials, images_full)
 
   def draw(self, cache, logits, first_slot: np.ndarray, image_index: np.ndarray, rng,
            options: CodeSampling) -> np.ndarray:
     """Code tokens [N, slots] for a cache of rows written up to their `BOI` (2N rows, conditional then
     unconditional, when guided) whose next-token logits are `logits`. The cache is consumed."""
     b, slots = len(first_slot), self.model.slots
-    text_vocab = self.task.text_vocab
+    text_vocab = self.task.codes.text_vocab
     if options.guidance is not None and b % 2:
       raise ValueError(f"guided drawing takes conditional and unconditional rows in pairs, got {b} rows")
     codes = []
@@ -103,111 +121,81 @@ class _CodeSteps:
       codes.append(new)
       if s + 1 < slots:
         feed = new if options.guidance is None else jnp.concatenate([new, new])
-        logits, cache = self._tokens_step(cache, feed[:, None].astype(jnp.int32),
-                                          (np.asarray(first_slot)[:, None] + s).astype(np.int32), ones, image_ids)
+        logits, cache = self._step(cache, feed[:, None].astype(jnp.int32),
+                                   (np.asarray(first_slot)[:, None] + s).astype(np.int32), ones, image_ids)
     return np.asarray(jnp.stack(codes, axis=1))
 
-  def _uncond_prompt(self, prompt: prompts_lib.Prompt) -> prompts_lib.Prompt:
+  def uncond_prompt(self, prompt: prompts_lib.Prompt) -> prompts_lib.Prompt:
     """The guidance twin of `prompt` (which ends in BOI), as the family trained its unconditional case."""
     tokens = self.task.unconditional_prompt(len(prompt), self.specials)
     return prompts_lib.Prompt(tokens, [0] * len(tokens), [])
 
-  def _uncond_twins(self, prefix_lengths, length: int, index: int):
+  def uncond_twins(self, prefix_lengths, length: int, index: int):
     """The twins of rows whose documents hold `prefix_lengths` tokens up to their BOI, left-padded to end at
     `index` of an empty cache of `length` slots: (logits, cache, the twins' lengths)."""
     s = self.specials
-    twins = [self._uncond_prompt(prompts_lib.Prompt([s.pad] * int(n), [0] * int(n), [])) for n in prefix_lengths]
+    twins = [self.uncond_prompt(prompts_lib.Prompt([s.pad] * int(n), [0] * int(n), [])) for n in prefix_lengths]
     rows = prompts_lib.batch(twins, pad_id=s.pad, max_images=self.model.max_images,
                              image_shape=self.task.image_shape, multiple=1)
     width = rows["tokens"].shape[1]
     cache = cache_lib.with_index(cache_lib.empty(self.model, len(twins), length, self.placement), index - width)
-    logits, cache = self._tokens_step(cache, rows["tokens"], rows["positions"], rows["segment_ids"],
-                                      rows["image_ids"])
+    logits, cache = self._step(cache, rows["tokens"], rows["positions"], rows["segment_ids"], rows["image_ids"])
     return logits, cache, np.array([len(t) for t in twins])
 
   def to_pixels(self, code_tokens) -> np.ndarray:
     return np.asarray(self._decode(jnp.asarray(code_tokens)))
 
+  def draw_images(self, cache, event: text_lib.ImageEvent, rng, diffusion):
+    """Draws each of `event.rows`' image against a copy of their cache (guided by `diffusion.guidance`, or
+    this stepper's options without `diffusion`), then writes the codes and EOI into the cache (other rows
+    write padding): (the rows' uint8 images, the next logits, the cache)."""
+    s, b, rows = self.specials, len(event.next_pos), event.rows
+    guidance = diffusion.guidance if diffusion is not None else self.options.guidance
+    options = dataclasses.replace(self.options, guidance=guidance)
+    padded = np.array(placement_lib.pad_to_multiple(list(rows), self.placement.batch_multiple, rows[0]))
+    k = len(padded)
+    rows_cache, rows_logits = cache_lib.take_rows(cache, padded), event.logits[jnp.asarray(padded)]
+    first_slot, image_index = event.next_pos[padded], event.image_count[padded]
+    if guidance is not None:
+      twin_logits, twins, twin_lengths = self.uncond_twins(first_slot, cache_lib.length(cache), event.filled)
+      rows_cache = cache_lib.concat_rows(rows_cache, twins)
+      rows_logits = jnp.concatenate([rows_logits, twin_logits])
+      first_slot = np.concatenate([first_slot, twin_lengths])
+      image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
+    codes = self.draw(rows_cache, rows_logits, first_slot, image_index, rng, options)[:len(rows)]
+    pictures = list(self.to_pixels(codes))
+    inputs = text_lib.image_closing_inputs(b, rows, np.concatenate([codes, np.full((len(rows), 1), s.eoi)], axis=1),
+                                           event.next_pos, event.image_count, s.pad)
+    return (pictures, *self._step(cache, *inputs))
 
-class CodeImageGenerator(_CodeSteps):
+
+class CodeImageGenerator:
   """Text→image for a code family: prompt + `BOI`, then `slots` guided codes, decoded."""
 
   def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None,
                options: CodeSampling = CodeSampling()):
-    self._init_steps(task, params, specials, placement)
-    self.options = options
+    self.steps = CodeStepper(task, params, specials, placement, options)
 
   def generate(self, prompts: list[prompts_lib.Prompt], rng, *, guidance: float | None = 3.0, num_steps=None,
                sampler=None) -> np.ndarray:
     """uint8 images [N, H, W, C], one per prompt. `num_steps`/`sampler` are diffusion settings (the same
     call serves every family); codes are sampled with this generator's `options` and `guidance`."""
     del num_steps, sampler
-    options = dataclasses.replace(self.options, guidance=guidance)
-    s, n = self.specials, len(prompts)
-    m, slots = self.model.max_images, self.model.slots
-    prompts = placement_lib.pad_to_multiple(list(prompts), self.placement.batch_multiple,
+    steps = self.steps
+    options = dataclasses.replace(steps.options, guidance=guidance)
+    s, n = steps.specials, len(prompts)
+    m, slots = steps.model.max_images, steps.model.slots
+    prompts = placement_lib.pad_to_multiple(list(prompts), steps.placement.batch_multiple,
                                             prompts_lib.Prompt([s.bos], [0], []))
     cond = [prompts_lib.Prompt(p.tokens + [s.boi], p.image_ids + [0], p.images) for p in prompts]
-    uncond = [self._uncond_prompt(p) for p in cond] if guidance is not None else []
+    uncond = [steps.uncond_prompt(p) for p in cond] if guidance is not None else []
     both = cond + uncond
     new_image = np.array([len(p.images) for p in both])
     if (new_image >= m).any():
       raise ValueError(f"a prompt already holds {int(new_image.max())} images; the model takes {m} per row")
-    rows = prompts_lib.batch(both, pad_id=s.pad, max_images=m, image_shape=self.task.image_shape)
-    cache = cache_lib.empty(self.model, len(both), cache_lib.bucket(rows["tokens"].shape[1] + slots), self.placement)
-    logits, cache = self._prefill_rows(cache, rows)
-    codes = self.draw(cache, logits, np.array([len(p) for p in both]), new_image, rng, options)
-    return self.to_pixels(codes[:n])
-
-
-class CodeTextGenerator(_CodeSteps, text_lib.TextGenerator):
-  """Text (and images whenever the model emits `BOI`) for a code family; see `TextGenerator`.
-
-  In `generate_mixed`, `diffusion.guidance` is the images' guidance scale (its other fields are
-  diffusion settings and unused here).
-  """
-
-  draws_images_always = True  # after BOI only codes are allowed, so a BOI always becomes an image
-
-  @property
-  def padding_ids(self) -> tuple[int, int]:
-    return self.task.tokenizer_ids, self.task.text_vocab  # codes follow the padded text vocabulary
-
-  def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None,
-               options: CodeSampling = CodeSampling()):
-    self._init_steps(task, params, specials, placement)
-    self._images = None
-    self.options = options
-
-  def _prefill(self, cache, rows: dict):
-    return self._prefill_rows(cache, rows)
-
-  def _feed(self, cache, tokens, positions, segments, image_ids):
-    return self._tokens_step(cache, tokens, positions, segments, image_ids)
-
-  def _mask(self, logits, images_full):
-    return mask_text(logits, self.task.text_vocab, self.specials, images_full)
-
-  def _image_event(self, cache, filled, rows, next_pos, image_count, rng, diffusion, out, logits):
-    """Draws each of `rows`' image (they just wrote BOI) against a copy of their cache, then writes the
-    codes and EOI into the cache (other rows write padding)."""
-    s, b = self.specials, len(next_pos)
-    guidance = diffusion.guidance if diffusion is not None else self.options.guidance
-    options = dataclasses.replace(self.options, guidance=guidance)
-    padded = np.array(placement_lib.pad_to_multiple(list(rows), self.placement.batch_multiple, rows[0]))
-    k = len(padded)
-    rows_cache, rows_logits = cache_lib.take_rows(cache, padded), logits[jnp.asarray(padded)]
-    first_slot, image_index = next_pos[padded], image_count[padded]
-    if guidance is not None:
-      twin_logits, twins, twin_lengths = self._uncond_twins(first_slot, cache_lib.length(cache), filled)
-      rows_cache = cache_lib.concat_rows(rows_cache, twins)
-      rows_logits = jnp.concatenate([rows_logits, twin_logits])
-      first_slot = np.concatenate([first_slot, twin_lengths])
-      image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
-    codes = self.draw(rows_cache, rows_logits, first_slot, image_index, rng, options)[:len(rows)]
-    for r, pixels in zip(rows, self.to_pixels(codes)):
-      out[r].images.append(pixels)
-      out[r].tokens.append(s.eoi)
-    inputs = text_lib.image_closing_inputs(b, rows, np.concatenate([codes, np.full((len(rows), 1), s.eoi)], axis=1),
-                                           next_pos, image_count, s.pad)
-    return self._tokens_step(cache, *inputs)
+    rows = prompts_lib.batch(both, pad_id=s.pad, max_images=m, image_shape=steps.task.image_shape)
+    cache = cache_lib.empty(steps.model, len(both), cache_lib.bucket(rows["tokens"].shape[1] + slots),
+                            steps.placement)
+    logits, cache = steps.prefill(cache, rows)
+    codes = steps.draw(cache, logits, np.array([len(p) for p in both]), new_image, rng, options)
+    return steps.to_pixels(codes[:n])

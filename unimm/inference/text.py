@@ -78,8 +78,26 @@ class Generation:
   images: list[np.ndarray]  # uint8 [H, W, C], one per BOI in `tokens`, in order
 
 
-class TextGenerator:
-  """Continues prompts for a Transfusion-style task (KV-cached); `generate_mixed` also draws images."""
+@dataclasses.dataclass(frozen=True)
+class ImageEvent:
+  """Rows that just wrote BOI mid-generation: what a stepper needs to draw their images."""
+  rows: np.ndarray  # their indices in the batch
+  filled: int  # the cache's next write slot, shared by all rows
+  next_pos: np.ndarray  # [B] each row's next position
+  image_count: np.ndarray  # [B] images each row holds: the new image's index
+  logits: jax.Array  # [B, V] next-token logits after BOI
+
+
+class DiffusionStepper:
+  """A Transfusion-style task's steps for `TextGenerator`: text through the KV-cached model, and an image
+  denoised against the cached prefix (with guidance), then written into the cache clean.
+
+  Every family's stepper has this interface: `model` (in decode mode), `placement`, `specials`,
+  `draws_images_always`, `padding_ids`, `prefill`, `feed`, `mask` and `draw_images`
+  (`unimm.inference.codes.CodeStepper` for image-code families).
+  """
+
+  draws_images_always = False  # True: a sampled BOI always starts an image, even in `generate`
 
   def __init__(self, task, params, specials, placement: placement_lib.Placement | None = None):
     self.task = task
@@ -90,10 +108,6 @@ class TextGenerator:
     self._images = None
     self._step_jit = jax.jit(self._step_fn, donate_argnums=1)  # the cache is updated in place
     self._encode = jax.jit(task.encode_images)  # the frozen autoencoder compiled, not run op by op
-
-  # -- what a family changes (`unimm.inference.codes` for image-code families) -------------------
-
-  draws_images_always = False  # True: a sampled BOI always starts an image, even in `generate`
 
   @property
   def padding_ids(self) -> tuple[int, int]:
@@ -110,33 +124,73 @@ class TextGenerator:
     with self.placement.context():
       return self._step_jit(self.params, cache, tokens, positions, segments, image_ids, latents)
 
-  def _prefill(self, cache, rows: dict):
+  def prefill(self, cache, rows: dict):
     """Logits after each prompt row and the cache holding the prompts."""
     with self.placement.context():
       dev = self.placement.rows(rows)
       latents = self._encode(dev["images"])
     return self._step(cache, dev["tokens"], dev["positions"], dev["segment_ids"], dev["image_ids"], latents)
 
-  def _feed(self, cache, tokens, positions, segments, image_ids):
+  def feed(self, cache, tokens, positions, segments, image_ids):
     """One text step (no image inputs)."""
     b = tokens.shape[0]
     return self._step(cache, tokens, positions, segments, image_ids,
                       jnp.zeros((b, self.model.max_images, *self.model.latent_shape), jnp.float32))
 
-  def _mask(self, logits, images_full):
+  def mask(self, logits, images_full):
     """The logits a row may sample from while drawing images is on."""
     return mask_generator_tokens(logits, self.specials, images_full)
 
+  def draw_images(self, cache, event: ImageEvent, rng, diffusion: images_lib.DiffusionOptions):
+    """Denoises an image for each of `event.rows`, then writes it clean and EOI into the cache (other rows
+    write padding): (the rows' uint8 images, the next logits, the cache)."""
+    s, b, rows = self.specials, len(event.next_pos), event.rows
+    m, slots = self.model.max_images, self.model.slots
+    if self._images is None:
+      self._images = images_lib.ImageGenerator(self.task, self.params, s, self.placement)
+    padded = np.array(placement_lib.pad_to_multiple(list(rows), self.placement.batch_multiple, rows[0]))
+    k = len(padded)
+    rows_cache = cache_lib.take_rows(cache, padded)
+    first_slot, image_index = event.next_pos[padded], event.image_count[padded]
+    if diffusion.guidance is not None:
+      # The unconditional twins, `BOS BOI` written at the cache's current end (earlier slots: segment 0).
+      uncond = cache_lib.with_index(cache_lib.empty(self.model, k, cache_lib.length(cache), self.placement),
+                                    event.filled - 2)
+      _, uncond = self._step(uncond, np.tile([[s.bos, s.boi]], (k, 1)).astype(np.int32),
+                             np.tile([[0, 1]], (k, 1)).astype(np.int32), np.ones((k, 2), np.int32),
+                             np.zeros((k, 2), np.int32), jnp.zeros((k, m, *self.model.latent_shape), jnp.float32))
+      rows_cache = cache_lib.concat_rows(rows_cache, uncond)
+      first_slot = np.concatenate([first_slot, np.full(k, 2)])
+      image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
+    x = self._images.denoise(rows_cache, first_slot, image_index, rng, diffusion)[:len(rows)]
+    pictures = list(self._images.to_pixels(x))
+    tokens, positions, segments, image_ids = image_closing_inputs(
+        b, rows, np.tile([s.img] * slots + [s.eoi], (len(rows), 1)), event.next_pos, event.image_count, s.pad)
+    latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32).at[
+        jnp.asarray(rows), jnp.asarray(event.image_count[rows])].set(x)
+    return (pictures, *self._step(cache, tokens, positions, segments, image_ids, latents))
+
+
+class TextGenerator:
+  """Continues prompts, KV-cached, with a family's `stepper` (`DiffusionStepper`, `codes.CodeStepper`);
+  `generate_mixed` also draws images."""
+
+  def __init__(self, stepper):
+    self.stepper = stepper
+    self.model, self.specials, self.placement = stepper.model, stepper.specials, stepper.placement
+
   def generate(self, prompts: list[prompts_lib.Prompt], *, max_new_tokens: int | list[int], rng=None,
                options: SamplingOptions = SamplingOptions()) -> list[list[int]]:
-    """The generated ids of each prompt (EOS included when reached); BOI is an ordinary token here."""
+    """The generated ids of each prompt (EOS included when reached); BOI is an ordinary token here (unless
+    the stepper `draws_images_always`)."""
     return [g.tokens for g in self._generate(prompts, max_new_tokens, rng, options, None)]
 
   def generate_mixed(self, prompts: list[prompts_lib.Prompt], *, max_new_tokens: int | list[int], rng=None,
                      options: SamplingOptions = SamplingOptions(),
                      diffusion: images_lib.DiffusionOptions = images_lib.DiffusionOptions()) -> list[Generation]:
-    """Text and images, as the model chooses: when a row emits BOI its image is denoised against the
-    cached prefix (with guidance), written into the cache clean, closed with EOI, and text goes on.
+    """Text and images, as the model chooses: when a row emits BOI its image is drawn against the cached
+    prefix (with guidance: `diffusion.guidance`; the other fields are diffusion settings, unused by code
+    families), written into the cache, closed with EOI, and text goes on.
 
     `max_new_tokens` counts tokens (BOI and EOI included), not image slots. The tokens only the
     generator writes (EOI, image slots, padding) are never sampled, nor BOI in a row that already
@@ -145,28 +199,28 @@ class TextGenerator:
     return self._generate(prompts, max_new_tokens, rng, options, diffusion)
 
   def _generate(self, prompts, max_new_tokens, rng, options, diffusion) -> list[Generation]:
-    s, n = self.specials, len(prompts)
+    s, n, stepper = self.specials, len(prompts), self.stepper
     m, slots = self.model.max_images, self.model.slots
     budget = np.broadcast_to(np.asarray(max_new_tokens), (n,)).astype(np.int64)
     prompts = placement_lib.pad_to_multiple(list(prompts), self.placement.batch_multiple,
                                             prompts_lib.Prompt([s.bos], [0], []))
     budget = np.concatenate([budget, np.zeros(len(prompts) - n, np.int64)])
     b = len(prompts)
-    rows = prompts_lib.batch(prompts, pad_id=s.pad, max_images=m, image_shape=self.task.image_shape)
+    rows = prompts_lib.batch(prompts, pad_id=s.pad, max_images=m, image_shape=stepper.task.image_shape)
     filled = rows["tokens"].shape[1]  # the cache's next write slot, shared by all rows
     cache = cache_lib.empty(self.model, b, cache_lib.bucket(filled + int(budget.max())), self.placement)
-    logits, cache = self._prefill(cache, rows)
+    logits, cache = stepper.prefill(cache, rows)
     rng = jax.random.key(0) if rng is None else rng
-    drawing = diffusion is not None or self.draws_images_always
+    drawing = diffusion is not None or stepper.draws_images_always
     next_pos = np.array([len(p) for p in prompts], np.int32)
     image_count = np.array([len(p.images) for p in prompts])
     done = budget <= 0
     out = [Generation([], []) for _ in range(b)]
     while not done.all():
       rng, sub, image_rng = jax.random.split(rng, 3)
-      logits = mask_id_range(logits, *self.padding_ids)
+      logits = mask_id_range(logits, *stepper.padding_ids)
       if drawing:
-        logits = self._mask(logits, jnp.asarray(image_count >= m))
+        logits = stepper.mask(logits, jnp.asarray(image_count >= m))
       new = np.asarray(sample_tokens(logits, sub, options))
       for i in np.nonzero(~done)[0]:
         out[i].tokens.append(int(new[i]))
@@ -177,48 +231,21 @@ class TextGenerator:
         break
       tokens = np.where(feed, new, s.pad)[:, None].astype(np.int32)
       # A copy: on CPU a numpy argument may be used in place, after the `+=` below (async dispatch).
-      logits, cache = self._feed(cache, tokens, next_pos[:, None].copy(), feed.astype(np.int32)[:, None],
-                                 np.zeros((b, 1), np.int32))
+      logits, cache = stepper.feed(cache, tokens, next_pos[:, None].copy(), feed.astype(np.int32)[:, None],
+                                   np.zeros((b, 1), np.int32))
       filled += 1
       next_pos += feed
       if starting.any():
         remaining = int((budget - [len(o.tokens) for o in out]).max(initial=0))
         if filled + slots + 1 + remaining > cache_lib.length(cache):
           cache = cache_lib.grow(cache, cache_lib.bucket(filled + slots + 1 + remaining))
-        new_logits, cache = self._image_event(cache, filled, np.nonzero(starting)[0], next_pos, image_count,
-                                              image_rng, diffusion, out, logits)
+        event = ImageEvent(np.nonzero(starting)[0], filled, next_pos, image_count, logits)
+        pictures, new_logits, cache = stepper.draw_images(cache, event, image_rng, diffusion)
+        for r, pixels in zip(event.rows, pictures):
+          out[r].images.append(pixels)
+          out[r].tokens.append(s.eoi)
         logits = jnp.where(jnp.asarray(starting)[:, None], new_logits, logits)
         filled += slots + 1
         next_pos += np.where(starting, slots + 1, 0).astype(np.int32)
         image_count += starting
     return out[:n]
-
-  def _image_event(self, cache, filled, rows, next_pos, image_count, rng, diffusion, out, logits):
-    """Denoises an image for each of `rows` (which just wrote BOI), then writes it clean and EOI."""
-    del logits
-    s, b = self.specials, len(next_pos)
-    m, slots = self.model.max_images, self.model.slots
-    if self._images is None:
-      self._images = images_lib.ImageGenerator(self.task, self.params, s, self.placement)
-    padded = np.array(placement_lib.pad_to_multiple(list(rows), self.placement.batch_multiple, rows[0]))
-    k = len(padded)
-    rows_cache, first_slot, image_index = cache_lib.take_rows(cache, padded), next_pos[padded], image_count[padded]
-    if diffusion.guidance is not None:
-      # The unconditional twins, `BOS BOI` written at the cache's current end (earlier slots: segment 0).
-      uncond = cache_lib.with_index(cache_lib.empty(self.model, k, cache_lib.length(cache), self.placement),
-                                    filled - 2)
-      _, uncond = self._step(uncond, np.tile([[s.bos, s.boi]], (k, 1)).astype(np.int32),
-                             np.tile([[0, 1]], (k, 1)).astype(np.int32), np.ones((k, 2), np.int32),
-                             np.zeros((k, 2), np.int32), jnp.zeros((k, m, *self.model.latent_shape), jnp.float32))
-      rows_cache = cache_lib.concat_rows(rows_cache, uncond)
-      first_slot = np.concatenate([first_slot, np.full(k, 2)])
-      image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
-    x = self._images.denoise(rows_cache, first_slot, image_index, rng, diffusion)[:len(rows)]
-    for r, pixels in zip(rows, self._images.to_pixels(x)):
-      out[r].images.append(pixels)
-      out[r].tokens.append(s.eoi)
-    tokens, positions, segments, image_ids = image_closing_inputs(
-        b, rows, np.tile([s.img] * slots + [s.eoi], (len(rows), 1)), next_pos, image_count, s.pad)
-    latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32).at[
-        jnp.asarray(rows), jnp.asarray(image_count[rows])].set(x)
-    return self._step(cache, tokens, positions, segments, image_ids, latents)

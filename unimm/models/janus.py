@@ -4,7 +4,7 @@ An image the model *reads* (`image_written` False: it conditions later text)
 goes through a SigLIP-style ViT (`unimm.models.vit`, pretrained with family
 `siglip`); its feature grid, through the understanding adaptor (Linear → GELU →
 Linear), fills the image's slots. An image the model *writes* is turned into
-codes by the frozen VQ tokenizer (`unimm.models.vq`, as Chameleon's); each
+codes by the frozen VQ tokenizer (`unimm.models.code_images`, as Chameleon's); each
 code's embedding (initialised from the tokenizer's codebook) goes through the
 generation adaptor (Linear → GELU → Linear) into the sequence, and a separate
 image head (Linear → GELU → Linear to the codebook) predicts the next code,
@@ -32,7 +32,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from unimm.models import axes, backbone, chameleon, layers, losses, slots, vit as vit_lib, vq
+from unimm.data import packed
+from unimm.models import axes, backbone, code_images, layers, slots, vit as vit_lib, vq
 
 _named = nn.with_logical_partitioning
 
@@ -121,36 +122,40 @@ def written_slots(image_ids, image_written):
 
 
 @dataclasses.dataclass
-class JanusTask(chameleon.ChameleonTask):
-  """The Janus family for the trainer and the (Chameleon-shared) code generators."""
+class JanusTask:
+  """The Janus family for the trainer and the code generators (`unimm.inference.codes`, with Chameleon)."""
+
+  model: JanusModel
+  codes: code_images.CodeImages  # the frozen image tokenizer for images the model writes
+  z_loss: float = 0.0
+  tokenizer_ids: int = 0  # ids the text tokenizer emits; [tokenizer_ids, text_vocab) is padding, never sampled
 
   def __post_init__(self):
-    if self.model.codebook_size != self.codebook_size:
-      raise ValueError(f"model codebook {self.model.codebook_size} != tokenizer's {self.codebook_size}")
-    codes = self.tokenizer.cfg.num_codes(self.image_shape)
-    patches = self.model.vision.num_patches(self.image_shape)
+    if self.model.codebook_size != self.codes.codebook_size:
+      raise ValueError(f"model codebook {self.model.codebook_size} != tokenizer's {self.codes.codebook_size}")
+    codes, patches = self.codes.codes_per_image, self.model.vision.num_patches(self.image_shape)
     if not self.model.slots == codes == patches:
       raise ValueError(f"data.image_slots={self.model.slots}, but the tokenizer gives {codes} codes and the ViT "
                        f"{patches} patches per {self.image_shape} image: all three must agree")
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.codes.image_shape
+
+  def dummy_batch(self, batch_size: int, seq_len: int, image_shape) -> dict:
+    return packed.example_batch(batch_size, seq_len, self.model.max_images, image_shape)
+
   def init(self, rng, batch: dict):
     params = self.model.init(rng, batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"],
                              batch["images"])["params"]
-    return {**params, "gen_embed": params["gen_embed"].replace_boxed(self.codebook())}
-
-  def codebook(self):
-    """The frozen tokenizer's code vectors [K, code_dim] (L2-normalised if it looks codes up so)."""
-    book = self.frozen_tokenizer["quantizer"]["codebook"]
-    if self.tokenizer.cfg.l2_normalized:
-      book = book / jnp.linalg.norm(book, axis=-1, keepdims=True).clip(1e-6)
-    return jnp.asarray(book, jnp.float32)
+    return {**params, "gen_embed": params["gen_embed"].replace_boxed(self.codes.codebook())}
 
   def row_tokens(self, batch: dict):
     """The row's tokens with written images' codes in their slots (read images' slots keep IMG)."""
     written = batch.get("image_written")
     if written is None:  # prompts: every image in them is read
       return batch["tokens"]
-    tokens = chameleon.place_codes(batch["tokens"], batch["image_ids"], self.code_tokens(batch["images"]))
+    tokens = self.codes.fill_slots(batch["tokens"], batch["image_ids"], batch["images"])
     return jnp.where(written_slots(batch["image_ids"], written), tokens, batch["tokens"])
 
   def model_inputs(self, batch: dict) -> tuple:
@@ -159,21 +164,19 @@ class JanusTask(chameleon.ChameleonTask):
   def logits(self, params, batch: dict, rng=None):
     """The LM head's next-token logits of packed rows [B, T, text_vocab] (text targets: perplexity)."""
     del rng
-    return self.model.apply({"params": params}, *self.model_inputs(batch))[..., :self.text_vocab]
+    return self.model.apply({"params": params}, *self.model_inputs(batch))[..., :self.model.text_vocab]
 
   def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
     del step
     inputs = self.model_inputs(batch)
     logits = self.model.apply({"params": params}, *inputs, rngs={"dropout": rng})[:, :-1]
     targets = inputs[0][:, 1:]
-    weights = batch["loss_weights"][:, :-1]
-    is_code = (batch["image_ids"][:, 1:] > 0).astype(jnp.float32)
-    v = self.text_vocab
-    text_ce, z_text = losses.cross_entropy(logits[..., :v], jnp.clip(targets, 0, v - 1),
-                                                weights * (1.0 - is_code), self.z_loss)
-    image_ce, z_image = losses.cross_entropy(logits[..., v:], jnp.clip(targets - v, 0, self.codebook_size - 1),
-                                                  weights * is_code, self.z_loss)
-    return {"text": text_ce, "image": image_ce, "z": z_text + z_image}
+    v = self.model.text_vocab  # text targets score the LM head's side, code targets the image head's
+    return code_images.split_loss_terms(batch, logits[..., :v], jnp.clip(targets, 0, v - 1), logits[..., v:],
+                                        jnp.clip(targets - v, 0, self.codes.codebook_size - 1), self.z_loss)
+
+  loss_counts = staticmethod(code_images.split_loss_counts)
+  combine = staticmethod(code_images.split_combine)
 
   def unconditional_prompt(self, length: int, specials) -> list[int]:
     """The guidance twin of a `length`-token prompt ending in BOI: BOS, PAD…, BOI (trained by PAD dropout)."""
@@ -194,6 +197,5 @@ def build(config, text_vocab: int, frozen_tokenizer, image_shape, tokenizer_ids:
                      backbone=backbone.BackboneConfig.from_config(m.backbone),
                      vision=vit_lib.ViTConfig.from_config(m.vision), max_images=int(d.max_images_per_row),
                      slots=int(d.image_slots), image_shape=tuple(image_shape))
-  return JanusTask(model=model, tokenizer=vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer=frozen_tokenizer,
-                   text_vocab=text_vocab, image_shape=image_shape, z_loss=float(m.z_loss),
-                   tokenizer_ids=tokenizer_ids or 0)
+  codes = code_images.CodeImages(vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer, text_vocab, tuple(image_shape))
+  return JanusTask(model=model, codes=codes, z_loss=float(m.z_loss), tokenizer_ids=tokenizer_ids or 0)
