@@ -16,7 +16,8 @@ each starting from the previous one's checkpoint:
 and LLM frozen), stage II adds the LLM, stage III the ViT; the VQ tokenizer stays frozen. Each
 stage's data mix is understanding : text : generation documents drawn from the one dataset
 (image-first pairs, captions alone, caption-first pairs), Janus-Pro's ratios 1:0:3, 2:3:5, 5:1:4.
-The backbone and recipe are Chameleon's tiny ones (bench/compare_families.py).
+The backbone, rows and recipe are `configs.common.tiny_recipe` (bench/compare_families.py), with
+each stage's steps and learning rate.
 """
 
 from configs import common
@@ -52,8 +53,8 @@ def get_config(arg=None):
   stage = int(stage[-1])
   c = common.base_config()
   c.model.family = "janus"
-  c.model.backbone.update(num_layers=4, dim=128, num_heads=4, mlp_hidden=384, remat="none", scan=False,
-                          dtype="float32", attention="xla", bidirectional_images=False)
+  common.tiny_recipe(c, dataset)
+  c.model.backbone.update(bidirectional_images=False)
   tiny_siglip.set_vision(c, dataset)
   tiny_tokenizer.set_tokenizer(c, "shapes" if dataset == "shapes" else "digits")
   set_stage(c, dataset, stage)
@@ -63,17 +64,10 @@ def get_config(arg=None):
   d.train_read_images = False
   d.caption_dropout_mode = "pad"  # the unconditional case: the prompt replaced by PAD (10%)
   d.caption_dropout = 0.1
-  d.seq_len = 256 if dataset == "shapes" else 128
-  d.batch_size = 16
-  d.max_images_per_row = 4 if dataset == "shapes" else 6
 
   t = c.train
   _, _, t.num_steps, t.learning_rate = STAGES[stage]
   t.warmup_steps = 100 if stage != 3 else 20
-  t.final_learning_rate = 1e-4
-  t.weight_decay = 0.0
-  t.log_every = 25
   t.checkpoint_every = 300
   t.sample_every = 0
-  t.final_eval_examples = 100
   return c

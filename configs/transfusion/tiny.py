@@ -19,9 +19,7 @@ def get_config(arg=None):
     raise ValueError(f"tiny.py takes ':shapes', ':digits' or ':shapes_vae', got {arg!r}")
   dataset = "digits" if variant == "digits" else "shapes"
   c = common.base_config()
-  # float32, no remat, no scan: what is fastest on a 2-core CPU (~0.65 s a step).
-  c.model.backbone.update(num_layers=4, dim=128, num_heads=4, mlp_hidden=384, remat="none", scan=False,
-                          dtype="float32", attention="xla")
+  common.tiny_recipe(c, dataset)
   c.model.patch_size = 4 if dataset == "shapes" else 2
   if variant == "shapes_vae":  # 32×32×3 → 16×16×8 latents, 2×2 patches: 64 slots as with pixels
     c.model.autoencoder.update(kind="kl_vae", downsample=2, latent_channels=8, channels=32, channel_mults=(1, 2))
@@ -32,22 +30,8 @@ def get_config(arg=None):
   c.model.prediction = "v"
 
   common.embedded_data(c, dataset)
-  c.data.seq_len = 256 if dataset == "shapes" else 128
-  c.data.batch_size = 16
-  c.data.max_images_per_row = 4 if dataset == "shapes" else 6
   c.data.caption_first_prob = 0.7  # more image-first pairs than the paper's 0.2: captioning learns faster
-
-  t = c.train
-  t.num_steps = 1200
-  t.learning_rate = 3e-3
-  t.warmup_steps = 100
-  t.final_learning_rate = 1e-4
-  t.weight_decay = 0.0
-  t.log_every = 25
-  t.checkpoint_every = 400
-  t.sample_every = 400
-  t.final_eval_examples = 100  # the demo ends by evaluating (about a minute) and printing the metrics
-  t.final_eval_diffusion_steps = 50
+  c.train.final_eval_diffusion_steps = 50  # the demo ends by evaluating (about a minute) and printing the metrics
   return c
 
 
