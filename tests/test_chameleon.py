@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm.data import documents
+from unimm.data import documents, packed
 from unimm.data.tokenizer import SpecialIds
 from unimm.inference import codes, prompts as prompts_lib, sampling, text
 from unimm.models import backbone, chameleon, code_images, vq
@@ -40,7 +40,7 @@ def tiny_task(*, qk_norm=True, z_loss=1e-5, dropout=0.0, norm_order="pre", max_i
   task = chameleon.ChameleonTask(model=model, codes=code_images.CodeImages(tokenizer, tok_params, TEXT_VOCAB, IMAGE),
                                  z_loss=z_loss)
   ids = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), ids, ids, ids, ids)["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), packed.Rows(ids, ids, ids, ids))["params"])
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 8.0  # no near-ties under greedy decoding
   return task, params
 
@@ -52,10 +52,10 @@ def jitted(task):
   """(row_tokens, logits, model.apply, model.apply with dropout) of `task`, compiled once (tasks are not
   hashable)."""
   if id(task) not in _JITTED:
-    def train_apply(params, tokens, positions, segments, image_ids, rng):
-      return task.model.apply({"params": params}, tokens, positions, segments, image_ids, rngs={"dropout": rng})
-    _JITTED[id(task)] = (jax.jit(task.row_tokens), jax.jit(task.logits), jax.jit(task.model.apply),
-                         jax.jit(train_apply))
+    def train_apply(params, rows, rng):
+      return task.model.apply({"params": params}, rows, rngs={"dropout": rng})
+    _JITTED[id(task)] = (jax.jit(lambda batch: task.row_tokens(packed.Rows.of(batch), batch["images"])),
+                         jax.jit(task.logits), jax.jit(task.model.apply), jax.jit(train_apply))
   return _JITTED[id(task)]
 
 
@@ -70,10 +70,10 @@ def shared_batch():
 def model_logits(task, params, rng=None):
   """`task.logits` on the shared batch, without recompiling the tokenizer for every model variant."""
   batch, tokens = shared_batch()
-  args = (params, tokens, batch["positions"], batch["segment_ids"], batch["image_ids"])
+  rows = packed.Rows.of(batch).replace(tokens=tokens)
   if rng is None:
-    return np.asarray(jitted(task)[2]({"params": params}, *args[1:]))
-  return np.asarray(jitted(task)[3](*args, rng))
+    return np.asarray(jitted(task)[2]({"params": params}, rows))
+  return np.asarray(jitted(task)[3](params, rows, rng))
 
 
 def random_images(n, seed=0):
@@ -98,11 +98,13 @@ def packed_batch(task, seed=0):
   """Two rows: [BOS 11 12 BOI img×4 EOI EOS | BOS BOI img×4 EOI 13 EOS] and one image row, padded."""
   p1 = prompt("1 2", random_images(1, seed)[0])
   p2 = prompt("", random_images(1, seed + 1)[0])
-  rows = prompts_lib.batch([p1, p2], pad_id=0, max_images=2, image_shape=IMAGE)
-  b, t = rows["tokens"].shape
-  weights = (rows["segment_ids"] > 0).astype(np.float32)
+  rows, images = prompts_lib.batch([p1, p2], pad_id=0, max_images=2, image_shape=IMAGE)
+  b, t = rows.tokens.shape
+  weights = (rows.segment_ids > 0).astype(np.float32)
   weights[:, -1] = 0.0
-  return {**{k: jnp.asarray(v) for k, v in rows.items()}, "loss_weights": jnp.asarray(weights),
+  fields = {"tokens": rows.tokens, "positions": rows.positions, "segment_ids": rows.segment_ids,
+            "image_ids": rows.image_ids, "images": images}
+  return {**{k: jnp.asarray(v) for k, v in fields.items()}, "loss_weights": jnp.asarray(weights),
           "image_valid": jnp.asarray(np.array([[1, 0], [1, 0]], bool)),
           "image_t_max": jnp.zeros((b, 2), jnp.int32)}
 
@@ -163,7 +165,7 @@ def test_attention_is_causal_inside_images():
   changed = tokens.at[0, first + SLOTS - 1].set(TEXT_VOCAB + (int(tokens[0, first + SLOTS - 1]) - TEXT_VOCAB + 1)
                                                 % CODEBOOK)
   def run(tok):
-    return jitted(task)[2]({"params": params}, tok, batch["positions"], batch["segment_ids"], batch["image_ids"])
+    return jitted(task)[2]({"params": params}, packed.Rows.of(batch).replace(tokens=tok))
   a, b = np.asarray(run(tokens)), np.asarray(run(changed))
   start = int(np.argmax(np.asarray(batch["segment_ids"])[0] > 0))  # rows are left-padded
   np.testing.assert_allclose(a[0, start:first + SLOTS - 1], b[0, start:first + SLOTS - 1], atol=1e-5)
@@ -171,7 +173,7 @@ def test_attention_is_causal_inside_images():
   with pytest.raises(ValueError, match="bidirectional_images=False"):
     bad = chameleon.ChameleonModel(TEXT_VOCAB + CODEBOOK, backbone.BackboneConfig(2, 32, 4), 2, SLOTS)
     ids = jnp.zeros((1, 4), jnp.int32)
-    bad.init(jax.random.key(0), ids, ids, ids, ids)
+    bad.init(jax.random.key(0), packed.Rows(ids, ids, ids, ids))
 
 
 def test_qk_norm_switch():
@@ -236,15 +238,18 @@ def full_logits(task, params, tokens):
   t = np.zeros((1, REF_LENGTH), np.int32)
   t[0, :n] = tokens
   seg = (np.arange(REF_LENGTH) < n).astype(np.int32)[None]
-  out = jitted(task)[2]({"params": params}, jnp.asarray(t), jnp.arange(REF_LENGTH)[None], jnp.asarray(seg),
+  rows = packed.Rows(jnp.asarray(t), jnp.arange(REF_LENGTH)[None], jnp.asarray(seg),
                      jnp.zeros((1, REF_LENGTH), jnp.int32))
+  out = jitted(task)[2]({"params": params}, rows)
   return np.asarray(out[0, n - 1])
 
 
 def prompt_tokens(task, p):
   """A prompt's row with its images' codes in place."""
-  rows = prompts_lib.batch([p], pad_id=0, max_images=2, image_shape=IMAGE, multiple=1)
-  return list(np.asarray(jitted(task)[0]({k: jnp.asarray(v) for k, v in rows.items()}))[0])
+  rows, images = prompts_lib.batch([p], pad_id=0, max_images=2, image_shape=IMAGE, multiple=1)
+  batch = {"tokens": rows.tokens, "positions": rows.positions, "segment_ids": rows.segment_ids,
+           "image_ids": rows.image_ids, "images": images}
+  return list(np.asarray(jitted(task)[0]({k: jnp.asarray(v) for k, v in batch.items()}))[0])
 
 
 def test_cached_guided_code_drawing_equals_uncached():
@@ -304,9 +309,9 @@ def test_constrained_decoding_never_mixes_modalities():
   recorded = []
   orig_feed, orig_event = stepper.feed, stepper.draw_images
 
-  def feed(cache, tokens, *args):
-    recorded.append(("text", np.asarray(tokens)))
-    return orig_feed(cache, tokens, *args)
+  def feed(cache, rows):
+    recorded.append(("text", np.asarray(rows.tokens)))
+    return orig_feed(cache, rows)
 
   def event(cache, ev, rng, diffusion):
     out = orig_event(cache, ev, rng, diffusion)

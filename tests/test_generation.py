@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from unimm import diffusion
-from unimm.data import documents
+from unimm.data import documents, packed
 from unimm.data.tokenizer import SpecialIds
 from unimm.inference import images as images_lib, prompts as prompts_lib, sampling, text
 from unimm.models import autoencoders, backbone, transfusion
@@ -27,8 +27,8 @@ def tiny_task(perturb=False):
   model = transfusion.TransfusionModel(vocab_size=40, backbone=cfg, latent_shape=(4, 4, 1), max_images=2,
                                        patch_size=2)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(0), tokens, tokens, tokens, tokens, jnp.zeros((1, 2, 4, 4, 1)),
-                               jnp.zeros((1, 2), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), packed.Rows(tokens, tokens, tokens, tokens),
+                               jnp.zeros((1, 2, 4, 4, 1)), jnp.zeros((1, 2), jnp.int32))["params"]
   params = nn.meta.unbox(params)
   # Sharpen the LM head so greedy decoding is never a near-tie.
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 8.0
@@ -65,9 +65,9 @@ def uncached_greedy(task, params, p, max_new):
   for _ in range(max_new):
     n = len(tokens)
     pad = [0] * (width - n)
-    logits, _ = apply({"params": params}, jnp.asarray([tokens + pad]), jnp.asarray([list(range(n)) + pad]),
-                      jnp.asarray([[1] * n + pad]), jnp.asarray([image_ids + pad]), latents,
-                      jnp.zeros((1, 2), jnp.int32))
+    rows = packed.Rows(jnp.asarray([tokens + pad]), jnp.asarray([list(range(n)) + pad]),
+                       jnp.asarray([[1] * n + pad]), jnp.asarray([image_ids + pad]))
+    logits, _ = apply({"params": params}, rows, latents, jnp.zeros((1, 2), jnp.int32))
     tok = int(jnp.argmax(logits[0, n - 1]))
     out.append(tok)
     if tok == SPECIALS.eos:
@@ -122,15 +122,15 @@ def test_sampling_filters():
 
 def test_prompt_batch_is_left_padded():
   image = np.full((4, 4, 1), 9, np.uint8)
-  rows = prompts_lib.batch([prompt("1 2"), prompt("", image)], pad_id=0, max_images=2, image_shape=(4, 4, 1),
-                           multiple=4)
-  assert rows["tokens"].shape == (2, 8)
-  assert rows["tokens"][0].tolist() == [0, 0, 0, 0, 0, 1, 11, 12]
-  assert rows["tokens"][1].tolist() == [0, 1, 3, 5, 5, 5, 5, 4]
-  assert rows["segment_ids"][0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
-  assert rows["positions"][1].tolist() == [0, 0, 1, 2, 3, 4, 5, 6]
-  assert rows["image_ids"][1].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
-  assert (rows["images"][1, 0] == 9).all() and not rows["images"][1, 1].any()
+  rows, images = prompts_lib.batch([prompt("1 2"), prompt("", image)], pad_id=0, max_images=2,
+                                   image_shape=(4, 4, 1), multiple=4)
+  assert rows.tokens.shape == (2, 8)
+  assert rows.tokens[0].tolist() == [0, 0, 0, 0, 0, 1, 11, 12]
+  assert rows.tokens[1].tolist() == [0, 1, 3, 5, 5, 5, 5, 4]
+  assert rows.segment_ids[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+  assert rows.positions[1].tolist() == [0, 0, 1, 2, 3, 4, 5, 6]
+  assert rows.image_ids[1].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
+  assert (images[1, 0] == 9).all() and not images[1, 1].any()
 
 
 @pytest.mark.slow

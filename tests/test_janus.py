@@ -10,7 +10,7 @@ import optax
 
 from test_chameleon import CODEBOOK, IMAGE, SLOTS, SPECIALS, TEXT_VOCAB, FakeTokenizer, prompt, random_images
 from test_chameleon import tiny_tokenizer
-from unimm.data import documents, layout, packing
+from unimm.data import documents, layout, packed, packing
 from unimm.inference import codes, prompts as prompts_lib, text as text_lib
 from unimm.models import backbone, code_images, janus, vit
 from unimm.train import step as step_lib
@@ -42,7 +42,7 @@ def apply_fn():
 
 @functools.lru_cache(maxsize=None)
 def row_tokens():
-  return np.asarray(jax.jit(tiny_task()[0].row_tokens)(packed_batch()))
+  return np.asarray(jax.jit(lambda batch: tiny_task()[0].batch_inputs(batch)[0].tokens)(packed_batch()))
 
 
 def laid_out(doc, opts, seed=0):
@@ -91,9 +91,9 @@ def test_roles_pick_the_encoder_and_the_targets():
   assert w[0][np.asarray(batch["image_ids"][0]) == 1].sum() == SLOTS  # codes 2..4 and the EOI
   # The read image enters through the ViT: changing its pixels changes the logits after it, not before.
   apply = apply_fn()
-  base = np.asarray(apply({"params": params}, *task.model_inputs(batch)))
+  base = np.asarray(apply({"params": params}, *task.batch_inputs(batch)))
   other = dict(batch, images=batch["images"].at[1, 0].set(255 - batch["images"][1, 0]))
-  moved = np.asarray(apply({"params": params}, *task.model_inputs(other)))
+  moved = np.asarray(apply({"params": params}, *task.batch_inputs(other)))
   first = int(np.argmax(np.asarray(batch["image_ids"][1]) == 1))
   np.testing.assert_allclose(moved[1, :first], base[1, :first], atol=1e-6)
   assert np.abs(moved[1, first:] - base[1, first:]).max() > 1e-4
@@ -106,7 +106,7 @@ def test_loss_against_numpy():
   batch = packed_batch()
   sums = jax.jit(task.loss_terms)(params, batch, jax.random.key(0))
   counts = task.loss_counts(batch)
-  logits = np.asarray(apply_fn()({"params": params}, *task.model_inputs(batch)), np.float64)
+  logits = np.asarray(apply_fn()({"params": params}, *task.batch_inputs(batch)), np.float64)
   tokens = row_tokens()
   w = np.asarray(batch["loss_weights"])
   text_sum = image_sum = n_text = n_image = 0.0
@@ -179,7 +179,7 @@ def full_logits(task, params, tokens, images=None):
   for j, im in enumerate(images or []):
     imgs[0, j] = im
   seg = (np.arange(REF_LENGTH) < n).astype(np.int32)[None]
-  out = apply_fn()({"params": params}, t, np.arange(REF_LENGTH)[None], seg, image_ids, imgs)
+  out = apply_fn()({"params": params}, packed.Rows(t, np.arange(REF_LENGTH)[None], seg, image_ids), imgs)
   return np.asarray(out)[0, n - 1]
 
 

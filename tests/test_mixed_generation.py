@@ -10,6 +10,7 @@ from PIL import Image
 import pytest
 
 from unimm import diffusion
+from unimm.data import packed
 from unimm.inference import images as images_lib, requests, text
 from unimm.models import autoencoders
 from test_generation import SLOTS, SPECIALS, prompt, tiny_task
@@ -45,9 +46,9 @@ def apply_row(task, params, tokens, image_ids, latents, t):
   lat = jnp.zeros((1, 2, 4, 4, 1))
   for k, x in enumerate(latents):
     lat = lat.at[0, k].set(x)
-  return _jitted_apply(task.model)({"params": params}, jnp.asarray([tokens + pad]),
-                                   jnp.asarray([list(range(n)) + pad]), jnp.asarray([[1] * n + pad]),
-                                   jnp.asarray([image_ids + pad]), lat, jnp.asarray([t], jnp.int32))
+  rows = packed.Rows(jnp.asarray([tokens + pad]), jnp.asarray([list(range(n)) + pad]),
+                     jnp.asarray([[1] * n + pad]), jnp.asarray([image_ids + pad]))
+  return _jitted_apply(task.model)({"params": params}, rows, lat, jnp.asarray([t], jnp.int32))
 
 
 def reference_image(task, params, tokens, image_ids, earlier, noise, options):

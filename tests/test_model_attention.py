@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from unimm import diffusion
+from unimm.data import packed
 from unimm.models import attention, autoencoders, backbone, transfusion
 from test_attention_mask import random_row
 
@@ -39,7 +40,7 @@ def packed_example():
 
 
 def run(model, params, tokens, pos, seg, img, latents):
-  return jax.jit(model.apply)({"params": params}, tokens, pos, seg, img, latents, jnp.array([[300, 0]]))
+  return jax.jit(model.apply)({"params": params}, packed.Rows(tokens, pos, seg, img), latents, jnp.array([[300, 0]]))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def setup():
   model = tiny_model()
   tokens, pos, seg, img = packed_example()
   latents = jax.random.normal(jax.random.key(1), (1, 2, 8, 8, 1))
-  params = jax.jit(model.init)(jax.random.key(0), tokens, pos, seg, img, latents,
+  params = jax.jit(model.init)(jax.random.key(0), packed.Rows(tokens, pos, seg, img), latents,
                                jnp.zeros((1, 2), jnp.int32))["params"]
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)  # no zero layers
   return model, params, (tokens, pos, seg, img), latents
@@ -108,8 +109,9 @@ def test_patch_layers_and_vae_shapes():
     tokens, pos, seg, img = packed_example()
     latents = jnp.zeros((1, 2, 8, 8, 1))
     t = jnp.zeros((1, 2), jnp.int32)
-    logits, eps = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), tokens, pos, seg, img, latents, t),
-                                                     tokens, pos, seg, img, latents, t))
+    rows = packed.Rows(tokens, pos, seg, img)
+    logits, eps = jax.eval_shape(lambda m=model, r=rows: m.apply(m.init(jax.random.key(0), r, latents, t), r,
+                                                                  latents, t))
     assert logits.shape == (1, 24, 50) and eps.shape == (1, 2, 8, 8, 1)
   cfg = autoencoders.AutoencoderConfig(kind="kl_vae", downsample=4, latent_channels=8, channels=16,
                                        channel_mults=(1, 2, 2))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from unimm.train import optimizer, setup as setup_lib
+from unimm.train import optimizer, settings, setup as setup_lib
 
 TINY = [("configs/transfusion/tiny.py", "shapes"), ("configs/transfusion/tiny.py", "shapes_vae"),
         ("configs/chameleon/tiny.py", None), ("configs/janus/tiny.py", "stage3"), ("configs/siglip/tiny.py", None),
@@ -22,7 +22,7 @@ PAPER = [("configs/transfusion/7b.py", None), ("configs/chameleon/7b.py", None)]
 def decayed(config) -> dict[str, float]:
   """{path with scanned/unrolled layers named alike: multiplier} of the config's params."""
   params = setup_lib.abstract_params(config, 128)
-  mults = optimizer.decay_multipliers(nn.unbox(params), optimizer.wd_mults_of(config.train))
+  mults = optimizer.decay_multipliers(nn.unbox(params), settings.TrainSettings.from_config(config.train).wd_mults)
   out = {}
   for path, mult in jax.tree_util.tree_leaves_with_path(mults):
     out[re.sub(r"/layer_\d+/", "/layers/", optimizer.path_name(path))] = mult
@@ -58,7 +58,7 @@ def test_wd_mults_first_match_wins_and_bad_entries_fail():
   assert optimizer.decay_multiplier("vision_encoder/attn/q_bias", mults) == 0.0  # fullmatch: not ".*/bias"
   assert optimizer.decay_multiplier("decoder/final_norm/scale", mults) == 0.0
   with pytest.raises(ValueError, match="expected \\(path regex, multiplier\\)"):
-    optimizer.wd_mults_of(mlc.ConfigDict({"wd_mults": (("kernel",),)}))
+    optimizer.wd_mults_of((("kernel",),))
 
 
 def test_adamw_step_matches_numpy_reference():
@@ -70,7 +70,9 @@ def test_adamw_step_matches_numpy_reference():
   params = {"layers": {"attn_norm": {"scale": rng.normal(size=(2, 4))}, "q": {"kernel": rng.normal(size=(2, 4, 4))}},
             "head": {"kernel": rng.normal(size=(4, 3))}, "embed": {"embedding": rng.normal(size=(5, 4))}}
   grads = jax.tree.map(lambda p: rng.normal(size=p.shape) * 0.3, params)
-  tx = optimizer.make_optimizer(train)
+  base = load_config("configs/transfusion/tiny.py", "shapes").train
+  base.update(train)
+  tx = optimizer.make_optimizer(settings.TrainSettings.from_config(base))
   f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
   updates, _ = tx.update(f32(grads), tx.init(f32(params)), f32(params))
   norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))

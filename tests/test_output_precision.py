@@ -12,6 +12,7 @@ import numpy as np
 
 from conftest import load_config, random_params
 from unimm import families
+from unimm.data import packed
 from unimm.models import janus, layers, losses
 
 LENGTH = 32
@@ -27,7 +28,7 @@ def rows(vocab: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, vocab, (2, LENGTH)), jnp.int32)
   ones = jnp.ones((2, LENGTH), jnp.int32)
-  return tokens, jnp.broadcast_to(jnp.arange(LENGTH), (2, LENGTH)), ones, jnp.zeros_like(ones)
+  return packed.Rows(tokens, jnp.broadcast_to(jnp.arange(LENGTH), (2, LENGTH)), ones, jnp.zeros_like(ones))
 
 
 def scaled_head(params, path: tuple[str, ...], factor: float):
@@ -40,9 +41,9 @@ def scaled_head(params, path: tuple[str, ...], factor: float):
   return params
 
 
-def decoder_output(model, tokens, *ids):
+def decoder_output(model, rows):
   """The final-normed hidden states the model's heads read (text tokens only)."""
-  return model.decoder(model.embed(tokens), *ids)
+  return model.decoder(model.embed(rows.tokens), rows.positions, rows.segment_ids, rows.image_ids)
 
 
 def reference_logits(hidden, kernel):
@@ -61,7 +62,7 @@ def assert_float32_logits(logits, want):
 def test_transfusion_lm_head_logits_are_float32():
   task = families.transfusion_task(bf16_config("configs/transfusion/tiny.py"), vocab_size=128)
   model = task.model
-  inputs = (*rows(128), *model.dummy_inputs(2, LENGTH)[4:])
+  inputs = (rows(128), *model.dummy_inputs(2, LENGTH)[1:])
   params = scaled_head(random_params(model, *inputs), ("lm_head", "kernel"), 40.0)
   logits, _ = jax.jit(model.apply)({"params": params}, *inputs)
   hidden, _ = jax.jit(lambda p: model.apply(p, *inputs, return_hidden=True))({"params": params})
@@ -87,7 +88,7 @@ def test_chunked_lm_loss_uses_float32_logits():
 def test_chameleon_logits_are_float32():
   config = bf16_config("configs/chameleon/tiny.py")
   task = families.chameleon_task(config, vocab_size=128, frozen_codec=families.random_frozen_codec(config))
-  model, inputs = task.model, rows(128)
+  model, inputs = task.model, (rows(128),)
   params = scaled_head(random_params(model, *inputs), ("lm_head", "kernel"), 40.0)
   logits = jax.jit(model.apply)({"params": params}, *inputs)
   hidden = jax.jit(lambda p: model.apply(p, *inputs, method=decoder_output))({"params": params})
@@ -98,11 +99,11 @@ def test_janus_text_and_image_heads_are_float32():
   config = bf16_config("configs/janus/tiny.py", "stage2")
   task = families.janus_task(config, vocab_size=128, frozen_codec=families.random_frozen_codec(config))
   model = task.model
-  inputs = (*rows(128), jnp.zeros((2, model.max_images, *model.image_shape), jnp.uint8))
+  inputs = (rows(128), jnp.zeros((2, model.max_images, *model.image_shape), jnp.uint8))
   params = random_params(model, *inputs)
   params = scaled_head(scaled_head(params, ("lm_head", "kernel"), 40.0), ("gen_head", "fc2", "kernel"), 40.0)
   logits = jax.jit(model.apply)({"params": params}, *inputs)
-  hidden = jax.jit(lambda p: model.apply(p, *inputs[:4], method=decoder_output))({"params": params})
+  hidden = jax.jit(lambda p: model.apply(p, inputs[0], method=decoder_output))({"params": params})
   assert_float32_logits(logits[..., :model.text_vocab], reference_logits(hidden, params["lm_head"]["kernel"]))
   image_logits = np.asarray(logits[..., model.text_vocab:])
   assert np.abs(image_logits).max() > 8

@@ -71,32 +71,24 @@ def layout_document(doc: documents.Document, tokenizer: Tokenizer, opts: LayoutO
     return checked
   doc = order_pair(checked, opts, rng)
   sp: SpecialIds = tokenizer.specials
-  tokens = [sp.bos]
-  image_ids = [0]
-  target_weights = [0.0]  # weight of predicting this token; BOS is never predicted
+  token_parts = []
+  target_weights = [0.0]  # weight of predicting each token; BOS is never predicted
   images, t_max, written = [], [], []
   text_after = _text_follows(doc.parts)
   for part, followed_by_text in zip(doc.parts, text_after):
     if isinstance(part, documents.Text):
       ids = tokenizer.encode(part.text)
-      if part.as_padding:
-        ids = [sp.pad] * len(ids)
-      tokens += ids
-      image_ids += [0] * len(ids)
+      token_parts.append([sp.pad] * len(ids) if part.as_padding else ids)
       target_weights += [part.loss_weight] * len(ids)
     else:
-      k = len(images) + 1
       images.append(part.pixels)
       t_max.append(opts.noise_limit_t if followed_by_text else opts.max_timestep)
       written.append(not followed_by_text)
       weight = opts.image_token_weight if (opts.train_read_images or not followed_by_text) else 0.0
-      n = opts.image_slots
-      tokens += [sp.boi] + [sp.img] * n + [sp.eoi]
-      image_ids += [0] + [k] * n + [0]
+      token_parts.append(IMAGE)
       # BOI is the text-level choice to start an image: trained like text.
-      target_weights += [1.0] + [weight] * (n + 1)
-  tokens.append(sp.eos)
-  image_ids.append(0)
+      target_weights += [1.0] + [weight] * (opts.image_slots + 1)
+  tokens, image_ids = lay_out(token_parts, sp, opts.image_slots, eos=True)
   target_weights.append(1.0)
   # loss_weights[t] weights the prediction of tokens[t+1] made at t.
   loss_weights = np.zeros(len(tokens), np.float32)
@@ -110,6 +102,36 @@ def layout_document(doc: documents.Document, tokenizer: Tokenizer, opts: LayoutO
       "image_t_max": np.asarray(t_max, np.int32),
       "image_written": np.asarray(written, bool),
   }
+
+
+class _ImagePart:
+  def __repr__(self):
+    return "IMAGE"
+
+
+IMAGE = _ImagePart()  # an image among `lay_out`'s parts
+
+
+def lay_out(parts, specials: SpecialIds, slots: int, *, bos: bool = True, eos: bool = False
+            ) -> tuple[list[int], list[int]]:
+  """A document's token ids and image ids: BOS, then each part (text token ids as they are; `IMAGE`: BOI,
+  `slots` IMG slots with image id k for the document's k-th image, EOI), then EOS. Every row a model
+  reads is laid out here: training documents, prompts, caption rows."""
+  tokens = [specials.bos] if bos else []
+  image_ids = [0] * len(tokens)
+  k = 0
+  for part in parts:
+    if part is IMAGE:
+      k += 1
+      tokens += [specials.boi] + [specials.img] * slots + [specials.eoi]
+      image_ids += [0] + [k] * slots + [0]
+    else:
+      tokens += list(part)
+      image_ids += [0] * len(part)
+  if eos:
+    tokens.append(specials.eos)
+    image_ids.append(0)
+  return tokens, image_ids
 
 
 def _text_follows(parts) -> list[bool]:

@@ -28,23 +28,73 @@ stats             {reason: int32}     records skipped since the previous row of 
 ================  ==================  ===========================================================
 
 Images lie between BOI and EOI tokens, one slot per latent patch, raster order.
+
+A model reads the first four fields as one `Rows` (`Rows.of(batch)`); the rows that are not packed by the
+pipeline (init shapes, prompts, caption rows, generation steps) are made by its constructors.
 """
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import flax.struct
 import numpy as np
 
 ROW_FIELDS = ("tokens", "segment_ids", "positions", "image_ids", "loss_weights")
 IMAGE_FIELDS = ("images", "image_valid", "image_t_max", "image_written")
 
 
+@flax.struct.dataclass
+class Rows:
+  """What a model reads of B rows of T slots: `tokens`, `positions`, `segment_ids`, `image_ids`, each int32
+  [B, T], as in the table above. A pytree: jit arguments, `jax.device_put` and `.replace(tokens=…)` work."""
+
+  tokens: Any
+  positions: Any
+  segment_ids: Any
+  image_ids: Any
+
+  @classmethod
+  def of(cls, batch: dict) -> "Rows":
+    """The rows of a packed batch (or of any dict with these four fields)."""
+    return cls(batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"])
+
+  @classmethod
+  def one_document(cls, batch: int, length: int) -> "Rows":
+    """Rows of one all-text document each, zero ids: the shapes that init params and caches."""
+    zeros = lambda: np.zeros((batch, length), np.int32)  # pylint: disable=unnecessary-lambda-assignment
+    return cls(zeros(), zeros(), np.ones((batch, length), np.int32), zeros())
+
+  @classmethod
+  def padded(cls, documents: Sequence[tuple[Sequence[int], Sequence[int]]], length: int, pad_id: int, *,
+             left: bool = False, first_positions: Sequence[int] | None = None) -> "Rows":
+    """One document a row from `(tokens, image_ids)` pairs, padded to `length` slots (padding: `pad_id`,
+    segment 0, position 0) on the right, or on the `left` (prompts, which must all end at the same slot).
+    Positions count from `first_positions` (default 0: a document's first slot), e.g. for a step that
+    writes a document's continuation into a KV cache; an empty document is a row of padding."""
+    b = len(documents)
+    tokens = np.full((b, length), pad_id, np.int32)
+    positions, segment_ids, image_ids = (np.zeros((b, length), np.int32) for _ in range(3))
+    for i, (doc_tokens, doc_image_ids) in enumerate(documents):
+      n = len(doc_tokens)
+      if n > length:
+        raise ValueError(f"row {i} holds {n} tokens, more than its {length} slots")
+      span = slice(length - n, length) if left else slice(0, n)
+      tokens[i, span] = doc_tokens
+      positions[i, span] = np.arange(n) + (0 if first_positions is None else first_positions[i])
+      segment_ids[i, span] = 1 if n else 0
+      image_ids[i, span] = doc_image_ids
+    return cls(tokens, positions, segment_ids, image_ids)
+
+
 def example_batch(batch: int, seq_len: int, max_images: int, image_shape) -> dict:
   """A batch of the contract's shapes (one document a row, no images): for init and shape tracing."""
+  rows = Rows.one_document(batch, seq_len)
   return {
-      "tokens": np.zeros((batch, seq_len), np.int32),
-      "segment_ids": np.ones((batch, seq_len), np.int32),
-      "positions": np.zeros((batch, seq_len), np.int32),
-      "image_ids": np.zeros((batch, seq_len), np.int32),
+      "tokens": rows.tokens,
+      "segment_ids": rows.segment_ids,
+      "positions": rows.positions,
+      "image_ids": rows.image_ids,
       "loss_weights": np.zeros((batch, seq_len), np.float32),
       "images": np.zeros((batch, max_images, *image_shape), np.uint8),
       "image_valid": np.zeros((batch, max_images), bool),

@@ -207,7 +207,7 @@ def evaluate_siglip(config, task, params, tokenizer, *, num_examples: int = 200)
     img = np.concatenate([np.asarray(embed_images(params, jnp.asarray(images[i:i + 64])))
                           for i in range(0, len(images), 64)])
     rows = vit.caption_rows(candidates, tokenizer, int(config.data.image_slots), int(config.data.seq_len))
-    txt = np.concatenate([np.asarray(embed_texts(params, {k: v[i:i + 64] for k, v in rows.items()}))
+    txt = np.concatenate([np.asarray(embed_texts(params, jax.tree.map(lambda v: v[i:i + 64], rows)))
                           for i in range(0, len(candidates), 64)])
     results[name] = {**zero_shot_scores(img, txt, labels), "skipped": skipped}
   return results

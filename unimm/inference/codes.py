@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimm.data import packed
 from unimm.inference import cache as cache_lib, placement as placement_lib, prompts as prompts_lib
 from unimm.inference import sampling, text as text_lib
 
@@ -87,18 +88,18 @@ class CodeStepper:
     return self.task.tokenizer_ids, self.task.codes.text_vocab  # codes follow the padded text vocabulary
 
   def _step(self, cache, *inputs):
-    """One step of token inputs (tokens, positions, segment ids, image ids)."""
+    """One step of the model's inputs (`packed.Rows`, and images for a family that reads them)."""
     with self.placement.context():
       return self._step_jit(self.params, cache, *inputs)
 
-  def prefill(self, cache, rows: dict):
+  def prefill(self, cache, rows: packed.Rows, images):
     with self.placement.context():
-      inputs = self._model_inputs(self.placement.rows(rows))
+      inputs = self._model_inputs(*self.placement.rows((rows, images)))
     return self._step(cache, *inputs)
 
-  def feed(self, cache, tokens, positions, segments, image_ids):
+  def feed(self, cache, rows: packed.Rows):
     """One text step."""
-    return self._step(cache, tokens, positions, segments, image_ids)
+    return self._step(cache, rows)
 
   def mask(self, logits, images_full):
     return mask_text(logits, self.task.codes.text_vocab, self.specials, images_full)
@@ -121,8 +122,9 @@ class CodeStepper:
       codes.append(new)
       if s + 1 < slots:
         feed = new if options.guidance is None else jnp.concatenate([new, new])
-        logits, cache = self._step(cache, feed[:, None].astype(jnp.int32),
-                                   (np.asarray(first_slot)[:, None] + s).astype(np.int32), ones, image_ids)
+        logits, cache = self._step(cache, packed.Rows(feed[:, None].astype(jnp.int32),
+                                                      (np.asarray(first_slot)[:, None] + s).astype(np.int32), ones,
+                                                      image_ids))
     return np.asarray(jnp.stack(codes, axis=1))
 
   def uncond_prompt(self, prompt: prompts_lib.Prompt) -> prompts_lib.Prompt:
@@ -135,11 +137,11 @@ class CodeStepper:
     `index` of an empty cache of `length` slots: (logits, cache, the twins' lengths)."""
     s = self.specials
     twins = [self.uncond_prompt(prompts_lib.Prompt([s.pad] * int(n), [0] * int(n), [])) for n in prefix_lengths]
-    rows = prompts_lib.batch(twins, pad_id=s.pad, max_images=self.model.max_images,
-                             image_shape=self.task.image_shape, multiple=1)
-    width = rows["tokens"].shape[1]
+    rows, _ = prompts_lib.batch(twins, pad_id=s.pad, max_images=self.model.max_images,
+                                image_shape=self.task.image_shape, multiple=1)
+    width = rows.tokens.shape[1]
     cache = cache_lib.with_index(cache_lib.empty(self.model, len(twins), length, self.placement), index - width)
-    logits, cache = self._step(cache, rows["tokens"], rows["positions"], rows["segment_ids"], rows["image_ids"])
+    logits, cache = self._step(cache, rows)
     return logits, cache, np.array([len(t) for t in twins])
 
   def to_pixels(self, code_tokens) -> np.ndarray:
@@ -164,9 +166,9 @@ class CodeStepper:
       image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
     codes = self.draw(rows_cache, rows_logits, first_slot, image_index, rng, options)[:len(rows)]
     pictures = list(self.to_pixels(codes))
-    inputs = text_lib.image_closing_inputs(b, rows, np.concatenate([codes, np.full((len(rows), 1), s.eoi)], axis=1),
-                                           event.next_pos, event.image_count, s.pad)
-    return (pictures, *self._step(cache, *inputs))
+    closing = text_lib.image_closing_rows(b, rows, np.concatenate([codes, np.full((len(rows), 1), s.eoi)], axis=1),
+                                          event.next_pos, event.image_count, s.pad)
+    return (pictures, *self._step(cache, closing))
 
 
 class CodeImageGenerator:
@@ -193,9 +195,8 @@ class CodeImageGenerator:
     new_image = np.array([len(p.images) for p in both])
     if (new_image >= m).any():
       raise ValueError(f"a prompt already holds {int(new_image.max())} images; the model takes {m} per row")
-    rows = prompts_lib.batch(both, pad_id=s.pad, max_images=m, image_shape=steps.task.image_shape)
-    cache = cache_lib.empty(steps.model, len(both), cache_lib.bucket(rows["tokens"].shape[1] + slots),
-                            steps.placement)
-    logits, cache = steps.prefill(cache, rows)
+    rows, images = prompts_lib.batch(both, pad_id=s.pad, max_images=m, image_shape=steps.task.image_shape)
+    cache = cache_lib.empty(steps.model, len(both), cache_lib.bucket(rows.tokens.shape[1] + slots), steps.placement)
+    logits, cache = steps.prefill(cache, rows, images)
     codes = steps.draw(cache, logits, np.array([len(p) for p in both]), new_image, rng, options)
     return steps.to_pixels(codes[:n])

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm import diffusion
+from unimm.data import packed
 from unimm.inference import cache as cache_lib, placement as placement_lib, prompts as prompts_lib
 
 
@@ -38,9 +39,8 @@ class ImageGenerator:
     self.params = self.placement.params(self.model, params)
     self.specials = specials
 
-    def run(params, cache, tokens, positions, segments, image_ids, latents, t):
-      (_, out), mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
-                                           image_ids, latents, t, mutable=["cache"])
+    def run(params, cache, rows, latents, t):
+      (_, out), mutated = self.model.apply({"params": params, "cache": cache}, rows, latents, t, mutable=["cache"])
       return out, mutated["cache"]
     self._run = jax.jit(run)
 
@@ -51,9 +51,8 @@ class ImageGenerator:
       over its slots against the cache; the step's cache writes are dropped (XLA need not return them)."""
       b = x.shape[0]
       latents = jnp.zeros((b, m, *latent_shape), jnp.float32).at[jnp.arange(b), image_index].set(x)
-      (_, out), _ = self.model.apply({"params": params, "cache": cache}, rows["tokens"], rows["positions"],
-                                     rows["segments"], rows["image_ids"], latents, jnp.full((b, m), t, jnp.int32),
-                                     mutable=["cache"])
+      (_, out), _ = self.model.apply({"params": params, "cache": cache}, rows, latents,
+                                     jnp.full((b, m), t, jnp.int32), mutable=["cache"])
       return self.task.to_epsilon(out[jnp.arange(b), image_index], x, jnp.full((b,), t, jnp.int32))
     self._eps_step = jax.jit(eps_step)
     # The frozen autoencoder as two compiled programs, not op by op.
@@ -69,17 +68,15 @@ class ImageGenerator:
     prompts = placement_lib.pad_to_multiple(list(prompts), self.placement.batch_multiple, bos_only)
     cond = [prompts_lib.Prompt(p.tokens + [s.boi], p.image_ids + [0], p.images) for p in prompts]
     uncond = [prompts_lib.Prompt([s.bos, s.boi], [0, 0], [])] * (len(prompts) if guidance is not None else 0)
-    rows = prompts_lib.batch(cond + uncond, pad_id=s.pad, max_images=m, image_shape=self.task.image_shape)
-    b, length = rows["tokens"].shape
+    rows, images = prompts_lib.batch(cond + uncond, pad_id=s.pad, max_images=m, image_shape=self.task.image_shape)
+    b, length = rows.tokens.shape
     new_image = np.array([len(p.images) for p in cond + uncond])  # index of the image being generated
     if (new_image >= m).any():
       raise ValueError(f"a prompt already holds {int(new_image.max())} images; the model takes {m} per row")
     cache = cache_lib.empty(self.model, b, cache_lib.bucket(length + slots), self.placement)
     with self.placement.context():
-      dev = self.placement.rows(rows)
-      clean = self._encode(dev["images"])
-      _, cache = self._run(self.params, cache, dev["tokens"], dev["positions"], dev["segment_ids"],
-                           dev["image_ids"], clean, jnp.zeros((b, m), jnp.int32))
+      clean = self._encode(self.placement.rows(images))
+      _, cache = self._run(self.params, cache, self.placement.rows(rows), clean, jnp.zeros((b, m), jnp.int32))
     first_slot = np.array([len(p) for p in cond + uncond])
     x = self.denoise(cache, first_slot, new_image, rng,
                      DiffusionOptions(num_steps=num_steps, guidance=guidance, sampler=sampler))
@@ -99,13 +96,10 @@ class ImageGenerator:
       raise ValueError(f"guided denoising takes conditional and unconditional rows in pairs, got {b} rows")
     n, slots = b // 2 if guided else b, self.model.slots
     with self.placement.context():
-      dev = self.placement.rows({
-          "tokens": np.full((b, slots), self.specials.img, np.int32),
-          "positions": (first_slot[:, None] + np.arange(slots)).astype(np.int32),
-          "segments": np.ones((b, slots), np.int32),
-          "image_ids": np.repeat(image_index[:, None] + 1, slots, axis=1).astype(np.int32),
-          "image_index": np.asarray(image_index, np.int32)})
-    image_index = dev.pop("image_index")
+      # Each row's new image: its slots, at the row's next positions.
+      slots_rows = packed.Rows.padded([([self.specials.img] * slots, [k + 1] * slots) for k in image_index], slots,
+                                      self.specials.pad, first_positions=first_slot)
+      dev, image_index = self.placement.rows((slots_rows, np.asarray(image_index, np.int32)))
 
     def eps_fn(x2, t):
       with self.placement.context():

@@ -59,9 +59,10 @@ class Placement:
     """Arrays with a leading batch axis: split over the batch axes."""
     return NamedSharding(self.mesh, P(sharding.BATCH_AXES))
 
-  def rows(self, batch: dict) -> dict:
-    """Numpy arrays with a leading batch axis → jax arrays split over the batch axes."""
-    return {k: jax.device_put(np.asarray(v), self.batch_sharding) for k, v in batch.items()}
+  def rows(self, batch):
+    """A pytree (`packed.Rows`, a dict) of numpy arrays with a leading batch axis → jax arrays split over the
+    batch axes."""
+    return jax.tree.map(lambda v: jax.device_put(np.asarray(v), self.batch_sharding), batch)
 
   def cache_sharding(self, shape: jax.ShapeDtypeStruct, batch_axis: int | None):
     """Cache leaves: rows over the batch axes; key/value heads (axis batch+2) over `tensor` when it divides."""

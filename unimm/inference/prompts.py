@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from unimm.data import documents
+from unimm.data import documents, layout, packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,44 +27,30 @@ class Prompt:
 
 def encode(parts, tokenizer, slots: int, *, bos: bool = True) -> Prompt:
   """A `Prompt` from `documents.Text` / `documents.Image` parts."""
-  s = tokenizer.specials
-  tokens = [s.bos] if bos else []
-  image_ids = [0] * len(tokens)
-  images = []
+  token_parts, images = [], []
   for part in parts:
     if isinstance(part, documents.Text):
-      ids = tokenizer.encode(part.text)
-      tokens += ids
-      image_ids += [0] * len(ids)
+      token_parts.append(tokenizer.encode(part.text))
     elif isinstance(part, documents.Image):
       images.append(part.pixels)
-      tokens += [s.boi] + [s.img] * slots + [s.eoi]
-      image_ids += [0] + [len(images)] * slots + [0]
+      token_parts.append(layout.IMAGE)
     else:
       raise TypeError(f"a prompt part is Text or Image, got {type(part).__name__}")
+  tokens, image_ids = layout.lay_out(token_parts, tokenizer.specials, slots, bos=bos)
   return Prompt(tokens, image_ids, images)
 
 
-def batch(prompts: list[Prompt], *, pad_id: int, max_images: int, image_shape, multiple: int = 16) -> dict:
-  """Left-padded numpy arrays: tokens, positions, segment_ids, image_ids [B, L]; images [B, M, H, W, C]."""
+def batch(prompts: list[Prompt], *, pad_id: int, max_images: int, image_shape,
+          multiple: int = 16) -> tuple[packed.Rows, np.ndarray]:
+  """The prompts left-padded to a multiple of `multiple` slots (numpy `Rows`), and their images
+  uint8 [B, M, H, W, C]."""
   longest = max(len(p) for p in prompts)
   length = -(-longest // multiple) * multiple
-  b = len(prompts)
-  out = {
-      "tokens": np.full((b, length), pad_id, np.int32),
-      "positions": np.zeros((b, length), np.int32),
-      "segment_ids": np.zeros((b, length), np.int32),
-      "image_ids": np.zeros((b, length), np.int32),
-      "images": np.zeros((b, max_images, *image_shape), np.uint8),
-  }
+  images = np.zeros((len(prompts), max_images, *image_shape), np.uint8)
   for i, p in enumerate(prompts):
     if len(p.images) > max_images:
       raise ValueError(f"prompt {i} has {len(p.images)} images; the model takes {max_images} per row")
-    start = length - len(p)
-    out["tokens"][i, start:] = p.tokens
-    out["positions"][i, start:] = np.arange(len(p))
-    out["segment_ids"][i, start:] = 1
-    out["image_ids"][i, start:] = p.image_ids
     for k, im in enumerate(p.images):
-      out["images"][i, k] = im
-  return out
+      images[i, k] = im
+  rows = packed.Rows.padded([(p.tokens, p.image_ids) for p in prompts], length, pad_id, left=True)
+  return rows, images

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimm.data import packed
 from unimm.inference import cache as cache_lib, images as images_lib, placement as placement_lib
 from unimm.inference import prompts as prompts_lib
 from unimm.inference.sampling import SamplingOptions
@@ -57,19 +58,14 @@ def mask_generator_tokens(logits, specials, images_full):
   return jnp.where(never | (images_full[:, None] & (ids == specials.boi)), -jnp.inf, logits)
 
 
-def image_closing_inputs(batch: int, rows, row_tokens, next_pos, image_count, pad: int):
-  """Step inputs that write, for each of `rows`, its new image's slots and EOI (`row_tokens`
+def image_closing_rows(batch: int, rows, row_tokens, next_pos, image_count, pad: int) -> packed.Rows:
+  """Step rows that write, for each of `rows`, its new image's slots and EOI (`row_tokens`
   [len(rows), slots + 1]) at its next positions; every other row writes padding (segment 0)."""
   width = row_tokens.shape[1]
-  tokens = np.full((batch, width), pad, np.int32)
-  positions = np.zeros((batch, width), np.int32)
-  segments = np.zeros((batch, width), np.int32)
-  image_ids = np.zeros((batch, width), np.int32)
-  tokens[rows] = row_tokens
-  positions[rows] = next_pos[rows, None] + np.arange(width)
-  segments[rows] = 1
-  image_ids[rows, :width - 1] = (image_count[rows] + 1)[:, None]
-  return tokens, positions, segments, image_ids
+  documents = [([], [])] * batch
+  for r, tokens in zip(rows, row_tokens):
+    documents[r] = (tokens, [image_count[r] + 1] * (width - 1) + [0])
+  return packed.Rows.padded(documents, width, pad, first_positions=next_pos)
 
 
 @dataclasses.dataclass
@@ -114,28 +110,26 @@ class DiffusionStepper:
     """[start, stop): the vocabulary's padding ids past the tokenizer's, never sampled."""
     return self.task.tokenizer_ids, self.model.vocab_size
 
-  def _step_fn(self, params, cache, tokens, positions, segments, image_ids, latents):
-    t = jnp.zeros((tokens.shape[0], self.model.max_images), jnp.int32)  # images a row reads are clean
-    (logits, _), mutated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
-                                            image_ids, latents, t, mutable=["cache"])
+  def _step_fn(self, params, cache, rows, latents):
+    t = jnp.zeros((rows.tokens.shape[0], self.model.max_images), jnp.int32)  # images a row reads are clean
+    (logits, _), mutated = self.model.apply({"params": params, "cache": cache}, rows, latents, t,
+                                            mutable=["cache"])
     return logits[:, -1], mutated["cache"]
 
-  def _step(self, cache, tokens, positions, segments, image_ids, latents):
+  def _step(self, cache, rows: packed.Rows, latents):
     with self.placement.context():
-      return self._step_jit(self.params, cache, tokens, positions, segments, image_ids, latents)
+      return self._step_jit(self.params, cache, rows, latents)
 
-  def prefill(self, cache, rows: dict):
-    """Logits after each prompt row and the cache holding the prompts."""
+  def prefill(self, cache, rows: packed.Rows, images):
+    """Logits after each prompt row and the cache holding the prompts (and their `images`)."""
     with self.placement.context():
-      dev = self.placement.rows(rows)
-      latents = self._encode(dev["images"])
-    return self._step(cache, dev["tokens"], dev["positions"], dev["segment_ids"], dev["image_ids"], latents)
+      latents = self._encode(self.placement.rows(images))
+      return self._step(cache, self.placement.rows(rows), latents)
 
-  def feed(self, cache, tokens, positions, segments, image_ids):
+  def feed(self, cache, rows: packed.Rows):
     """One text step (no image inputs)."""
-    b = tokens.shape[0]
-    return self._step(cache, tokens, positions, segments, image_ids,
-                      jnp.zeros((b, self.model.max_images, *self.model.latent_shape), jnp.float32))
+    b = rows.tokens.shape[0]
+    return self._step(cache, rows, jnp.zeros((b, self.model.max_images, *self.model.latent_shape), jnp.float32))
 
   def mask(self, logits, images_full):
     """The logits a row may sample from while drawing images is on."""
@@ -156,19 +150,18 @@ class DiffusionStepper:
       # The unconditional twins, `BOS BOI` written at the cache's current end (earlier slots: segment 0).
       uncond = cache_lib.with_index(cache_lib.empty(self.model, k, cache_lib.length(cache), self.placement),
                                     event.filled - 2)
-      _, uncond = self._step(uncond, np.tile([[s.bos, s.boi]], (k, 1)).astype(np.int32),
-                             np.tile([[0, 1]], (k, 1)).astype(np.int32), np.ones((k, 2), np.int32),
-                             np.zeros((k, 2), np.int32), jnp.zeros((k, m, *self.model.latent_shape), jnp.float32))
+      twins = packed.Rows.padded([([s.bos, s.boi], [0, 0])] * k, 2, s.pad)
+      _, uncond = self._step(uncond, twins, jnp.zeros((k, m, *self.model.latent_shape), jnp.float32))
       rows_cache = cache_lib.concat_rows(rows_cache, uncond)
       first_slot = np.concatenate([first_slot, np.full(k, 2)])
       image_index = np.concatenate([image_index, np.zeros(k, np.int64)])
     x = self._images.denoise(rows_cache, first_slot, image_index, rng, diffusion)[:len(rows)]
     pictures = list(self._images.to_pixels(x))
-    tokens, positions, segments, image_ids = image_closing_inputs(
-        b, rows, np.tile([s.img] * slots + [s.eoi], (len(rows), 1)), event.next_pos, event.image_count, s.pad)
+    closing = image_closing_rows(b, rows, np.tile([s.img] * slots + [s.eoi], (len(rows), 1)), event.next_pos,
+                                 event.image_count, s.pad)
     latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32).at[
         jnp.asarray(rows), jnp.asarray(event.image_count[rows])].set(x)
-    return (pictures, *self._step(cache, tokens, positions, segments, image_ids, latents))
+    return (pictures, *self._step(cache, closing, latents))
 
 
 class TextGenerator:
@@ -206,10 +199,10 @@ class TextGenerator:
                                             prompts_lib.Prompt([s.bos], [0], []))
     budget = np.concatenate([budget, np.zeros(len(prompts) - n, np.int64)])
     b = len(prompts)
-    rows = prompts_lib.batch(prompts, pad_id=s.pad, max_images=m, image_shape=stepper.task.image_shape)
-    filled = rows["tokens"].shape[1]  # the cache's next write slot, shared by all rows
+    rows, images = prompts_lib.batch(prompts, pad_id=s.pad, max_images=m, image_shape=stepper.task.image_shape)
+    filled = rows.tokens.shape[1]  # the cache's next write slot, shared by all rows
     cache = cache_lib.empty(self.model, b, cache_lib.bucket(filled + int(budget.max())), self.placement)
-    logits, cache = stepper.prefill(cache, rows)
+    logits, cache = stepper.prefill(cache, rows, images)
     rng = jax.random.key(0) if rng is None else rng
     drawing = diffusion is not None or stepper.draws_images_always
     next_pos = np.array([len(p) for p in prompts], np.int32)
@@ -231,8 +224,9 @@ class TextGenerator:
         break
       tokens = np.where(feed, new, s.pad)[:, None].astype(np.int32)
       # A copy: on CPU a numpy argument may be used in place, after the `+=` below (async dispatch).
-      logits, cache = stepper.feed(cache, tokens, next_pos[:, None].copy(), feed.astype(np.int32)[:, None],
-                                   np.zeros((b, 1), np.int32))
+      step_rows = packed.Rows(tokens, next_pos[:, None].copy(), feed.astype(np.int32)[:, None],
+                              np.zeros((b, 1), np.int32))
+      logits, cache = stepper.feed(cache, step_rows)
       filled += 1
       next_pos += feed
       if starting.any():

@@ -45,12 +45,11 @@ class ChameleonModel(nn.Module):
                                        out_dtype=jnp.float32)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
-    ids = jnp.zeros((batch, length), jnp.int32)
-    return ids, ids, ids, ids
+    return (packed.Rows.one_document(batch, length),)
 
-  def __call__(self, tokens, positions, segment_ids, image_ids):
-    """Token ids (codes already in the image slots) → logits [B, T, V] (float32)."""
-    h = self.decoder(self.embed(tokens), positions, segment_ids, image_ids)
+  def __call__(self, rows: packed.Rows):
+    """Rows (codes already in the image slots) → logits [B, T, V] (float32)."""
+    h = self.decoder(self.embed(rows.tokens), rows.positions, rows.segment_ids, rows.image_ids)
     return layers.constrain(self.lm_head(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
 
@@ -79,16 +78,20 @@ class ChameleonTask:
     return packed.example_batch(batch_size, seq_len, self.model.max_images, image_shape)
 
   def init(self, rng, batch: dict):
-    return self.model.init(rng, batch["tokens"], batch["positions"], batch["segment_ids"],
-                           batch["image_ids"])["params"]
+    return self.model.init(rng, packed.Rows.of(batch))["params"]
 
-  def row_tokens(self, batch: dict):
-    """The row's tokens with its images' codes in the image slots."""
-    return self.codes.fill_slots(batch["tokens"], batch["image_ids"], batch["images"])
+  def row_tokens(self, rows: packed.Rows, images):
+    """The rows' tokens with their images' codes in the image slots."""
+    return self.codes.fill_slots(rows.tokens, rows.image_ids, images)
 
-  def model_inputs(self, batch: dict) -> tuple:
-    """The model's positional inputs for packed rows (or prompt rows)."""
-    return self.row_tokens(batch), batch["positions"], batch["segment_ids"], batch["image_ids"]
+  def model_inputs(self, rows: packed.Rows, images) -> tuple:
+    """The model's inputs for rows (packed, or prompts) and their images [B, M, H, W, C] (every image, read
+    or written, is codes in its slots)."""
+    return (rows.replace(tokens=self.row_tokens(rows, images)),)
+
+  def batch_inputs(self, batch: dict) -> tuple:
+    """The model's inputs for a packed batch."""
+    return self.model_inputs(packed.Rows.of(batch), batch["images"])
 
   def unconditional_prompt(self, length: int, specials) -> list[int]:
     """The guidance twin of a prompt ending in BOI: `[BOS, BOI]` (trained by dropping the caption)."""
@@ -97,15 +100,14 @@ class ChameleonTask:
 
   def logits(self, params, batch: dict, rng=None):
     """Next-token logits of packed rows [B, T, V]; `rng` turns dropout on (training)."""
-    return self.model.apply({"params": params}, self.row_tokens(batch), batch["positions"], batch["segment_ids"],
-                            batch["image_ids"], rngs=None if rng is None else {"dropout": rng})
+    return self.model.apply({"params": params}, *self.batch_inputs(batch),
+                            rngs=None if rng is None else {"dropout": rng})
 
   def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
     del step
-    tokens = self.row_tokens(batch)
-    logits = self.model.apply({"params": params}, tokens, batch["positions"], batch["segment_ids"],
-                              batch["image_ids"], rngs={"dropout": rng})[:, :-1]
-    targets = tokens[:, 1:]  # one head over the joint vocabulary scores text and codes alike
+    (rows,) = self.batch_inputs(batch)
+    logits = self.model.apply({"params": params}, rows, rngs={"dropout": rng})[:, :-1]
+    targets = rows.tokens[:, 1:]  # one head over the joint vocabulary scores text and codes alike
     return code_images.split_loss_terms(batch, logits, targets, logits, targets, self.z_loss)
 
   loss_counts = staticmethod(code_images.split_loss_counts)

@@ -87,8 +87,7 @@ class JanusModel(nn.Module):
     self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name=axes.VOCAB, out_dtype=jnp.float32)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
-    ids = jnp.zeros((batch, length), jnp.int32)
-    return ids, ids, ids, ids, jnp.zeros((batch, self.max_images, *self.image_shape), jnp.uint8)
+    return packed.Rows.one_document(batch, length), jnp.zeros((batch, self.max_images, *self.image_shape), jnp.uint8)
 
   def read_embeddings(self, images, image_ids):
     """uint8 images [B, M, H, W, C] → [B, T, D]: at each slot of image k, its ViT feature's adaptor output."""
@@ -100,9 +99,10 @@ class JanusModel(nn.Module):
     emb = self.und_aligner(feats.reshape(b, m * p, -1))
     return slots.values_at_slots(emb.reshape(b, m, p, -1), image_ids)
 
-  def __call__(self, tokens, positions, segment_ids, image_ids, images=None):
-    """tokens: text ids, codes as `text_vocab + c` at written slots, anything at read slots (which take
+  def __call__(self, rows: packed.Rows, images=None):
+    """rows.tokens: text ids, codes as `text_vocab + c` at written slots, anything at read slots (which take
     `images`' ViT features; without `images` no slot is read). → logits [B, T, text_vocab + codebook]."""
+    tokens, image_ids = rows.tokens, rows.image_ids
     is_code = tokens >= self.text_vocab
     x = self.embed(jnp.where(is_code, 0, tokens))
     codes = jnp.clip(tokens - self.text_vocab, 0, self.codebook_size - 1)
@@ -110,7 +110,7 @@ class JanusModel(nn.Module):
     if images is not None:
       read = (image_ids > 0) & ~is_code
       x = jnp.where(read[..., None], self.read_embeddings(images, image_ids).astype(x.dtype), x)
-    h = self.decoder(x, positions, segment_ids, image_ids)
+    h = self.decoder(x, rows.positions, rows.segment_ids, image_ids)
     logits = jnp.concatenate([self.lm_head(h), self.gen_head(h)], -1)
     return layers.constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
@@ -146,31 +146,34 @@ class JanusTask:
     return packed.example_batch(batch_size, seq_len, self.model.max_images, image_shape)
 
   def init(self, rng, batch: dict):
-    params = self.model.init(rng, batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"],
-                             batch["images"])["params"]
+    params = self.model.init(rng, packed.Rows.of(batch), batch["images"])["params"]
     return {**params, "gen_embed": params["gen_embed"].replace_boxed(self.codes.codebook())}
 
-  def row_tokens(self, batch: dict):
-    """The row's tokens with written images' codes in their slots (read images' slots keep IMG)."""
-    written = batch.get("image_written")
-    if written is None:  # prompts: every image in them is read
-      return batch["tokens"]
-    tokens = self.codes.fill_slots(batch["tokens"], batch["image_ids"], batch["images"])
-    return jnp.where(written_slots(batch["image_ids"], written), tokens, batch["tokens"])
+  def row_tokens(self, rows: packed.Rows, images, image_written=None):
+    """The rows' tokens with written images' codes in their slots (read images' slots keep IMG)."""
+    if image_written is None:  # prompts: every image in them is read
+      return rows.tokens
+    tokens = self.codes.fill_slots(rows.tokens, rows.image_ids, images)
+    return jnp.where(written_slots(rows.image_ids, image_written), tokens, rows.tokens)
 
-  def model_inputs(self, batch: dict) -> tuple:
-    return (self.row_tokens(batch), batch["positions"], batch["segment_ids"], batch["image_ids"], batch["images"])
+  def model_inputs(self, rows: packed.Rows, images, image_written=None) -> tuple:
+    """The model's inputs for rows (packed, or prompts: `image_written` None) and their images."""
+    return rows.replace(tokens=self.row_tokens(rows, images, image_written)), images
+
+  def batch_inputs(self, batch: dict) -> tuple:
+    """The model's inputs for a packed batch."""
+    return self.model_inputs(packed.Rows.of(batch), batch["images"], batch.get("image_written"))
 
   def logits(self, params, batch: dict, rng=None):
     """The LM head's next-token logits of packed rows [B, T, text_vocab] (text targets: perplexity)."""
     del rng
-    return self.model.apply({"params": params}, *self.model_inputs(batch))[..., :self.model.text_vocab]
+    return self.model.apply({"params": params}, *self.batch_inputs(batch))[..., :self.model.text_vocab]
 
   def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
     del step
-    inputs = self.model_inputs(batch)
-    logits = self.model.apply({"params": params}, *inputs, rngs={"dropout": rng})[:, :-1]
-    targets = inputs[0][:, 1:]
+    rows, images = self.batch_inputs(batch)
+    logits = self.model.apply({"params": params}, rows, images, rngs={"dropout": rng})[:, :-1]
+    targets = rows.tokens[:, 1:]
     v = self.model.text_vocab  # text targets score the LM head's side, code targets the image head's
     return code_images.split_loss_terms(batch, logits[..., :v], jnp.clip(targets, 0, v - 1), logits[..., v:],
                                         jnp.clip(targets - v, 0, self.codes.codebook_size - 1), self.z_loss)

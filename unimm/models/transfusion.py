@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm import diffusion
-from unimm.data import packed
+from unimm.data import layout, packed
 from unimm.models import autoencoders, axes, backbone, layers, losses, patches, slots as slots_lib
 
 
@@ -62,21 +62,20 @@ class TransfusionModel(nn.Module):
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
     """Arguments of `__call__` for `batch` rows of `length` slots (to size params and caches)."""
-    ids = jnp.zeros((batch, length), jnp.int32)
     latents = jnp.zeros((batch, self.max_images, *self.latent_shape), jnp.float32)
-    return ids, ids, ids, ids, latents, jnp.zeros((batch, self.max_images), jnp.int32)
+    return packed.Rows.one_document(batch, length), latents, jnp.zeros((batch, self.max_images), jnp.int32)
 
-  def __call__(self, tokens, positions, segment_ids, image_ids, noisy_latents, timesteps, return_hidden=False):
+  def __call__(self, rows: packed.Rows, noisy_latents, timesteps, return_hidden=False):
     """→ logits [B, T, V] (float32), image output [B, M, h, w, c] (ε or v, see TransfusionTask.prediction).
 
     `return_hidden`: the final hidden states [B, T, D] instead of the logits (chunked LM loss).
     """
-    x = self.embed(tokens)
+    x = self.embed(rows.tokens)
     t_emb = self.time(timesteps)
     image_vectors, aux = self.patch.encode(noisy_latents, t_emb)
-    x = slots_lib.scatter(x, image_vectors, image_ids)
-    h = self.decoder(x, positions, segment_ids, image_ids)
-    eps = self.patch.decode(slots_lib.gather(h, image_ids, self.max_images, self.slots), t_emb, aux)
+    x = slots_lib.scatter(x, image_vectors, rows.image_ids)
+    h = self.decoder(x, rows.positions, rows.segment_ids, rows.image_ids)
+    eps = self.patch.decode(slots_lib.gather(h, rows.image_ids, self.max_images, self.slots), t_emb, aux)
     if return_hidden:
       if self.is_initializing():
         self.lm_head(h[:, :1])  # create the head's params
@@ -115,8 +114,7 @@ class TransfusionTask:
     diffusion.x0_clip(self.clip_x0, latents_bounded=True)  # a bad setting fails here, not when sampling
 
     def image_output(params, rows, latents, t):
-      _, out = self.model.apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
-                                rows["image_ids"], latents, t)
+      _, out = self.model.apply({"params": params}, rows, latents, t)
       return out
     self._image_output = jax.jit(image_output)  # one compiled denoiser per task, reused across sampling calls
 
@@ -126,8 +124,7 @@ class TransfusionTask:
   def init(self, rng, batch: dict):
     b, m = batch["images"].shape[:2]
     latents = jnp.zeros((b, m, *self.model.latent_shape), jnp.float32)
-    return self.model.init(rng, batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"],
-                           latents, jnp.zeros((b, m), jnp.int32))["params"]
+    return self.model.init(rng, packed.Rows.of(batch), latents, jnp.zeros((b, m), jnp.int32))["params"]
 
   def encode_images(self, images, rng=None):
     """uint8 [B, M, H, W, C] → latents [B, M, h, w, c]."""
@@ -150,8 +147,7 @@ class TransfusionTask:
     """Next-token logits of packed rows [B, T, V], images read clean (t = 0)."""
     latents = self.encode_images(batch["images"])
     t = jnp.zeros(batch["images"].shape[:2], jnp.int32)
-    logits, _ = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 batch["image_ids"], latents, t)
+    logits, _ = self.model.apply({"params": params}, packed.Rows.of(batch), latents, t)
     return logits
 
   def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
@@ -164,8 +160,7 @@ class TransfusionTask:
     noisy = diffusion.add_noise(self.schedule, latents, noise, t)
     chunked = self.lm_loss_chunk > 0
     logits_or_hidden, out = self.model.apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"], noisy, t,
-        return_hidden=chunked, rngs={"dropout": rng_dropout})
+        {"params": params}, packed.Rows.of(batch), noisy, t, return_hidden=chunked, rngs={"dropout": rng_dropout})
     weights = batch["loss_weights"][:, :-1]
     if chunked:  # every position's hidden state; the last (no next token) with weight 0
       pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
@@ -200,10 +195,8 @@ class TransfusionTask:
     reference; `unimm.inference.images` runs only the image slots against a
     KV cache of the prompt.
     """
-    rows = build_image_prompt_rows(prompts, prompt_lengths, self.model.slots, specials)
-    uncond = build_image_prompt_rows(np.zeros_like(prompts), np.zeros_like(prompt_lengths), self.model.slots,
-                                     specials, length=rows["tokens"].shape[1])
-    both = {k: jnp.concatenate([rows[k], uncond[k]]) for k in rows}
+    captions = [prompts[i, :int(n)].tolist() for i, n in enumerate(prompt_lengths)]
+    both = image_prompt_rows(captions + [[]] * len(captions), self.model.slots, specials)
     m = self.model.max_images
 
     def eps_fn(x2, t):
@@ -217,21 +210,8 @@ class TransfusionTask:
     return np.asarray(self.decode_latents(x, image_channels))
 
 
-def build_image_prompt_rows(prompts, lengths, slots: int, specials, length: int | None = None) -> dict:
-  """Rows `BOS caption BOI <slots> EOI` (one document each, padded) for text→image sampling."""
-  n = prompts.shape[0]
-  need = int(lengths.max(initial=0)) + slots + 3
-  length = length or need
-  tokens = np.full((n, length), specials.pad, np.int32)
-  segment_ids = np.zeros((n, length), np.int32)
-  positions = np.zeros((n, length), np.int32)
-  image_ids = np.zeros((n, length), np.int32)
-  for i in range(n):
-    L = int(lengths[i])
-    row = [specials.bos, *prompts[i, :L].tolist(), specials.boi] + [specials.img] * slots + [specials.eoi]
-    tokens[i, :len(row)] = row
-    segment_ids[i, :len(row)] = 1
-    positions[i, :len(row)] = np.arange(len(row))
-    image_ids[i, L + 2:L + 2 + slots] = 1
-  return {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(segment_ids),
-          "positions": jnp.asarray(positions), "image_ids": jnp.asarray(image_ids)}
+def image_prompt_rows(captions: list[list[int]], slots: int, specials) -> packed.Rows:
+  """Rows `BOS caption BOI <slots> EOI` (one document each, right-padded) for text→image sampling."""
+  documents = [layout.lay_out([caption, layout.IMAGE], specials, slots) for caption in captions]
+  length = max(len(tokens) for tokens, _ in documents)
+  return jax.tree.map(jnp.asarray, packed.Rows.padded(documents, length, specials.pad))

@@ -28,9 +28,8 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from unimm.data import packed
+from unimm.data import layout, packed
 from unimm.models import axes, backbone, layers, settings
 
 _named = nn.with_logical_partitioning
@@ -251,9 +250,9 @@ class SigLIPModel(nn.Module):
     """uint8 [N, H, W, C] → [N, E]."""
     return self.image_proj(self.map_head(self.image_encoder(images)).astype(jnp.float32))
 
-  def embed_texts(self, tokens, positions, segment_ids, image_ids, end):
-    """Packed rows → the hidden state at `end` [B, M] (each image's document's last token) → [B, M, E]."""
-    h = self.text_encoder(self.text_embed(tokens), positions, segment_ids, image_ids)
+  def embed_texts(self, rows: packed.Rows, end):
+    """Rows → the hidden state at `end` [B, M] (each image's document's last token) → [B, M, E]."""
+    h = self.text_encoder(self.text_embed(rows.tokens), rows.positions, rows.segment_ids, rows.image_ids)
     pooled = jnp.take_along_axis(h, end[..., None], axis=1)
     return self.text_proj(pooled.astype(jnp.float32))
 
@@ -262,7 +261,7 @@ class SigLIPModel(nn.Module):
     b, m = batch["images"].shape[:2]
     img = self.embed_images(batch["images"].reshape(b * m, *batch["images"].shape[2:])).reshape(b, m, -1)
     _, end = document_end(batch["segment_ids"], batch["image_ids"], m)
-    txt = self.embed_texts(batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_ids"], end)
+    txt = self.embed_texts(packed.Rows.of(batch), end)
     return img, txt, jnp.exp(self.t_prime), self.bias
 
 
@@ -309,28 +308,19 @@ class SigLIPTask:
   def image_embeddings(self, params, images):
     return self.model.apply({"params": params}, images, method=SigLIPModel.embed_images)
 
-  def text_embeddings(self, params, rows: dict):
+  def text_embeddings(self, params, rows: packed.Rows):
     """Rows of one document each (`caption_rows`) → [N, E]: each row's embedding at its last token."""
-    end = jnp.sum(rows["segment_ids"] > 0, axis=-1, keepdims=True) - 1
-    out = self.model.apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
-                           rows["image_ids"], end, method=SigLIPModel.embed_texts)
+    end = jnp.sum(rows.segment_ids > 0, axis=-1, keepdims=True) - 1
+    out = self.model.apply({"params": params}, rows, end, method=SigLIPModel.embed_texts)
     return out[:, 0]
 
 
-def caption_rows(captions: list[str], tokenizer, image_slots: int, length: int) -> dict:
+def caption_rows(captions: list[str], tokenizer, image_slots: int, length: int) -> packed.Rows:
   """Each caption laid out as training lays out a caption-first pair (`BOS caption BOI slots EOI EOS`),
   one per row, right-padded to `length`: what the text tower embeds for zero-shot use."""
   s = tokenizer.specials
-  n = len(captions)
-  out = {"tokens": np.full((n, length), s.pad, np.int32), "positions": np.zeros((n, length), np.int32),
-         "segment_ids": np.zeros((n, length), np.int32), "image_ids": np.zeros((n, length), np.int32)}
-  for i, caption in enumerate(captions):
-    ids = [s.bos] + tokenizer.encode(caption) + [s.boi] + [s.img] * image_slots + [s.eoi, s.eos]
-    if len(ids) > length:
-      raise ValueError(f"caption {caption!r} lays out to {len(ids)} tokens > {length}")
-    k = len(ids)
-    out["tokens"][i, :k] = ids
-    out["positions"][i, :k] = np.arange(k)
-    out["segment_ids"][i, :k] = 1
-    out["image_ids"][i, k - 2 - image_slots:k - 2] = 1
-  return out
+  documents = [layout.lay_out([tokenizer.encode(c), layout.IMAGE], s, image_slots, eos=True) for c in captions]
+  for caption, (tokens, _) in zip(captions, documents):
+    if len(tokens) > length:
+      raise ValueError(f"caption {caption!r} lays out to {len(tokens)} tokens > {length}")
+  return packed.Rows.padded(documents, length, s.pad)

@@ -198,7 +198,7 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
   report = {
       "config": {"family": config.model.family, "layers": int(b.num_layers), "dim": int(b.dim),
                  "params": setup.total_params, "matmul_params": setup.matmul_params, "remat": b.remat,
-                 "scan": bool(b.scan), "dtype": b.dtype, "grad_accum_steps": int(config.train.grad_accum_steps),
+                 "scan": bool(b.scan), "dtype": b.dtype, "grad_accum_steps": setup.train.grad_accum_steps,
                  "attention": b.attention, "attention_kernel": kernel},
       "topology": topology, "device_kind": kind, "devices": len(devices), "slices": sharding.num_slices(devices),
       "compiler": "XLA:CPU (proxy)" if devices[0].platform == "cpu" else f"XLA:TPU ({devices[0].device_kind})",

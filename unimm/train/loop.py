@@ -87,7 +87,7 @@ def sample_prompts(config, tokenizer, count: int) -> list[str]:
 
 def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: str, writer) -> str | None:
   """Samples images for validation captions (KV-cached, on the training mesh); writes a PNG grid and to TB."""
-  prompts = sample_prompts(config, tokenizer, int(config.train.sample_prompts))
+  prompts = sample_prompts(config, tokenizer, setup.train.sample_prompts)
   family = families.of(config)
   if not prompts or not family.writes_images:
     return None
@@ -95,8 +95,8 @@ def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: st
   encoded = [prompts_lib.encode([documents.Text(p)], tokenizer, slots) for p in prompts]
   generator = family.image_generator(setup.task, state.params, tokenizer.specials,
                                      placement.Placement(setup.mesh, setup.rules))
-  images = generator.generate(encoded, jax.random.key(int(config.seed) + 1), num_steps=int(config.train.sample_steps),
-                              guidance=float(config.train.sample_guidance))
+  images = generator.generate(encoded, jax.random.key(int(config.seed) + 1), num_steps=setup.train.sample_steps,
+                              guidance=setup.train.sample_guidance)
   if jax.process_index() != 0:
     return None
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -112,11 +112,10 @@ def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: st
 def run_eval(setup: Setup, config, state, tokenizer, step: int, writer) -> dict:
   """A small evaluation during training, logged as eval/… so TensorBoard shows quality over time."""
   from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  t = config.train
+  t = setup.train
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    results = evaluate_lib.evaluate(config, setup.task, state.params, tokenizer,
-                                    num_examples=int(t.eval_examples),
-                                    diffusion_steps=int(t.eval_diffusion_steps), seed=int(config.seed), max_batches=4)
+    results = evaluate_lib.evaluate(config, setup.task, state.params, tokenizer, num_examples=t.eval_examples,
+                                    diffusion_steps=t.eval_diffusion_steps, seed=int(config.seed), max_batches=4)
   flat = {f"eval/{k}": v for k, v in evaluate_lib.flatten(results).items()}
   writer.scalars(step, flat)
   return flat
@@ -133,7 +132,7 @@ def host_params(params):
 def restore_or_start(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkpointer, data, reset_data: bool):
   """(state, step): the newest checkpoint that restores (damaged ones set aside), after a rewind to the last
   known good one if asked and the run diverged; else a fresh start (also when asked to start over)."""
-  t = config.train
+  t = setup.train
   diverged = health_lib.read_divergence(workdir)
   if t.rewind_to_last_good and diverged:
     good = ckpt.last_good()
@@ -190,7 +189,6 @@ SKIP_FIXES = {
 def train(config, workdir: str) -> dict:
   """Trains until `config.train.num_steps` (or SIGTERM: then {"preempted": True, ...}); returns the last
   logged metrics."""
-  t = config.train
   lead = jax.process_index() == 0
   ckpt_dir = os.path.join(workdir, "checkpoints")
   # Before touching anything: a resume must not change what the checkpoint was trained with.
@@ -202,18 +200,19 @@ def train(config, workdir: str) -> dict:
   families.text_vocabulary(config, tokenizer.vocab_size)  # a vocabulary too small for the tokenizer fails here
   mesh = sharding.make_mesh(config.mesh)
   setup = build(config, mesh, tokenizer.vocab_size, families.load_frozen_codec(config))
+  t = setup.train
   logging.info("Mesh %s; %d parameters (%d in matmuls).", dict(mesh.shape), setup.total_params, setup.matmul_params)
 
   data = pipeline.build_pipeline(config, "train", jax.process_index(), jax.process_count())
-  ckpt = checkpoint.Checkpointer(ckpt_dir, keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpoints),
+  ckpt = checkpoint.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, async_save=t.async_checkpoints,
                                  set_aside_incomplete=True)
   state, start = restore_or_start(config, workdir, setup, ckpt, data, reset_data)
   if lead:
     config_record.write_record(workdir, record)
     config_record.log_changes(workdir, start, accepted, reset_data and start > 0)
   writer = metrics_lib.MetricWriter(workdir, enabled=lead, resume_step=start)
-  health = health_lib.Health(good_after=int(t.good_after_steps), spike_factor=float(t.loss_spike_factor),
-                             max_consecutive_skips=int(t.max_consecutive_skips))
+  health = health_lib.Health(good_after=t.good_after_steps, spike_factor=t.loss_spike_factor,
+                             max_consecutive_skips=t.max_consecutive_skips)
   rng = jax.random.key(int(config.seed) + 17)
   window, window_skips = None, 0
   window_tokens, window_start = 0, time.perf_counter()
@@ -221,11 +220,11 @@ def train(config, workdir: str) -> dict:
   seen_documents, warned = 0, set()
   flops_token = flops_per_token(setup, config)
   last = {}
-  bar = tqdm.tqdm(total=int(t.num_steps), initial=start, disable=not lead, dynamic_ncols=True, desc="train")
+  bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not lead, dynamic_ncols=True, desc="train")
   step, preempted = start, False
   try:
     with distributed.Preemption() as preemption:
-      while step < int(t.num_steps):
+      while step < t.num_steps:
         local = next(data)
         stats = local.pop("stats")
         for r in skipped:
@@ -248,7 +247,7 @@ def train(config, workdir: str) -> dict:
           update = metrics_lib.averages(names).single_from_model_output(**{k: m[k] for k in names})
           window = update if window is None else window.merge(update)
         bar.update(1)
-        if step % int(t.log_every) == 0 or step == int(t.num_steps):
+        if step % t.log_every == 0 or step == t.num_steps:
           seconds = time.perf_counter() - window_start
           last = {k: float(v) for k, v in window.compute().items()} if window is not None else {}
           tokens_per_s = window_tokens / max(seconds, 1e-9)
@@ -267,11 +266,11 @@ def train(config, workdir: str) -> dict:
           ckpt.save(step, state, data)
           logging.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
           break
-        if int(t.sample_every) and step % int(t.sample_every) == 0:
+        if t.sample_every and step % t.sample_every == 0:
           write_samples(setup, config, state, tokenizer, step, workdir, writer)
-        if int(t.eval_every) and step % int(t.eval_every) == 0:
+        if t.eval_every and step % t.eval_every == 0:
           run_eval(setup, config, state, tokenizer, step, writer)
-        if step % int(t.checkpoint_every) == 0 or step == int(t.num_steps):
+        if step % t.checkpoint_every == 0 or step == t.num_steps:
           ckpt.save(step, state, data)
           health.saved(step)
   except BaseException:
@@ -284,7 +283,7 @@ def train(config, workdir: str) -> dict:
   if preempted:
     return {"step": step, "preempted": True, **last}
   family = families.of(config)
-  if family.after_training is not None and step >= int(t.num_steps):
+  if family.after_training is not None and step >= t.num_steps:
     params = host_params(state.params)  # every process takes part in gathering them
     if lead:
       family.after_training(config, params, step, ckpt.directory)  # e.g. the VAE's latent statistics

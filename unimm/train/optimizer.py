@@ -14,18 +14,22 @@ from __future__ import annotations
 import functools
 import re
 
+from typing import TYPE_CHECKING
+
 import jax
 import optax
+
+if TYPE_CHECKING:
+  from unimm.train import settings
 
 DEFAULT_WD_MULTS = ((r"(.*/)?kernel", 1.0),)
 
 
-def learning_rate_schedule(train_config) -> optax.Schedule:
+def learning_rate_schedule(t: "settings.TrainSettings") -> optax.Schedule:
   """Linear warm-up from 0 to `learning_rate`, then cosine to `final_learning_rate` at `num_steps`."""
-  t = train_config
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=float(t.learning_rate), warmup_steps=int(t.warmup_steps),
-      decay_steps=max(int(t.num_steps), int(t.warmup_steps) + 1), end_value=float(t.final_learning_rate))
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.final_learning_rate)
 
 
 def path_name(key_path) -> str:
@@ -49,13 +53,12 @@ def decay_multiplier(path: str, wd_mults: tuple) -> float:
   return 0.0
 
 
-def wd_mults_of(train_config) -> tuple:
-  """`config.train.wd_mults` as a hashable tuple of (pattern, multiplier); the default rule if unset."""
-  mults = train_config.get("wd_mults", None)
-  if mults is None:
+def wd_mults_of(entries) -> tuple:
+  """`config.train.wd_mults` entries as a hashable tuple of (pattern, multiplier); the default rule if None."""
+  if entries is None:
     return DEFAULT_WD_MULTS
   out = []
-  for entry in mults:
+  for entry in entries:
     if len(entry) != 2:
       raise ValueError(f"config.train.wd_mults entry {entry!r}: expected (path regex, multiplier)")
     re.compile(entry[0])  # a bad pattern fails here, naming itself
@@ -82,13 +85,12 @@ def add_decayed_weights_by_path(weight_decay: float, wd_mults: tuple) -> optax.G
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
+def make_optimizer(t: "settings.TrainSettings") -> optax.GradientTransformation:
   """AdamW as optax.adamw composes it (Adam, then decoupled decay, then the learning rate)."""
-  t = train_config
   return optax.chain(
-      optax.clip_by_global_norm(float(t.grad_clip)) if t.grad_clip else optax.identity(),
+      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
       optax.chain(
-          optax.scale_by_adam(b1=float(t.b1), b2=float(t.b2), eps=float(t.eps)),
-          add_decayed_weights_by_path(float(t.weight_decay), wd_mults_of(t)),
+          optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps),
+          add_decayed_weights_by_path(t.weight_decay, t.wd_mults),
           optax.scale_by_learning_rate(learning_rate_schedule(t))),
   )

@@ -19,7 +19,7 @@ import jax
 
 from unimm import families
 from unimm.parallel import sharding
-from unimm.train import optimizer, setup as setup_lib, step as step_lib
+from unimm.train import optimizer, settings, setup as setup_lib, step as step_lib
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -31,8 +31,8 @@ def param_rows(config, vocab_size: int | None, num_devices: int) -> list[dict]:
   boxed = setup_lib.abstract_params(config, vocab_size)
   rules = sharding.logical_rules(config.sharding)
   mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
-  wd_mults = optimizer.wd_mults_of(config.train)
-  partition = step_lib.Partition(tuple(config.train.trainable))
+  train = settings.TrainSettings.from_config(config.train)
+  wd_mults, partition = train.wd_mults, step_lib.Partition(train.trainable)
   family = families.of(config)
   rows = []
   leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))

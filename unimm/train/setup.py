@@ -16,7 +16,7 @@ import numpy as np
 
 from unimm import families
 from unimm.parallel import sharding, targets
-from unimm.train import optimizer as optimizer_lib, step as step_lib
+from unimm.train import optimizer as optimizer_lib, settings, step as step_lib
 
 
 @dataclasses.dataclass
@@ -33,6 +33,7 @@ class Setup:
   lower: Callable  # the same arguments, abstract or concrete → jax Lowered (`.compile()`: ahead of time)
   matmul_params: int
   total_params: int
+  train: settings.TrainSettings  # `config.train` parsed (its "auto" settings resolved)
   config: Any = None  # the config as built: its "auto" settings resolved for the target
 
 
@@ -59,10 +60,11 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
   config = targets.resolve_targets(config, platform or targets.platform_of(mesh), targets.rows_per_device(config, mesh))
   task = families.build_task(config, vocab_size, frozen_codec=frozen_codec)
   rules = sharding.logical_rules(config.sharding)
-  optimizer = optimizer_lib.make_optimizer(config.train)
-  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  train = settings.TrainSettings.from_config(config.train)
+  optimizer = optimizer_lib.make_optimizer(train)
+  schedule = optimizer_lib.learning_rate_schedule(train)
   init_batch = task.dummy_batch(1, int(config.data.seq_len), image_shape(config))
-  partition = step_lib.Partition(tuple(config.train.trainable))
+  partition = step_lib.Partition(train.trainable)
   family = families.of(config)
 
   def init_boxed(rng, batch):  # the batch is an argument so tracing never sees constants
@@ -77,8 +79,8 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
                           nn.meta.unbox(abstract_boxed), state_sharding)
   init = jax.jit(lambda rng, batch: nn.meta.unbox(init_boxed(rng, batch)), out_shardings=state_sharding)
   train_step = step_lib.make_train_step(task, optimizer, schedule,
-                                        grad_accum_steps=int(config.train.grad_accum_steps),
-                                        skip_nonfinite=bool(config.train.skip_nonfinite), partition=partition,
+                                        grad_accum_steps=train.grad_accum_steps,
+                                        skip_nonfinite=train.skip_nonfinite, partition=partition,
                                         after_update=family.after_update)
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
@@ -102,7 +104,7 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
   return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
                init=run_init, step=run_step, lower=lower,
                matmul_params=sum(n for path, n in sizes if family.is_matmul_param(path)),
-               total_params=sum(n for _, n in sizes), config=config)
+               total_params=sum(n for _, n in sizes), train=train, config=config)
 
 
 def flops_per_token(setup: Setup, config) -> float:

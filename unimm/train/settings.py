@@ -1,0 +1,68 @@
+"""`config.train` as typed settings, parsed once (by `setup.build`, after the "auto" settings are resolved)
+and passed down: the trainer, the optimiser and the schedule read typed fields, not config nodes.
+
+Parsing is strict: a key the class lacks fails, naming the known ones, so a typo in `--config.train.…`
+never passes silently; a key it has but the config lacks fails too. The defaults live in one place, the
+config (`configs/common.py`); the comments here say what each setting does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from unimm.models import settings
+from unimm.train import optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  # AdamW with linear warm-up and cosine decay (`unimm.train.optimizer`).
+  num_steps: int
+  learning_rate: float
+  final_learning_rate: float  # at num_steps
+  warmup_steps: int
+  weight_decay: float
+  wd_mults: tuple[tuple[str, float], ...]  # (path regex, multiplier of weight_decay); first match wins
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float  # global-norm clipping; 0: off
+  grad_accum_steps: int
+  trainable: tuple[str, ...]  # top-level param names that train; (): all (`unimm.train.step.Partition`)
+  init_from: str  # a checkpoint dir whose params a fresh run starts from
+  # Faults (`unimm.train.health`, `unimm.train.checkpoint`, `unimm.train.config_record`).
+  skip_nonfinite: bool
+  good_after_steps: int
+  loss_spike_factor: float
+  max_consecutive_skips: int
+  rewind_to_last_good: bool
+  restart_from_scratch: bool
+  reset_data_iterator: bool
+  allow_config_change: bool
+  # Logging, checkpoints, samples and evaluation during training (every: 0 is never).
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  async_checkpoints: bool
+  sample_every: int
+  sample_prompts: int
+  sample_steps: int
+  sample_guidance: float
+  eval_every: int
+  eval_examples: int
+  eval_diffusion_steps: int
+  final_eval_examples: int
+  final_eval_diffusion_steps: int
+
+  @classmethod
+  def from_config(cls, train_config) -> "TrainSettings":
+    """The settings of a `config.train` node, each value cast to its field's type."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing = fields - set(train_config.keys())
+    if missing:
+      raise ValueError(f"config.train lacks {sorted(missing)}: start from configs/common.py's base_config()")
+    parsed = settings.from_config(cls, train_config, "config.train")
+    casts = {"int": int, "float": float, "bool": bool, "str": str}
+    typed = {f.name: casts[f.type](getattr(parsed, f.name)) for f in dataclasses.fields(cls) if f.type in casts}
+    return dataclasses.replace(parsed, **typed, wd_mults=optimizer.wd_mults_of(parsed.wd_mults),
+                               trainable=tuple(str(name) for name in parsed.trainable))
