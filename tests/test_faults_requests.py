@@ -13,7 +13,6 @@ from absl import app, flags
 from absl.testing import flagsaver
 import array_record.python.array_record_module as array_record_module
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -36,9 +35,7 @@ def tiny_task(vocab_size: int):
                                 attention="xla")
   model = transfusion.TransfusionModel(vocab_size=vocab_size, backbone=cfg, latent_shape=IMAGE_SHAPE, max_images=2,
                                        patch_size=2)
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = random_params(model, tokens, tokens, tokens, tokens, jnp.zeros((1, 2, *IMAGE_SHAPE)),
-                         jnp.zeros((1, 2), jnp.int32))
+  params = random_params(model, *model.dummy_inputs(1, 8))
   task = transfusion.TransfusionTask(model, autoencoders.AutoencoderConfig(), diffusion.Schedule.cosine(),
                                      image_shape=IMAGE_SHAPE)
   return task, params
