@@ -31,6 +31,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from train_step import apply_override, load_config  # pylint: disable=wrong-import-position
 from unimm import families  # pylint: disable=wrong-import-position
+from unimm.data import layout  # pylint: disable=wrong-import-position
 from unimm.data.tokenizer import SpecialIds  # pylint: disable=wrong-import-position
 from unimm.inference import images, prompts as prompts_lib, text  # pylint: disable=wrong-import-position
 from unimm.train import setup as setup_lib  # pylint: disable=wrong-import-position
@@ -68,7 +69,7 @@ def main():
   vocab = int(config.data.tokenizer.vocab_size)
   task = families.build_task(config, vocab)
   params = nn.meta.unbox(jax.jit(task.init)(jax.random.key(0), task.dummy_batch(
-      1, int(config.data.seq_len), setup_lib.image_shape(config))))
+      1, int(config.data.seq_len), layout.image_shape_of(config.data))))
   image_gen = images.ImageGenerator(task, params, SPECIALS)
   text_gen = text.TextGenerator(text.DiffusionStepper(task, params, SPECIALS))
   b, key = args.batch, jax.random.key(1)

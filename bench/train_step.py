@@ -36,6 +36,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from unimm import families  # pylint: disable=wrong-import-position
+from unimm.data import layout  # pylint: disable=wrong-import-position
 from unimm.models import attention, backbone  # pylint: disable=wrong-import-position
 from unimm.parallel import sharding  # pylint: disable=wrong-import-position
 from unimm.train import setup as setup_lib  # pylint: disable=wrong-import-position
@@ -105,7 +106,7 @@ def measure(config, args, text_only: bool) -> dict:
   if text_only:  # the same backbone and LM head, rows of text documents, no image path in the step
     config.data.max_images_per_row = 0
   vocab = int(config.model.vocab_size) or 256
-  image_shape = setup_lib.image_shape(config)
+  image_shape = layout.image_shape_of(config.data)
   mesh = sharding.make_mesh(config.mesh)
   setup = setup_lib.build(config, mesh, vocab, families.random_frozen_codec(config))
   state = setup.init(jax.random.key(0))

@@ -225,3 +225,31 @@ def test_params_mode_prints_the_7b_table(tmp_path):
   assert 7.2e9 < table["totals"]["total"] < 7.5e9
   frozen = {r["path"].split("/")[0] for r in table["rows"] if not r["trains"]}
   assert frozen == {"vision_encoder"}  # stage II: the ViT stays frozen
+
+
+def test_train_and_data_settings_parse_every_config_typed_and_strictly():
+  """`config.train` / `config.data` parse once into typed settings; a key they do not know (a typo) or lack fails,
+  naming the keys."""
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  from unimm.data.settings import DataSettings  # pylint: disable=g-import-not-at-top
+  from unimm.train.settings import TrainSettings  # pylint: disable=g-import-not-at-top
+  every = [*((p, None) for p in PAPER_SIZES), ("configs/chameleon/7b.py", "smoke"),
+           ("configs/janus/pro_7b.py", "stage2"), ("configs/transfusion/tiny.py", "shapes_vae"),
+           ("configs/janus/tiny.py", "stage3"), ("configs/siglip/tiny.py", None),
+           ("configs/tokenizers/tiny.py", "shapes"), ("configs/vae/shapes.py", None)]
+  for path, arg in every:
+    config = load_config(path, arg)
+    train, data = TrainSettings.from_config(config.train), DataSettings.from_config(config.data)
+    assert type(train.num_steps) is int and type(train.learning_rate) is float and type(train.skip_nonfinite) is bool
+    assert train.num_steps == config.train.num_steps and train.trainable == tuple(config.train.trainable)
+    assert data.seq_len == config.data.seq_len and data.batch_size == config.data.batch_size
+    assert data.layout.image_shape == (config.data.image_size, config.data.image_size, config.data.image_channels)
+  config = load_config("configs/transfusion/tiny.py", "shapes")
+  with pytest.raises(ValueError, match=r"unknown config.train keys \['learning_rte'\]; known: .*'learning_rate'"):
+    TrainSettings.from_config(mlc.ConfigDict({**config.train.to_dict(), "learning_rte": 1e-3}))
+  with pytest.raises(ValueError, match=r"config.train lacks \['log_every'\]"):
+    TrainSettings.from_config(mlc.ConfigDict({k: v for k, v in config.train.items() if k != "log_every"}))
+  with pytest.raises(ValueError, match=r"unknown config.data keys \['seq_lne'\]; known: .*'seq_len'"):
+    DataSettings.from_config(mlc.ConfigDict({**config.data.to_dict(), "seq_lne": 64}))
+  with pytest.raises(ValueError, match=r"config.train.wd_mults entry \('kernel',\)"):
+    TrainSettings.from_config(mlc.ConfigDict({**config.train.to_dict(), "wd_mults": (("kernel",),)}))

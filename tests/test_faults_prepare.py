@@ -279,16 +279,17 @@ def test_a_mostly_skipped_source_warns_and_an_empty_or_all_skipped_one_fails_nam
   import ml_collections  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unimm.data.settings import DataSettings  # pylint: disable=g-import-not-at-top
   config = load_config("configs/transfusion/tiny.py").data
   config.sources = ml_collections.ConfigDict({"mostly_bad": training_source(tmp_path, "mostly_bad", [16, 16, 16, None])})
   with caplog.at_level(logging.WARNING):
-    pipeline.mixture(config, "train", shard=0, shards=1, seed=0, num_epochs=None)
+    pipeline.mixture(DataSettings.from_config(config), "train", shard=0, shards=1, seed=0, num_epochs=None)
   assert "'mostly_bad': 3 of 4 records sampled" in caplog.text and "bad_image" in caplog.text
   assert "data.image_size" in caplog.text  # the fix
 
   config.sources = ml_collections.ConfigDict({"all_bad": training_source(tmp_path, "all_bad", [16, 16])})
   with pytest.raises(ValueError, match="source 'all_bad': all 2 records sampled .*bad_image"):
-    pipeline.mixture(config, "train", shard=0, shards=1, seed=0, num_epochs=None)
+    pipeline.mixture(DataSettings.from_config(config), "train", shard=0, shards=1, seed=0, num_epochs=None)
   config.sources = ml_collections.ConfigDict({"empty": training_source(tmp_path, "empty", [])})
   with pytest.raises(ValueError, match="source 'empty' has no records in split 'train'"):
-    pipeline.mixture(config, "train", shard=0, shards=1, seed=0, num_epochs=None)
+    pipeline.mixture(DataSettings.from_config(config), "train", shard=0, shards=1, seed=0, num_epochs=None)

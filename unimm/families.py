@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from unimm import diffusion
+from unimm.data import layout
 from unimm.inference import codes, images, text
 from unimm.models import autoencoders, backbone, chameleon, code_images, janus, transfusion, vit, vq
 
@@ -177,7 +178,7 @@ def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.
   ae = autoencoders.AutoencoderConfig.from_config(m.autoencoder)
   if ae.kind != "identity":
     ae, frozen_codec = with_latent_stats(ae, frozen_codec)
-  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  image_shape = layout.image_shape_of(d)
   if ae.kind != "identity" and frozen_codec is None and not ae.checkpoint:
     raise ValueError("config.model.autoencoder.kind='kl_vae' needs config.model.autoencoder.checkpoint "
                      "(train one with configs/vae/...) or frozen params passed in.")
@@ -202,7 +203,7 @@ def autoencoder_task(config, vocab_size: int, frozen_codec=None) -> autoencoders
   ae = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
   if ae.kind != "kl_vae":
     raise ValueError(f"family kl_vae trains config.model.autoencoder.kind='kl_vae', got {ae.kind!r}")
-  ae.latent_shape((int(config.data.image_size),) * 2 + (int(config.data.image_channels),))  # checks downsample
+  ae.latent_shape(layout.image_shape_of(config.data))  # checks downsample
   return autoencoders.AutoencoderTask(autoencoders.KLVAE(ae, int(config.data.image_channels)),
                                       kl_weight=float(config.model.kl_weight), l1=bool(config.model.l1))
 
@@ -214,7 +215,7 @@ def chameleon_task(config, vocab_size: int, frozen_codec=None) -> chameleon.Cham
   if frozen_codec is None:
     raise ValueError("family chameleon needs a trained VQ tokenizer: set config.model.vq.checkpoint to a "
                      "configs/tokenizers/... run's checkpoints dir (or pass its params).")
-  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  image_shape = layout.image_shape_of(d)
   text_vocab = text_vocabulary(config, vocab_size)
   model = chameleon.ChameleonModel(
       vocab_size=text_vocab + cfg.codebook_size, backbone=backbone.BackboneConfig.from_config(m.backbone),
@@ -238,7 +239,7 @@ def janus_task(config, vocab_size: int, frozen_codec=None) -> janus.JanusTask:
     raise ValueError("family janus needs a trained VQ tokenizer: set config.model.vq.checkpoint to a "
                      "configs/tokenizers/... run's checkpoints dir (or pass its params).")
   d = config.data
-  image_shape = (int(d.image_size), int(d.image_size), int(d.image_channels))
+  image_shape = layout.image_shape_of(d)
   return janus.build(config, text_vocabulary(config, vocab_size), frozen_codec, image_shape, tokenizer_ids=vocab_size)
 
 
@@ -288,7 +289,7 @@ def load_vae(config):
 def _example_image(config):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   d = config.data
-  return jnp.zeros((1, int(d.image_size), int(d.image_size), int(d.image_channels)), jnp.uint8)
+  return jnp.zeros((1, *layout.image_shape_of(d)), jnp.uint8)
 
 
 def random_vq_tokenizer(config, seed: int = 0):

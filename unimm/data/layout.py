@@ -19,6 +19,11 @@ from unimm.data import documents
 from unimm.data.tokenizer import SpecialIds, Tokenizer
 
 
+def image_shape_of(data_config) -> tuple[int, int, int]:
+  """(H, W, C) of every image under a `config.data` node: square `image_size`, `image_channels`."""
+  return int(data_config.image_size), int(data_config.image_size), int(data_config.image_channels)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayoutOptions:
   image_shape: tuple[int, int, int]  # H, W, C that every image must have
@@ -31,11 +36,15 @@ class LayoutOptions:
   train_read_images: bool = True  # False: image_token_weight only on written images (Janus)
   caption_dropout_mode: str = "drop"  # drop: remove a dropped caption | pad: replace its tokens with PAD
 
+  CONFIG_KEYS = ("image_size", "image_channels", "image_slots", "caption_first_prob", "caption_dropout",
+                 "max_timestep", "noise_limit_t", "image_token_weight", "train_read_images", "caption_dropout_mode")
+
   @classmethod
   def from_config(cls, data_config) -> "LayoutOptions":
+    """The options of a `config.data` node (its `CONFIG_KEYS`)."""
     d = data_config
     return cls(
-        image_shape=(int(d.image_size), int(d.image_size), int(d.image_channels)),
+        image_shape=image_shape_of(d),
         image_slots=int(d.image_slots), caption_first_prob=float(d.caption_first_prob),
         caption_dropout=float(d.caption_dropout), max_timestep=int(d.max_timestep),
         noise_limit_t=int(d.noise_limit_t), image_token_weight=float(d.image_token_weight),

@@ -9,9 +9,10 @@ restored iterator reproduces caption order and dropout), packed into rows of
 and batched to the per-host batch. Everything before packing is random access,
 so the iterator state is small and exact.
 
-Config (`config.data`): see `configs/transfusion/tiny.py` for every key. A source entry may
-also say `text_only=True` (use only its text) or `caption_first_prob=p` (this source's pair order),
-which is how a Janus stage mixes understanding, text and generation data from one dataset.
+Config (`config.data`, parsed once per pipeline into `settings.DataSettings`): see `configs/common.py` for every
+key. A source entry may also say `text_only=True` (use only its text) or `caption_first_prob=p` (this
+source's pair order), which is how a Janus stage mixes understanding, text and generation data from one
+dataset.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import grain
 import numpy as np
 
 from unimm.data import documents, layout, packing, sources
+from unimm.data.settings import DataSettings
 from unimm.data.tokenizer import Tokenizer
 
 
@@ -138,7 +140,7 @@ def check_source(name: str, ds: grain.MapDataset, split: str, image_shape, warn_
                     len(indices), split, dict(reasons))
 
 
-def mixture(data_config, split: str, *, shard: int, shards: int, seed: int, num_epochs: int | None,
+def mixture(d: DataSettings, split: str, *, shard: int, shards: int, seed: int, num_epochs: int | None,
             tokenizer: Tokenizer | None = None) -> grain.MapDataset:
   """The weighted mixture of one data shard of every source: `Document | Skipped`.
 
@@ -146,26 +148,23 @@ def mixture(data_config, split: str, *, shard: int, shards: int, seed: int, num_
   tokens (the Transfusion paper's 1:1 text : image-caption tokens); each source's document weight is then
   weight / its mean laid-out document length (`mean_document_tokens`, needs `tokenizer`).
   """
-  if data_config.mix_by not in ("documents", "tokens"):
-    raise ValueError(f"data.mix_by={data_config.mix_by!r}; expected 'documents' or 'tokens'")
-  by_tokens = data_config.mix_by == "tokens"
-  names = sorted(data_config.sources.keys())
+  by_tokens = d.mix_by == "tokens"
+  names = sorted(d.sources.keys())
   if not names:
     raise ValueError("config.data.sources is empty; name at least one source.")
   datasets, weights = [], []
   for i, name in enumerate(names):
-    spec = data_config.sources[name]
+    spec = d.sources[name]
     weight = float(spec.get("weight", 1.0))
     if weight <= 0:
       continue
-    ds = sources.open_source(spec, split, data_config.data_dir)
+    ds = sources.open_source(spec, split, d.data_dir)
     text_only, caption_first = bool(spec.get("text_only", False)), spec.get("caption_first_prob", None)
     if text_only or caption_first is not None:
       ds = ds.map(_SourceView(text_only, None if caption_first is None else float(caption_first)))
-    check_source(name, ds, split, layout.LayoutOptions.from_config(data_config).image_shape,
-                 float(data_config.get("warn_skip_rate", 0.1)))
+    check_source(name, ds, split, d.layout.image_shape, d.warn_skip_rate)
     if by_tokens:
-      mean = mean_document_tokens(ds, tokenizer, layout.LayoutOptions.from_config(data_config))
+      mean = mean_document_tokens(ds, tokenizer, d.layout)
       weight /= mean
       logging.info("Source %s: %.1f tokens per document; token weight %s → document weight %.4g.", name, mean,
                    spec.get("weight", 1.0), weight)
@@ -195,7 +194,7 @@ def build_dataset(config, split: str, process_index: int = 0, process_count: int
   and stacks their rows. The global batch so depends on the shard count only, not on how many
   processes share the shards: 1 process × 2 shards reads what 2 processes × 1 shard read.
   """
-  d = config.data
+  d = DataSettings.from_config(config.data)
   shards = int(d.shards if shards is None else shards) or process_count
   if shards % process_count:
     raise ValueError(f"config.data.shards={shards} does not split over {process_count} processes; "
@@ -208,29 +207,26 @@ def build_dataset(config, split: str, process_index: int = 0, process_count: int
     batch_size = d.batch_size // process_count
   if batch_size % per_process:
     raise ValueError(f"per-process batch {batch_size} does not split over this process's {per_process} shards.")
-  parts = [_shard_batches(config, split, process_index * per_process + j, shards, num_epochs=num_epochs,
+  seed = int(config.seed)
+  parts = [_shard_batches(d, seed, split, process_index * per_process + j, shards, num_epochs=num_epochs,
                           shuffle=shuffle, batch_size=batch_size // per_process) for j in range(per_process)]
   batches = parts[0] if per_process == 1 else _Shards(parts)
-  if int(d.worker_count) > 0:
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.worker_count)))
+  if d.worker_count > 0:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
   return batches
 
 
-def _shard_batches(config, split: str, shard: int, shards: int, *, num_epochs: int | None, shuffle: bool,
-                   batch_size: int) -> grain.IterDataset:
-  """One data shard's packed batches."""
-  d = config.data
+def _shard_batches(d: DataSettings, seed: int, split: str, shard: int, shards: int, *, num_epochs: int | None,
+                   shuffle: bool, batch_size: int) -> grain.IterDataset:
+  """One data shard's packed batches (`seed`: the run's)."""
   tokenizer = load_tokenizer(d)
-  opts = layout.LayoutOptions.from_config(d)
-  seed = int(config.seed) if shuffle else None
-  docs = mixture(d, split, shard=shard, shards=shards, seed=seed, num_epochs=num_epochs, tokenizer=tokenizer)
-  fragments = docs.random_map(_Layout(tokenizer, opts), seed=int(config.seed) + 7907 * shard)
-  it = fragments.to_iter_dataset(grain.ReadOptions(
-      num_threads=int(d.read_threads), prefetch_buffer_size=int(d.read_prefetch)))
+  docs = mixture(d, split, shard=shard, shards=shards, seed=seed if shuffle else None, num_epochs=num_epochs,
+                 tokenizer=tokenizer)
+  fragments = docs.random_map(_Layout(tokenizer, d.layout), seed=seed + 7907 * shard)
+  it = fragments.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.read_prefetch))
   rows = packing.PackIterDataset(
-      it, seq_len=int(d.seq_len), max_images=int(d.max_images_per_row), image_shape=opts.image_shape,
-      pad_id=tokenizer.specials.pad, num_bins=int(d.packing_bins),
-      split_long_documents=bool(d.split_long_documents))
+      it, seq_len=d.seq_len, max_images=d.max_images_per_row, image_shape=d.layout.image_shape,
+      pad_id=tokenizer.specials.pad, num_bins=d.packing_bins, split_long_documents=d.split_long_documents)
   return rows.batch(batch_size, drop_remainder=num_epochs is None)
 
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm import families
-from unimm.data import digits, documents, shapes
+from unimm.data import digits, documents, layout, shapes
 from unimm.inference import placement as placement_lib, prompts as prompts_lib
 
 
@@ -157,11 +157,6 @@ def load_pairs(spec, split: str, data_dir: str, limit: int, image_shape) -> tupl
   return captions, np.stack(images) if images else np.zeros((0, *image_shape), np.uint8), skipped
 
 
-def _image_shape(config) -> tuple[int, int, int]:
-  d = config.data
-  return int(d.image_size), int(d.image_size), int(d.image_channels)
-
-
 def image_sources(config):
   """(name, spec) of the config's sources with images, one per distinct dataset, in name order."""
   seen, out = set(), []
@@ -197,8 +192,9 @@ def evaluate_siglip(config, task, params, tokenizer, *, num_examples: int = 200)
   from unimm.models import vit  # pylint: disable=g-import-not-at-top
   embed_images, embed_texts = jax.jit(task.image_embeddings), jax.jit(task.text_embeddings)
   results = {}
+  image_shape = layout.image_shape_of(config.data)
   for name, spec in image_sources(config):
-    captions, images, skipped = load_pairs(spec, "test", config.data.data_dir, num_examples, _image_shape(config))
+    captions, images, skipped = load_pairs(spec, "test", config.data.data_dir, num_examples, image_shape)
     if not captions:
       results[name] = {"examples": 0, "skipped": skipped}
       continue
@@ -253,8 +249,9 @@ def evaluate_tokenizer(config, task, params, *, num_examples: int = 200, out_dir
     return jnp.clip(jnp.round((recon + 1.0) * 127.5), 0, 255).astype(jnp.uint8), aux["indices"]
 
   results = {}
+  image_shape = layout.image_shape_of(config.data)
   for name, spec in image_sources(config):
-    captions, images, skipped = load_pairs(spec, "test", config.data.data_dir, num_examples, _image_shape(config))
+    captions, images, skipped = load_pairs(spec, "test", config.data.data_dir, num_examples, image_shape)
     if not captions:
       results[name] = {"examples": 0, "skipped": skipped}
       continue
@@ -272,7 +269,7 @@ def evaluate_tokenizer(config, task, params, *, num_examples: int = 200, out_dir
     if dataset == "shapes":
       out.update(score_shapes_reconstructions(recon, images, captions))
     elif dataset == "digits":
-      train_captions, train_images, _ = load_pairs(spec, "train", config.data.data_dir, 10_000, _image_shape(config))
+      train_captions, train_images, _ = load_pairs(spec, "train", config.data.data_dir, 10_000, image_shape)
       clf = digit_classifier(train_images, np.array([digits.parse_caption(c) for c in train_captions]))
       labels = np.array([digits.parse_caption(c) for c in captions])
       out.update(classifier_accuracy=score_digit_images(recon, labels, clf)["accuracy"],
@@ -317,6 +314,7 @@ def evaluate_unified(config, task, params, tokenizer, *, num_examples: int = 200
   del out_dir  # no files
   family = families.of(config)
   d = config.data
+  image_shape = layout.image_shape_of(d)
   where = placement_lib.Placement.from_config(config)
   results: dict = {"text": {"perplexity": perplexity(task, params, config, max_batches, tokenizer.specials.eoi)}}
   rng = jax.random.key(seed)
@@ -325,7 +323,7 @@ def evaluate_unified(config, task, params, tokenizer, *, num_examples: int = 200
     dataset = spec.get("tfds_name", "")
     if dataset not in ("shapes", "digits"):
       continue
-    captions, images, skipped = load_pairs(spec, "test", d.data_dir, num_examples, _image_shape(config))
+    captions, images, skipped = load_pairs(spec, "test", d.data_dir, num_examples, image_shape)
     if not captions:
       results[name] = {"examples": 0, "skipped": skipped}
       continue
@@ -345,7 +343,7 @@ def evaluate_unified(config, task, params, tokenizer, *, num_examples: int = 200
       results[name] = {"text_to_image": score_shapes_images(generated, captions),
                        "image_to_text": score_shapes_captions(texts, captions)}
     else:
-      train_captions, train_images, _ = load_pairs(spec, "train", d.data_dir, 10_000, _image_shape(config))
+      train_captions, train_images, _ = load_pairs(spec, "train", d.data_dir, 10_000, image_shape)
       clf = digit_classifier(train_images, np.array([digits.parse_caption(c) for c in train_captions]))
       labels = np.array([digits.parse_caption(c) for c in captions])
       results[name] = {"text_to_image": score_digit_images(generated, labels, clf),

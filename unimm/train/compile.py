@@ -160,8 +160,8 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
   codec = families.random_frozen_codec(config)
   setup = setup_lib.build(config, mesh, vocab, codec, platform=target_platform(kind))
   config = setup.config  # "auto" settings resolved for the target
-  rows, length = int(config.data.batch_size), int(config.data.seq_len)
-  batch = setup.task.dummy_batch(rows, length, setup_lib.image_shape(config))
+  rows, length = setup.data.batch_size, setup.data.seq_len
+  batch = setup.task.dummy_batch(rows, length, setup.data.layout.image_shape)
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sharding)
                     for k, v in batch.items()}

@@ -259,7 +259,7 @@ def train(config, workdir: str) -> dict:
           writer.scalars(step, last)
           bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in last.items()
                            if k == "loss" or (k.endswith("_loss") and v)})
-          warn_about_skips(skipped, seen_documents, float(config.data.warn_skip_rate), warned)
+          warn_about_skips(skipped, seen_documents, setup.data.warn_skip_rate, warned)
           window, window_skips, window_tokens, window_start = None, 0, 0, time.perf_counter()
         preempted = preemption.reached(step)  # every process agrees on the step
         if preempted:  # save and exit, nothing else (no sample, eval or final evaluation)

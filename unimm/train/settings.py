@@ -57,12 +57,6 @@ class TrainSettings:
   @classmethod
   def from_config(cls, train_config) -> "TrainSettings":
     """The settings of a `config.train` node, each value cast to its field's type."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    missing = fields - set(train_config.keys())
-    if missing:
-      raise ValueError(f"config.train lacks {sorted(missing)}: start from configs/common.py's base_config()")
-    parsed = settings.from_config(cls, train_config, "config.train")
-    casts = {"int": int, "float": float, "bool": bool, "str": str}
-    typed = {f.name: casts[f.type](getattr(parsed, f.name)) for f in dataclasses.fields(cls) if f.type in casts}
-    return dataclasses.replace(parsed, **typed, wd_mults=optimizer.wd_mults_of(parsed.wd_mults),
-                               trainable=tuple(str(name) for name in parsed.trainable))
+    values = settings.typed_values(cls, train_config, "config.train")
+    return cls(**{**values, "wd_mults": optimizer.wd_mults_of(values["wd_mults"]),
+                  "trainable": tuple(str(name) for name in values["trainable"])})

@@ -15,6 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from unimm import families
+from unimm.data import layout
+from unimm.data.settings import DataSettings
 from unimm.parallel import sharding, targets
 from unimm.train import optimizer as optimizer_lib, settings, step as step_lib
 
@@ -34,12 +36,8 @@ class Setup:
   matmul_params: int
   total_params: int
   train: settings.TrainSettings  # `config.train` parsed (its "auto" settings resolved)
+  data: DataSettings  # `config.data` parsed
   config: Any = None  # the config as built: its "auto" settings resolved for the target
-
-
-def image_shape(config) -> tuple[int, int, int]:
-  d = config.data
-  return int(d.image_size), int(d.image_size), int(d.image_channels)
 
 
 def abstract_params(config, vocab_size: int | None):
@@ -49,7 +47,7 @@ def abstract_params(config, vocab_size: int | None):
 
   def init(codec, rng):
     task = families.build_task(config, vocab_size, frozen_codec=codec)
-    return task.init(rng, task.dummy_batch(1, int(config.data.seq_len), image_shape(config)))
+    return task.init(rng, task.dummy_batch(1, int(config.data.seq_len), layout.image_shape_of(config.data)))
 
   return jax.eval_shape(init, codec, jax.random.key(0))
 
@@ -60,10 +58,10 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
   config = targets.resolve_targets(config, platform or targets.platform_of(mesh), targets.rows_per_device(config, mesh))
   task = families.build_task(config, vocab_size, frozen_codec=frozen_codec)
   rules = sharding.logical_rules(config.sharding)
-  train = settings.TrainSettings.from_config(config.train)
+  train, data = settings.TrainSettings.from_config(config.train), DataSettings.from_config(config.data)
   optimizer = optimizer_lib.make_optimizer(train)
   schedule = optimizer_lib.learning_rate_schedule(train)
-  init_batch = task.dummy_batch(1, int(config.data.seq_len), image_shape(config))
+  init_batch = task.dummy_batch(1, data.seq_len, data.layout.image_shape)
   partition = step_lib.Partition(train.trainable)
   family = families.of(config)
 
@@ -104,7 +102,7 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
   return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
                init=run_init, step=run_step, lower=lower,
                matmul_params=sum(n for path, n in sizes if family.is_matmul_param(path)),
-               total_params=sum(n for _, n in sizes), train=train, config=config)
+               total_params=sum(n for _, n in sizes), train=train, data=data, config=config)
 
 
 def flops_per_token(setup: Setup, config) -> float:
