@@ -1,66 +1,33 @@
 """What every config shares; each experiment file changes only what differs.
 
-Every key is listed here with a comment, so `--config.x.y=…` overrides are
-discoverable in one place.
+Every key the families share is listed here with a comment, so `--config.x.y=…`
+overrides are discoverable in one place; a family's own `model.*` keys (its codec,
+its loss) are listed, with comments, by its record's `config_defaults` in
+unimm/families.py, and only its configs have them.
 """
 
 import ml_collections as mlc
 
+from unimm import families
 from unimm.data import paths
 
 
-def base_config() -> mlc.ConfigDict:
+def base_config(family: str = "transfusion") -> mlc.ConfigDict:
+  """The keys every family shares, then `family`'s own (its record's `config_defaults`)."""
   c = mlc.ConfigDict()
   c.seed = 0
 
   # -- model --------------------------------------------------------------------
   m = c.model = mlc.ConfigDict()
-  m.family = "transfusion"  # transfusion | chameleon | janus | kl_vae, vq, siglip (train an image codec / encoder)
+  m.family = family  # transfusion | chameleon | janus | kl_vae, vq, siglip (train an image codec / encoder)
   m.vocab_size = 0  # 0: the tokenizer's ids rounded up to 128; > 0: declared (must hold the tokenizer's ids)
   m.backbone = mlc.ConfigDict(dict(
       num_layers=16, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
       rope_theta=10000.0, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch", scan=True,
       bidirectional_images=True, attention="auto", dropout=0.0, norm_order="pre"))
-  m.patch_kind = "linear"  # linear | unet (the paper's U-Net down/up blocks)
-  m.patch_size = mlc.FieldReference(2)  # latent patch side (k×k latent pixels per slot)
-  m.unet_channels = (128, 256, 512)  # U-Net widths per level (log2(patch_size)+1 used)
-  m.unet_blocks = 1
-  # kl_vae latents enter the diffusion as (z − shift)·scale. scale 0: from the VAE run's
-  # checkpoints/latent_stats.json (1/std of `stats_images` training images' latents; shift = their mean
-  # if `stats_center`), measured at the end of VAE training or on a consumer's first use; scale > 0 pins
-  # scale and shift (e.g. 0.18215 for an imported SD VAE) and the file is never read or written.
-  m.autoencoder = mlc.ConfigDict(dict(
-      kind="identity", downsample=mlc.FieldReference(1), latent_channels=8, channels=64,
-      channel_mults=(1, 2, 2), blocks_per_level=1, shift=0.0, scale=0.0, checkpoint="", stats_images=1024,
-      stats_center=False))
-  m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
-  m.num_timesteps = 1000
-  m.prediction = "epsilon"  # the patch head's output: epsilon (the paper) | v (well posed at high noise)
-  m.clip_x0 = -1.0  # samplers clip x̂₀ to [-c, c]: -1 auto (1 for pixels, off for KL-VAE latents), 0 off, c > 0
   m.guidance = 3.0  # classifier-free guidance scale for sampling and eval (--guidance overrides; Janus: 5)
   m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)
-  m.lm_loss_chunk = 0  # Transfusion: > 0 computes the LM loss over chunks of this many positions (no [B,T,V] logits)
-  # The VQ image tokenizer (LlamaGen's): trained by family vq, used frozen by code families via `checkpoint`.
-  m.vq = mlc.ConfigDict(dict(
-      channels=128, channel_mults=(1, 1, 2, 2, 4), blocks_per_level=2, attention=True, z_channels=256,
-      codebook_size=16384, code_dim=8, l2_normalized=True, beta=0.25, entropy_temperature=0.01, checkpoint=""))
-  m.vq_loss = mlc.ConfigDict(dict(  # family vq (see unimm/models/vq.py)
-      l1=False, codebook_weight=1.0, entropy_weight=0.0, perceptual_weight=0.0, perceptual_weights="",
-      gan_weight=0.0, gan_start=0, disc_channels=64, disc_layers=3, reinit_dead_codes_every=0,
-      reinit_dead_codes_until=0))
-  # The ViT image encoder (SigLIP-L/16 at 384 px by default): trained by family siglip, read by Janus
-  # (its `checkpoint` names the siglip run whose ViT Janus starts from).
-  m.vision = mlc.ConfigDict(dict(
-      patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096, feature_layer=-1, dtype="bfloat16",
-      remat=True, checkpoint=""))
-  m.siglip = mlc.ConfigDict(dict(  # family siglip: the loss and the shared embedding
-      embed_dim=1024, init_temperature=10.0, init_bias=-10.0, duplicate_captions_positive=True))
-  m.siglip_text = mlc.ConfigDict(dict(  # family siglip's text tower (the backbone's keys)
-      num_layers=12, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
-      rope_theta=10000.0, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch", scan=True,
-      bidirectional_images=True, attention="auto", dropout=0.0, norm_order="pre"))
-  m.kl_weight = 1e-6  # family kl_vae: weight of the KL term
-  m.l1 = False  # family kl_vae: L1 instead of L2 reconstruction
+  # The family's own keys (its codec, its loss) come last, from its record: `families.get(family).config_defaults`.
 
   # -- data (see unimm/data/pipeline.py) -----------------------------------------
   d = c.data = mlc.ConfigDict()
@@ -72,8 +39,7 @@ def base_config() -> mlc.ConfigDict:
                                     builtin_specials=True))
   d.image_size = mlc.FieldReference(256)
   d.image_channels = 3
-  grid = d.get_ref("image_size") // (m.get_ref("patch_size") * m.autoencoder.get_ref("downsample"))
-  d.image_slots = grid * grid  # sequence slots per image: one per latent patch
+  d.image_slots = 256  # sequence slots per image: one per latent patch or code (the family's defaults derive it)
   d.seq_len = 4096
   d.batch_size = 256  # global, split over processes
   d.shards = 0  # data shards, each packed on its own (0: one per process); fixes the global batch across process counts
@@ -81,7 +47,7 @@ def base_config() -> mlc.ConfigDict:
   d.caption_first_prob = 0.8
   d.caption_dropout = 0.1
   d.caption_dropout_mode = "drop"  # drop: the unconditional example is the image alone | pad: caption → PAD (Janus)
-  d.max_timestep = m.get_ref("num_timesteps")
+  d.max_timestep = 1000  # diffusion families: their model.num_timesteps
   d.noise_limit_t = 500
   d.image_token_weight = 0.0  # continuous images: no token loss on image slots
   d.train_read_images = True  # False: only written images' slots are targets (Janus: read ones go through the ViT)
@@ -144,6 +110,8 @@ def base_config() -> mlc.ConfigDict:
   t.eval_diffusion_steps = 25
   t.final_eval_examples = 0  # after training, evaluate on this many test examples and print it (0: don't)
   t.final_eval_diffusion_steps = 50
+
+  families.get(family).config_defaults(c)
   return c
 
 

@@ -133,6 +133,8 @@ STRUCTURAL = ["model.family", "model.autoencoder.kind", "model.autoencoder.laten
 
 def lookup(config, dotted: str):
   for key in dotted.split("."):
+    if key not in config:
+      return None  # another family's key
     config = config[key]
   return config.to_dict() if hasattr(config, "to_dict") else config
 

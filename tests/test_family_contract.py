@@ -113,3 +113,25 @@ def test_every_sampling_option_is_a_flag_for_text_and_for_codes():
     for prefix, defaults in (("", sampling.SamplingOptions()), ("code_", sampling.CODE_DEFAULTS)):
       flag = flags.FLAGS[prefix + field.name]
       assert flag.default == getattr(defaults, field.name) and field.metadata["help"] in flag.help
+
+
+def test_each_config_holds_its_family_keys_only_and_older_records_with_every_family_resume():
+  """A family's `model.*` keys come from its record (`config_defaults`): no config holds another family's.
+  A workdir recorded when every config held every family's keys resumes: those keys are 'version' changes."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  own = {"transfusion": {"autoencoder", "patch_size", "diffusion_weight", "lm_loss_chunk"}, "chameleon": {"vq"},
+         "janus": {"vq", "vision"}, "kl_vae": {"autoencoder", "kl_weight"}, "vq": {"vq", "vq_loss"},
+         "siglip": {"vision", "siglip", "siglip_text"}}
+  every_family = set().union(*own.values())
+  for name, path in TINY_CONFIGS.items():
+    path, _, arg = path.partition(":")
+    config = load_config(path, arg or None)
+    model_keys = set(config.model.keys())
+    assert own[name] <= model_keys and not (every_family - own[name]) & model_keys, (name, sorted(model_keys))
+    older = config.to_dict()  # the older shape: every family's keys (their defaults) in every config
+    for other in families.names():
+      older["model"] = {**common.base_config(other).model.to_dict(), **older["model"]}
+    found = config_record.changes({"config": older}, {"config": config.to_dict()})
+    assert found and set(found.values()) == {"version"}, found
+    assert {key.split(".")[1] for key in found} == set(older["model"]) - model_keys

@@ -31,8 +31,9 @@ def decayed(config) -> dict[str, float]:
 
 def with_scan(config, scan: bool):
   config = mlc.ConfigDict(config.to_dict())
-  for node in (config.model.backbone, config.model.siglip_text):
-    node.update(scan=scan, remat="none")
+  for name in ("backbone", "siglip_text"):  # the text backbones (SigLIP's text tower: family siglip only)
+    if name in config.model:
+      config.model[name].update(scan=scan, remat="none")
   return config
 
 

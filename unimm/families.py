@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Protocol, runtime_checkable
 
+import ml_collections as mlc
+
 from unimm import diffusion
 from unimm.data import layout
 from unimm.inference import codes, images, text
@@ -47,6 +49,10 @@ def _none(config, *args, **kwargs):
   del config, args, kwargs
 
 
+def _no_defaults(config) -> None:
+  del config
+
+
 def _empty_list(config) -> list:
   del config
   return []
@@ -71,10 +77,13 @@ class Family:
   `image_generator` / `text_generator(task, params, specials, placement, code_sampling)`: the generators
   (None: the family writes no images / no text); `after_training(config, host params, step, checkpoints
   dir)`: what a finished run stores for its consumers; `memory_advice(config)`: family-specific ways to
-  fit a step in memory (`--mode=compile`)."""
+  fit a step in memory (`--mode=compile`); `config_defaults(config)`: adds the family's own `config.model`
+  keys with their defaults to a base config (and ties the `config.data` keys they decide to them):
+  `configs/common.base_config(family)` calls it, so a config holds its family's keys and no other's."""
 
   name: str
   build_task: Callable[..., Task]  # (config, vocab_size, frozen_codec=None)
+  config_defaults: Callable[[Any], None] = _no_defaults
   load_frozen_codec: Callable[[Any], Any] = _none
   random_frozen_codec: Callable[..., Any] = _none
   pretrained_parts: Callable[[Any], list] = _empty_list
@@ -254,6 +263,93 @@ def siglip_task(config, vocab_size: int, frozen_codec=None) -> vit.SigLIPTask:
   return vit.SigLIPTask(model=model, max_images=int(config.data.max_images_per_row))
 
 
+# -- each family's own config.model keys (configs/common.base_config(family) adds them) ---------------------
+# The codec and encoder nodes are shared by the families that train or read them; `build_task` parses each
+# node strictly into its settings class (`from_config`), so a key unknown there fails by name.
+
+def autoencoder_node() -> mlc.ConfigDict:
+  """`model.autoencoder`: pixels (identity) or a KL-VAE's latents. Its latents enter the diffusion as
+  (z − shift)·scale. scale 0: from the VAE run's checkpoints/latent_stats.json (1/std of `stats_images`
+  training images' latents; shift = their mean if `stats_center`), measured at the end of VAE training or
+  on a consumer's first use; scale > 0 pins scale and shift (e.g. 0.18215 for an imported SD VAE) and the
+  file is never read or written."""
+  return mlc.ConfigDict(dict(
+      kind="identity", downsample=mlc.FieldReference(1), latent_channels=8, channels=64,
+      channel_mults=(1, 2, 2), blocks_per_level=1, shift=0.0, scale=0.0, checkpoint="", stats_images=1024,
+      stats_center=False))
+
+
+def vq_node() -> mlc.ConfigDict:
+  """`model.vq`: the VQ image tokenizer (LlamaGen's), trained by family vq, read frozen by the code
+  families through `checkpoint`."""
+  return mlc.ConfigDict(dict(
+      channels=128, channel_mults=(1, 1, 2, 2, 4), blocks_per_level=2, attention=True, z_channels=256,
+      codebook_size=16384, code_dim=8, l2_normalized=True, beta=0.25, entropy_temperature=0.01, checkpoint=""))
+
+
+def vision_node() -> mlc.ConfigDict:
+  """`model.vision`: the ViT image encoder (SigLIP-L/16 at 384 px), trained by family siglip, read by Janus
+  (its `checkpoint` names the siglip run whose ViT Janus starts from)."""
+  return mlc.ConfigDict(dict(
+      patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096, feature_layer=-1, dtype="bfloat16",
+      remat=True, checkpoint=""))
+
+
+def transfusion_defaults(config) -> None:
+  m, d = config.model, config.data
+  m.patch_kind = "linear"  # linear | unet (the paper's U-Net down/up blocks)
+  m.patch_size = mlc.FieldReference(2)  # latent patch side (k×k latent pixels per slot)
+  m.unet_channels = (128, 256, 512)  # U-Net widths per level (log2(patch_size)+1 used)
+  m.unet_blocks = 1
+  m.autoencoder = autoencoder_node()
+  m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
+  m.num_timesteps = 1000
+  m.prediction = "epsilon"  # the patch head's output: epsilon (the paper) | v (well posed at high noise)
+  m.clip_x0 = -1.0  # samplers clip x̂₀ to [-c, c]: -1 auto (1 for pixels, off for KL-VAE latents), 0 off, c > 0
+  m.lm_loss_chunk = 0  # > 0 computes the LM loss over chunks of this many positions (no [B, T, V] logits)
+  grid = d.get_ref("image_size") // (m.get_ref("patch_size") * m.autoencoder.get_ref("downsample"))
+  d.image_slots = grid * grid  # one per latent patch
+  d.max_timestep = m.get_ref("num_timesteps")
+
+
+def code_family_defaults(config) -> None:
+  """Chameleon's and Janus's own keys: the frozen VQ tokenizer whose codes are their images (`model.vq`);
+  Janus also reads images with a ViT (`model.vision`, added by `janus_defaults`)."""
+  config.model.vq = vq_node()
+
+
+def janus_defaults(config) -> None:
+  code_family_defaults(config)
+  config.model.vision = vision_node()
+
+
+def kl_vae_defaults(config) -> None:
+  m = config.model
+  m.autoencoder = autoencoder_node()
+  m.kl_weight = 1e-6  # weight of the KL term
+  m.l1 = False  # L1 instead of L2 reconstruction
+
+
+def vq_defaults(config) -> None:
+  m = config.model
+  m.vq = vq_node()
+  m.vq_loss = mlc.ConfigDict(dict(  # see unimm/models/vq.py
+      l1=False, codebook_weight=1.0, entropy_weight=0.0, perceptual_weight=0.0, perceptual_weights="",
+      gan_weight=0.0, gan_start=0, disc_channels=64, disc_layers=3, reinit_dead_codes_every=0,
+      reinit_dead_codes_until=0))
+
+
+def siglip_defaults(config) -> None:
+  m = config.model
+  m.vision = vision_node()
+  m.siglip = mlc.ConfigDict(dict(  # the loss and the shared embedding
+      embed_dim=1024, init_temperature=10.0, init_bias=-10.0, duplicate_captions_positive=True))
+  m.siglip_text = mlc.ConfigDict(dict(  # the text tower: a backbone (model.backbone's keys)
+      num_layers=12, dim=768, num_heads=12, num_kv_heads=0, head_dim=0, mlp_hidden=0, qk_norm=False,
+      rope_theta=10000.0, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch", scan=True,
+      bidirectional_images=True, attention="auto", dropout=0.0, norm_order="pre"))
+
+
 # -- frozen codecs: loaded from the run their checkpoint names, or random stand-ins -----------------------
 
 def _restore_params(directory: str):
@@ -382,17 +478,19 @@ def transfusion_memory_advice(config) -> list[str]:
 # -- the built-in families --------------------------------------------------------------------------------
 
 for _family in (
-    Family("transfusion", transfusion_task, load_frozen_codec=load_vae, random_frozen_codec=random_vae,
-           evaluate=evaluate_unified, image_generator=diffusion_image_generator,
+    Family("transfusion", transfusion_task, transfusion_defaults, load_frozen_codec=load_vae,
+           random_frozen_codec=random_vae, evaluate=evaluate_unified, image_generator=diffusion_image_generator,
            text_generator=diffusion_text_generator, memory_advice=transfusion_memory_advice),
-    Family("chameleon", chameleon_task, load_frozen_codec=load_vq_tokenizer, random_frozen_codec=random_vq_tokenizer,
-           evaluate=evaluate_unified, image_generator=code_image_generator, text_generator=code_text_generator),
-    Family("janus", janus_task, load_frozen_codec=load_vq_tokenizer, random_frozen_codec=random_vq_tokenizer,
-           pretrained_parts=janus_pretrained_parts, non_matmul_params=("embedding", "gen_embed", "vision_encoder"),
-           evaluate=evaluate_unified, image_generator=code_image_generator, text_generator=code_text_generator),
-    Family("kl_vae", autoencoder_task, after_training=record_latent_stats),
-    Family("vq", tokenizer_task, evaluate=evaluate_vq_tokenizer, after_update=True),
-    Family("siglip", siglip_task, evaluate=evaluate_siglip),
+    Family("chameleon", chameleon_task, code_family_defaults, load_frozen_codec=load_vq_tokenizer,
+           random_frozen_codec=random_vq_tokenizer, evaluate=evaluate_unified, image_generator=code_image_generator,
+           text_generator=code_text_generator),
+    Family("janus", janus_task, janus_defaults, load_frozen_codec=load_vq_tokenizer,
+           random_frozen_codec=random_vq_tokenizer, pretrained_parts=janus_pretrained_parts,
+           non_matmul_params=("embedding", "gen_embed", "vision_encoder"), evaluate=evaluate_unified,
+           image_generator=code_image_generator, text_generator=code_text_generator),
+    Family("kl_vae", autoencoder_task, kl_vae_defaults, after_training=record_latent_stats),
+    Family("vq", tokenizer_task, vq_defaults, evaluate=evaluate_vq_tokenizer, after_update=True),
+    Family("siglip", siglip_task, siglip_defaults, evaluate=evaluate_siglip),
 ):
   register(_family)
 

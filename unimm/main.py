@@ -332,11 +332,12 @@ def main(argv):
   print(json.dumps(result))
   if result.get("preempted"):
     return  # preempted: saved, and nothing else (the final evaluation belongs to a finished run)
-  if int(config.train.final_eval_examples) and multiprocess:
+  from unimm.train import settings  # pylint: disable=g-import-not-at-top
+  t = settings.TrainSettings.from_config(config.train)
+  if t.final_eval_examples and multiprocess:
     logging.warning("Multi-process run: no final evaluation here; run --mode=eval as one process.")
-  elif int(config.train.final_eval_examples):
-    evaluate(config, _WORKDIR.value, int(config.train.final_eval_examples),
-             int(config.train.final_eval_diffusion_steps))
+  elif t.final_eval_examples:
+    evaluate(config, _WORKDIR.value, t.final_eval_examples, t.final_eval_diffusion_steps)
 
 
 def run():

@@ -21,8 +21,7 @@ from configs.tokenizers import tiny as tiny_tokenizer
 def get_config(arg=None):
   if arg not in (None, "", "smoke"):
     raise ValueError(f"chameleon/7b.py takes no argument or ':smoke', got {arg!r}")
-  c = common.base_config()
-  c.model.family = "chameleon"
+  c = common.base_config("chameleon")
   c.model.backbone.update(num_layers=32, dim=4096, num_heads=32, mlp_hidden=11008, qk_norm=True, dropout=0.1,
                           bidirectional_images=False, remat="auto")
   c.targets.gpu.remat = "qkv_proj"

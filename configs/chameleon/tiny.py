@@ -19,8 +19,7 @@ def get_config(arg=None):
   variant = arg or "shapes"
   if variant not in ("shapes", "digits"):
     raise ValueError(f"chameleon/tiny.py takes ':shapes' or ':digits', got {arg!r}")
-  c = common.base_config()
-  c.model.family = "chameleon"
+  c = common.base_config("chameleon")
   dataset = tiny_tokenizer.set_tokenizer(c, variant)  # shapes: 8×8 codes (64 slots, as Transfusion's 4×4 patches)
   common.tiny_recipe(c, dataset)
   c.model.backbone.update(bidirectional_images=False, qk_norm=True)

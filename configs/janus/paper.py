@@ -37,8 +37,7 @@ def get_janus_pro(arg, *, layers: int, dim: int, heads: int, mlp: int):
   if stage is None:
     raise ValueError(f"Janus-Pro configs take ':stageN' or ':stageN_smoke' (N = 1, 2, 3), got {arg!r}")
   trainable, (und, text, gen), steps, batch, lr, warmup = STAGES[stage]
-  c = common.base_config()
-  c.model.family = "janus"
+  c = common.base_config("janus")
   c.model.vocab_size = 102_400
   c.model.backbone.update(num_layers=layers, dim=dim, num_heads=heads, mlp_hidden=mlp, bidirectional_images=False)
   common.paper_mesh(c)

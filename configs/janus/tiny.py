@@ -51,8 +51,7 @@ def get_config(arg=None):
   if dataset not in ("shapes", "digits") or stage not in ("stage1", "stage2", "stage3"):
     raise ValueError(f"janus/tiny.py takes ':stageN' or ':digits_stageN' (N = 1, 2, 3), got {arg!r}")
   stage = int(stage[-1])
-  c = common.base_config()
-  c.model.family = "janus"
+  c = common.base_config("janus")
   common.tiny_recipe(c, dataset)
   c.model.backbone.update(bidirectional_images=False)
   tiny_siglip.set_vision(c, dataset)

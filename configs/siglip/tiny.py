@@ -21,8 +21,7 @@ def get_config(arg=None):
   dataset = arg or "shapes"
   if dataset not in ("shapes", "digits"):
     raise ValueError(f"siglip/tiny.py takes ':shapes' or ':digits', got {arg!r}")
-  c = common.base_config()
-  c.model.family = "siglip"
+  c = common.base_config("siglip")
   set_vision(c, dataset)
   c.model.siglip.update(embed_dim=64)
   c.model.siglip_text.update(num_layers=2, dim=64, num_heads=4, mlp_hidden=192, remat="none", scan=False,

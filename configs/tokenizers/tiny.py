@@ -33,8 +33,7 @@ def set_tokenizer(c, variant: str) -> str:
 
 def get_config(arg=None):
   variant = arg or "shapes"
-  c = common.base_config()
-  c.model.family = "vq"
+  c = common.base_config("vq")
   dataset = set_tokenizer(c, variant)
   c.model.vq_loss.update(reinit_dead_codes_every=100)
   c.data.seq_len = 256 if dataset == "shapes" else 128

@@ -12,12 +12,12 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  c = common.base_config()
-  c.model.family = "kl_vae"
+  c = common.base_config("kl_vae")
   c.model.autoencoder.update(kind="kl_vae", downsample=2, latent_channels=8, channels=32, channel_mults=(1, 2),
                              blocks_per_level=1)
   c.model.kl_weight = 1e-6
   common.embedded_data(c, "shapes")
+  c.data.image_slots = 64  # slots an image takes in a row: sets how many images share one (the VAE reads only them)
   c.data.seq_len = 256
   c.data.batch_size = 16
   c.data.max_images_per_row = 4

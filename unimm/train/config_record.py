@@ -112,8 +112,9 @@ def data_fingerprint(config) -> dict:
     else:
       sources[name] = _listing(str(spec.get("path", "")).replace("{split}", "*"))
   codecs = {}
-  for key in ("autoencoder", "vq", "vision"):
-    directory = config.model.get(key, {}).get("checkpoint", "") if key in config.model else ""
+  for key in sorted(config.model.keys()):  # the frozen codecs and encoders a family reads (`model.*.checkpoint`)
+    node = config.model[key]
+    directory = node.get("checkpoint", "") if isinstance(node, ml_collections.ConfigDict) else ""
     if directory:
       steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else [])
       codecs[key] = _listing(os.path.join(directory, str(steps[-1]))) if steps else []
