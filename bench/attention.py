@@ -19,7 +19,10 @@ forward and forward+backward of every kernel the backend has:
 * CPU: `xla` against `causal_xla` (for trying the script).
 
 `pallas_tiles_vs_causal` is hardware-free: the key tiles the Pallas forward
-visits (its block ranges) over those a causal flash kernel visits, same blocks.
+visits (its block ranges) over those a causal flash kernel visits, same blocks;
+`pallas_backward_matmuls_vs_causal` and `pallas_atomic_backward_matmuls_vs_causal`
+are the backward's (deterministic: dK/dV and dQ loops, 7 matmuls per tile pair;
+`pallas_atomic`: one loop, 5) over a causal FlashAttention-2 backward's.
 FLOPs count what the mask lets through: forward 4·N·H per visible (query, key)
 pair (two matmuls), backward 2.5× the forward (FlashAttention-2's convention,
 five matmuls with the recomputed scores); the causal reference counts its
@@ -47,7 +50,7 @@ from train_step import synthetic_batch  # pylint: disable=wrong-import-position
 from unimm.data import packed  # pylint: disable=wrong-import-position
 from unimm.models import attention  # pylint: disable=wrong-import-position
 
-KERNELS = {"gpu": ("pallas", "cudnn", "xla"), "tpu": ("splash", "xla"), "cpu": ("xla",)}
+KERNELS = {"gpu": ("pallas", "pallas_atomic", "cudnn", "xla"), "tpu": ("splash", "xla"), "cpu": ("xla",)}
 CAUSAL = {"gpu": "causal_cudnn", "tpu": "causal_splash", "cpu": "causal_xla"}
 
 
@@ -109,14 +112,27 @@ def kernels(backend: str, pallas_blocks: list[str]):
   return out
 
 
-def tiles_visited(seg, img, block_q: int = 128, block_k: int = 64) -> int:
-  """Key tiles the Pallas forward visits over all query blocks (its block ranges from the spans)."""
+def _tiles(lo, hi, block_rows: int, block_cols: int) -> int:
+  """Tiles a Pallas loop visits: per block of `block_rows` positions, the `block_cols` blocks covering the
+  union of their spans [lo, hi) (the kernel's `_block_range`)."""
+  b, t = lo.shape
+  first = lo.reshape(b, t // block_rows, block_rows).min(-1) // block_cols
+  last = -(-hi.reshape(b, t // block_rows, block_rows).max(-1) // block_cols)
+  return int(np.maximum(last - first, 0).sum())
+
+
+def tiles_visited(seg, img, block_q: int = 128, block_k: int = 64, block_backward: int = 64) -> dict:
+  """The tiles the Pallas kernel visits, from its block ranges: `forward` (key tiles over all query
+  blocks), and the backward's `dkdv` (query tiles over all key blocks) and `dq` (key tiles over all query
+  blocks, the deterministic backward's second loop). Matmuls per tile: forward 2; deterministic backward
+  4 per dK/dV tile and 3 per dQ tile (P and dS recomputed); `atomic_dq` 5 per dK/dV tile, no dQ loop."""
   from unimm.kernels import mixed_flash  # pylint: disable=g-import-not-at-top
-  kv_lo, kv_hi, _, _ = (np.asarray(x) for x in mixed_flash.visible_spans(jnp.asarray(seg), jnp.asarray(img)))
-  b, t = seg.shape
-  lo = kv_lo.reshape(b, t // block_q, block_q).min(-1) // block_k
-  hi = -(-kv_hi.reshape(b, t // block_q, block_q).max(-1) // block_k)
-  return int(np.maximum(hi - lo, 0).sum())
+  kv_lo, kv_hi, q_lo, q_hi = (np.asarray(x) for x in mixed_flash.visible_spans(jnp.asarray(seg), jnp.asarray(img)))
+  out = {"forward": _tiles(kv_lo, kv_hi, block_q, block_k), "dkdv": _tiles(q_lo, q_hi, block_backward, block_backward),
+         "dq": _tiles(kv_lo, kv_hi, block_backward, block_backward)}
+  out["backward_matmuls"] = 4 * out["dkdv"] + 3 * out["dq"]
+  out["backward_matmuls_atomic_dq"] = 5 * out["dkdv"]
+  return out
 
 
 def timed(fn, args, steps: int) -> float:
@@ -164,13 +180,18 @@ def main():
       seg, img = layout(layout_name, rng, b, t, patches)
       visible = int(packed.attention_mask(seg, img).sum())
       causal_pairs = b * t * (t + 1) // 2
-      causal_tiles = tiles_visited(np.ones_like(seg), np.zeros_like(img))
+      causal, tiles = tiles_visited(np.ones_like(seg), np.zeros_like(img)), tiles_visited(seg, img)
       seg, img = jnp.asarray(seg), jnp.asarray(img)
       base = {"layout": layout_name, "image_patches": patches,
               "image_slot_fraction": round(float((img > 0).mean()), 3),
               "visible_pairs_vs_causal": round(visible / causal_pairs, 4),
-              # the Pallas kernel's forward work at its default blocks (128 × 64), vs causal flash's tiles
-              "pallas_tiles_vs_causal": round(tiles_visited(seg, img) / causal_tiles, 4)}
+              # The Pallas kernel's work at its default blocks (128 × 64, backward 64), vs causal flash's (a
+              # FlashAttention-2 backward: 5 matmuls per tile); and what atomic dQ saves in the backward.
+              "pallas_tiles_vs_causal": round(tiles["forward"] / causal["forward"], 4),
+              "pallas_backward_matmuls_vs_causal": round(
+                  tiles["backward_matmuls"] / causal["backward_matmuls_atomic_dq"], 4),
+              "pallas_atomic_backward_matmuls_vs_causal": round(
+                  tiles["backward_matmuls_atomic_dq"] / causal["backward_matmuls_atomic_dq"], 4)}
       rows = {}
       for name, fn in table.items():
         pairs = causal_pairs if name.startswith("causal") else visible

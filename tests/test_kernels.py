@@ -1,5 +1,6 @@
 """The mixed-mask kernels (Pallas/Triton flash, TPU splash) against the reference, run interpreted on CPU."""
 
+import json
 import os
 import subprocess
 import sys
@@ -112,11 +113,28 @@ def test_visible_spans_stay_conservative_for_ids_that_are_not_contiguous():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_mixed_flash_matches_reference(dtype, bidirectional):
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_mixed_flash_matches_reference(dtype, bidirectional, atomic_dq):
   kernel = lambda q, k, v, s, i: mixed_flash.mixed_flash_attention(
-      q, k, v, s, i, bidirectional, 32, 16, 16, None, 2, True)
+      q, k, v, s, i, bidirectional, 32, 16, 16, None, 2, True, atomic_dq)
   check_against_reference(kernel, dtype, length=128, heads=2, kv_heads=1, head_dim=16,
                           bidirectional=bidirectional)
+
+
+def test_atomic_dq_backward_runs_one_loop_and_is_selected_by_name():
+  """`pallas_atomic` is the kernel with FlashAttention-2's backward: its dQ is added up in the dK/dV loop
+  (a float32 row it aliases), so the backward has one loop over tiles, not two; the gradients agree with
+  the deterministic backward's to float32 rounding."""
+  seg, img = packed_rows(128)
+  q, k, v, cotangent = qkv(3, 128, 2, 1, 16, jnp.float32, seed=2)
+  grads = {}
+  for name in ("pallas", "pallas_atomic"):
+    loss = lambda q, k, v, name=name: (attention.attend(q, k, v, seg, img, implementation=name) * cotangent).sum()
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    assert ("mixed_flash_backward_atomic_dq" in jaxpr) == (name == "pallas_atomic")
+    grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  for deterministic, atomic in zip(grads["pallas"], grads["pallas_atomic"]):
+    np.testing.assert_allclose(atomic, deterministic, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_flash_padding_rows_are_zero_and_a_text_row_equals_causal_attention():
@@ -164,6 +182,11 @@ def test_mixed_flash_lowers_to_triton_for_gpu():
   text = lowered.as_text()
   assert text.count("xla.gpu.triton") == 2  # the forward (recomputed for the vjp once) and the backward
   assert "mixed_flash_forward" in text and "mixed_flash_backward" in text
+  atomic = lambda q, k, v, s, i: mixed_flash.mixed_flash_attention(q, k, v, s, i, atomic_dq=True).astype(
+      jnp.float32).sum()
+  text = jax.jit(jax.value_and_grad(atomic, argnums=(0, 1, 2))).trace(q, kv, kv, ids, ids).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 2 and "mixed_flash_backward_atomic_dq" in text
 
 
 @pytest.mark.slow
@@ -273,3 +296,21 @@ def test_backbone_with_the_kernel_matches_xla_under_scan_and_remat():
   _, kept_grads = loss("pallas", "qkv_attention")(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
                kept_grads, want_grads)
+
+
+def test_kernel_check_passes_the_kernel_and_fails_a_wrong_one(monkeypatch, capsys):
+  """bench/kernel_check.py, the GPU run's first step, finds a kernel whose output is 5% off (every case fails,
+  naming the output and the gradients) and passes the real one."""
+  monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+  import kernel_check  # pylint: disable=g-import-not-at-top
+  args = ["--batch=1", "--seq_len=128", "--heads=2", "--kv_heads=1", "--head_dim=16", "--image_patches=16",
+          "--blocks=32x16x16"]
+  assert kernel_check.main(args) == 0
+  right = mixed_flash.mixed_flash_attention
+  monkeypatch.setattr(mixed_flash, "mixed_flash_attention", lambda *a: right(*a) * 1.05)
+  assert kernel_check.main(args) == 1
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  first, second = rows[:5], rows[5:]
+  assert all(r["ok"] for r in first[:4]) and first[4]["summary"]["failed"] == 0
+  assert not any(r["ok"] for r in second[:4]) and second[4]["summary"]["failed"] == 4
+  assert all(set(r["too_far"]) == {"out", "dq", "dk", "dv"} for r in second[:4])

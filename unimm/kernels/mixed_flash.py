@@ -15,11 +15,23 @@ its keys (one document, keys before the queries or all one image: most tiles,
 told from the ids' min/max per block) skips the mask arithmetic.
 
 The algorithm is FlashAttention-2's: the forward loops over key blocks with an
-online softmax (base 2) and saves the log-sum-exp; the backward runs one
-program per block that accumulates dK/dV over the query blocks that see it and
-dQ over the key blocks its queries see (block_q == block_k there). Grouped-query
-attention maps query head n to key head n // (N / K); dK/dV are summed over the
-group outside the kernel. `interpret=True` runs the same kernels on CPU (tests).
+online softmax (base 2) and saves the log-sum-exp. The backward runs one program
+per key block that accumulates dK/dV over the query blocks that see it; dQ is
+made one of two ways (block_q == block_k there):
+
+* deterministic (the default): the same program then accumulates dQ of its own
+  query block over the key blocks those queries see, recomputing P and dS: 7
+  matmuls per visible tile pair, every sum in a fixed order, so a resumed run
+  repeats its loss curve bit for bit;
+* `atomic_dq=True` (FlashAttention-2's): each tile's dS·K is added to dQ in
+  float32 with atomic adds while dK/dV accumulate: 5 matmuls per tile pair, but
+  the order of the adds is the GPU's, so gradients (and a run) differ in their
+  last bits from run to run. Selected as attention implementation
+  `pallas_atomic`; which is faster is for a GPU to measure (bench/attention.py).
+
+Grouped-query attention maps query head n to key head n // (N / K); dK/dV are
+summed over the group outside the kernel. `interpret=True` runs the same
+kernels on CPU (tests), where the atomic adds are plain adds in grid order.
 """
 
 from __future__ import annotations
@@ -142,8 +154,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, img_ref, kv_lo_ref, kv_hi_ref,
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, img_ref,
-                     kv_lo_ref, kv_hi_ref, q_lo_ref, q_hi_ref, dq_ref, dk_ref, dv_ref, *,
-                     scale: float, block: int, bidirectional_images: bool):
+                     kv_lo_ref, kv_hi_ref, q_lo_ref, q_hi_ref, *out_refs,
+                     scale: float, block: int, bidirectional_images: bool, atomic_dq: bool):
+  # atomic_dq: out_refs start with the zeros dQ is accumulated into (aliased to the dQ output, [T, H] f32).
+  dq_ref, dk_ref, dv_ref = out_refs[-3:]
   j = pl.program_id(2)
   own = pl.ds(j * block, block)
   own_seg, own_img = seg_ref[own], img_ref[own]
@@ -169,6 +183,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, i
     p, ds = tile(q, k, v, do, lse_ref[sl], delta_ref[sl], (seg_ref[sl], img_ref[sl]), (own_seg, own_img), i, j)
     dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
     dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+    if atomic_dq:
+      plgpu.atomic_add(dq_ref, (sl, slice(None)), plgpu.dot(ds.astype(k.dtype), k))
     return dk, dv
 
   zeros = jnp.zeros((block, k.shape[-1]), jnp.float32)
@@ -176,6 +192,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, i
   dk, dv = lax.fori_loop(first, last, over_queries, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
+  if atomic_dq:
+    return
 
   # dQ of query block j: over the key blocks its queries see.
   q, do, lse, delta = q_ref[own, :], do_ref[own, :], lse_ref[own], delta_ref[own]
@@ -214,20 +232,23 @@ def _blocks(length: int, block_q: int, block_k: int, block_backward: int):
   return min(block_q, length), min(block_k, length), min(block_backward, length)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11, 12))
 def mixed_flash_attention(q, k, v, segment_ids, image_ids, bidirectional_images: bool = True,
                           block_q: int = 128, block_k: int = 64, block_backward: int = 64,
-                          num_warps: int | None = None, num_stages: int = 2, interpret: bool = False):
+                          num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                          atomic_dq: bool = False):
   """q [B, T, N, H], k/v [B, T, K, H], ids [B, T] → [B, T, N, H] under the attention rule (docs/design.md).
 
-  Rows with no visible key (padding) come out 0.
+  Rows with no visible key (padding) come out 0. `atomic_dq`: the backward's dQ by atomic adds (see the
+  module docstring: fewer matmuls, not bit-reproducible on a GPU).
   """
   return _forward(q, k, v, segment_ids, image_ids, bidirectional_images, block_q, block_k, block_backward,
-                  num_warps, num_stages, interpret)[0]
+                  num_warps, num_stages, interpret, atomic_dq)[0]
 
 
 def _forward(q, k, v, segment_ids, image_ids, bidirectional_images, block_q, block_k, block_backward,
-             num_warps, num_stages, interpret):
+             num_warps, num_stages, interpret, atomic_dq):
+  del atomic_dq  # the backward's
   batch, length, heads, head_dim = q.shape
   block_q, block_k, block_backward = _blocks(length, block_q, block_k, block_backward)
   _check(q, k, block_q, block_k, block_backward)
@@ -258,7 +279,7 @@ def _forward(q, k, v, segment_ids, image_ids, bidirectional_images, block_q, blo
 
 
 def _backward(bidirectional_images, block_q, block_k, block_backward, num_warps, num_stages, interpret,
-              residuals, d_out):
+              atomic_dq, residuals, d_out):
   q, k, v, segment_ids, image_ids, out, lse = residuals
   batch, length, heads, head_dim = q.shape
   kv_heads = k.shape[2]
@@ -275,20 +296,29 @@ def _backward(bidirectional_images, block_q, block_k, block_backward, num_warps,
   stats = pl.BlockSpec((None, None, length), lambda b, n, j: (b, n, 0))
   out_block = pl.BlockSpec((None, block, None, head_dim), lambda b, n, j: (b, j, n, 0))
   kernel = functools.partial(_backward_kernel, scale=head_dim ** -0.5, block=block,
-                             bidirectional_images=bidirectional_images)
+                             bidirectional_images=bidirectional_images, atomic_dq=atomic_dq)
+  inputs = [q, k, v, d_out, lse, delta, segment_ids, image_ids, *spans]
+  in_specs = [full_q, full_kv, full_kv, full_q, stats, stats, row, row, own, own, own, own]
+  # dQ: its own query block per program, in q's dtype; or (atomic) the whole row's in float32, every
+  # program adding into it, starting from zeros. dK/dV per query head, summed over each group below.
+  dq_spec, dq_shape = out_block, jax.ShapeDtypeStruct(q.shape, q.dtype)
+  if atomic_dq:
+    dq_spec, dq_shape = full_q, jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    inputs.append(jnp.zeros(q.shape, jnp.float32))
+    in_specs.append(full_q)
   dq, dk, dv = pl.pallas_call(
       kernel,
       grid=(batch, heads, length // block),
-      in_specs=[full_q, full_kv, full_kv, full_q, stats, stats, row, row, own, own, own, own],
-      out_specs=[out_block, out_block, out_block],
-      # dK/dV per query head; summed over each key head's group below.
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(q.shape, jnp.float32)],
+      in_specs=in_specs,
+      out_specs=[dq_spec, out_block, out_block],
+      out_shape=[dq_shape, jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape, jnp.float32)],
+      input_output_aliases={len(inputs) - 1: 0} if atomic_dq else {},
       compiler_params=_compiler_params(num_warps or (4 if block * block < 128 * 128 else 8), num_stages,
                                        interpret),
       interpret=interpret,
-      name="mixed_flash_backward",
-  )(q, k, v, d_out, lse, delta, segment_ids, image_ids, *spans)
+      name="mixed_flash_backward_atomic_dq" if atomic_dq else "mixed_flash_backward",
+  )(*inputs)
+  dq = dq.astype(q.dtype)
   dk = dk.reshape(batch, length, kv_heads, group, head_dim).sum(3).astype(k.dtype)
   dv = dv.reshape(batch, length, kv_heads, group, head_dim).sum(3).astype(v.dtype)
   return dq, dk, dv, None, None

@@ -11,6 +11,10 @@ whole (Transfusion) — bidirectional inside each image. Kernels are chosen by
 * ``pallas``: `unimm.kernels.mixed_flash` — flash attention in Pallas/Triton
   with the mask computed in-kernel from the ids and the blocks nobody sees
   skipped (GPU; on CPU it runs interpreted, for tests).
+* ``pallas_atomic``: the same kernel with FlashAttention-2's backward, dQ
+  accumulated by atomic adds (5 matmuls per visible tile pair instead of 7),
+  at the price of gradients that are not bit-reproducible on a GPU: a resumed
+  run no longer repeats its loss curve exactly (`unimm.kernels.mixed_flash`).
 * ``splash``: `unimm.kernels.splash` — TPU splash attention with a per-row
   dynamic mask (TPU; interpreted on CPU).
 * ``auto``: cudnn on GPU, splash on TPU, xla on CPU — on TPU for training rows
@@ -35,15 +39,15 @@ import jax.numpy as jnp
 from unimm.data.packed import attention_mask
 from unimm.models import axes
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
-KERNEL_BACKENDS = {"pallas": "gpu", "splash": "tpu"}
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_atomic", "splash")
+KERNEL_BACKENDS = {"pallas": "gpu", "pallas_atomic": "gpu", "splash": "tpu"}
 # What `auto` runs per platform for training rows; the dense-mask path where it is None or cannot serve.
 AUTO_KERNELS = {"tpu": "splash"}
 
 
 def kernel_takes(implementation: str, length: int, head_dim: int) -> bool:
   """Whether the kernel's block constraints admit these shapes (with its default blocks)."""
-  if implementation == "pallas":
+  if implementation in ("pallas", "pallas_atomic"):
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and length % 128 == 0
   if implementation == "splash":
     return length % 128 == 0  # unimm.kernels.splash picks a block (512, 256 or 128) that divides it
@@ -118,10 +122,10 @@ def _sequence_sharded(mesh_specs) -> bool:
 
 def _kernel(implementation: str, bidirectional_images: bool):
   interpret = target_platform() != KERNEL_BACKENDS[implementation]  # CPU: the same kernel, interpreted
-  if implementation == "pallas":
+  if implementation in ("pallas", "pallas_atomic"):
     from unimm.kernels import mixed_flash  # pylint: disable=g-import-not-at-top
     return lambda q, k, v, seg, img: mixed_flash.mixed_flash_attention(
-        q, k, v, seg, img, bidirectional_images, interpret=interpret)
+        q, k, v, seg, img, bidirectional_images, interpret=interpret, atomic_dq=implementation == "pallas_atomic")
   from unimm.kernels import splash  # pylint: disable=g-import-not-at-top
   return lambda q, k, v, seg, img: splash.splash_mixed_attention(
       q, k, v, seg, img, bidirectional_images=bidirectional_images, interpret=interpret)
