@@ -85,6 +85,9 @@ def base_config(family: str = "transfusion") -> mlc.ConfigDict:
   # get no gradient and no optimiser state (a Janus stage names its trainable parts).
   t.trainable = ()
   t.init_from = ""  # a previous stage's checkpoints dir: a fresh run starts from its params
+  # > 0: a float32 EMA of the trainable weights, β = min(ema_decay, (1+n)/(10+n)) after n updates, kept in the
+  # checkpoints; --mode=sample/eval and in-training samples/evals use it (--ema=false: the raw weights).
+  t.ema_decay = 0.0
   t.skip_nonfinite = False  # True: skip an update whose loss/grads are not finite; False: stop the run
   t.max_consecutive_skips = 10  # with skip_nonfinite: more skips in a row than this end the run as diverged
   # Last known good checkpoint (unimm/train/health.py): one after which good_after_steps steps ran finite and

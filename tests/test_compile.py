@@ -65,12 +65,18 @@ def test_collectives_are_counted_from_hlo_text():
 def test_compile_for_eight_fake_devices_reports_memory_flops_and_collectives(data_dir, tmp_path):
   r = compile_report(tmp_path, "--config=configs/transfusion/tiny.py", "--topology=cpu:8",
                      f"--config.data.data_dir={data_dir}", "--config.data.sources.shapes.builder_config=small",
-                     "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+                     "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                     "--config.train.ema_decay=0.999")
   assert r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
   assert r["rows_per_device"] == 16 / 4 and r["compiler"] == "XLA:CPU (proxy)"
   memory, params = r["memory_per_device_gib"], r["config"]["params"]
-  # The state is split 4 ways at least (fsdp × tensor on the big matrices): params and two Adam moments in f32.
-  state = 3 * 4 * params / 2**30
+  # The state is split 4 ways at least (fsdp × tensor on the big matrices): params, two Adam moments and
+  # the EMA, all in f32, each sharded like the params.
+  state = 4 * 4 * params / 2**30
+  parts = r["state_per_device_gib"]
+  assert parts["ema"] == pytest.approx(parts["params"])
+  assert parts["opt_state"] == pytest.approx(2 * parts["params"], rel=1e-3)  # and Adam's step count
+  assert state / 8 < sum(parts.values()) <= memory["arguments"]
   assert state / 8 < memory["arguments"] < state / 2, (memory["arguments"], state)
   assert memory["aliased"] > 0.9 * state / 8  # the donated state is updated in place
   assert memory["total"] == pytest.approx(memory["arguments"] + memory["outputs"] + memory["temporaries"]

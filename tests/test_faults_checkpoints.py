@@ -299,3 +299,30 @@ def test_keys_another_version_added_are_accepted_and_a_legacy_dump_is_replaced(d
   json.dump(record["config"], open(tmp_path / "config.json", "w"))  # a legacy bare dump
   new, accepted, reset = config_record.check_resume(config, str(tmp_path))
   assert new == record and accepted == {} and not reset
+
+
+def test_ema_turned_on_at_a_resume_starts_from_the_weights_and_sample_eval_use_it(data_dir, trained, tmp_path):
+  """A checkpoint without an EMA resumes with `train.ema_decay` set: the EMA starts from its weights, is kept
+  in the checkpoints, and is what `load_trained` (sample, eval) gives unless asked for the raw weights; the
+  EMA turned off again, that checkpoint still restores (its EMA is ignored)."""
+  from unimm import main  # pylint: disable=g-import-not-at-top
+  workdir = copy(trained, tmp_path)
+  resume(data_dir, workdir, num_steps=10, checkpoint_every=1, ema_decay=0.5)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  params = {s: jax.tree.map(lambda x: np.asarray(x, np.float64), ckpt.restore_params(s)) for s in (8, 9, 10)}
+  assert ckpt.restore_ema(8) is None and ckpt.restore_ema(10) is not None
+  # β = min(0.5, (1 + n) / (10 + n)) = 0.5 for updates n = 8, 9, from the weights of step 8.
+  want = jax.tree.map(lambda p8, p9, p10: 0.5 * (0.5 * p8 + 0.5 * p9) + 0.5 * p10, params[8], params[9], params[10])
+  got = ckpt.restore_ema(10)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6), got, want)
+  assert json.loads(open(os.path.join(workdir, "config_changes.jsonl")).readlines()[-1])["changes"][
+      "train.ema_decay"] == [0.0, 0.5, "safe"]
+  config = tiny(data_dir, ema_decay=0.5)
+  _, averaged, _, step = main.load_trained(config, workdir)
+  _, raw, _, _ = main.load_trained(config, workdir, ema=False)
+  assert step == 10
+  jax.tree.map(lambda a, g: np.testing.assert_array_equal(np.asarray(a), np.asarray(g)), averaged, got)
+  jax.tree.map(lambda r, p: np.testing.assert_array_equal(np.asarray(r, np.float64), p), raw, params[10])
+  assert resume(data_dir, workdir, num_steps=11, checkpoint_every=1)["step"] == 11
+  assert steps_on_disk(workdir)[-1] == 11
+  assert ckpt.restore_ema(11) is None

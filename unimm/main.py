@@ -73,6 +73,8 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "sample/eval: classifier-free g
 _IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 1, "sample: images drawn in parallel per image request.")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "sample: diffusion sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_EMA = flags.DEFINE_boolean("ema", True, "sample/eval: the EMA weights where the checkpoint holds them "
+                            "(train.ema_decay > 0); --ema=false: the raw weights.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0 "
                                    "(with --num_processes, --process_id; unset: detected on SLURM/TPU/MPI).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how many processes.")
@@ -175,18 +177,22 @@ def describe_row(row: dict, tok) -> list[str]:
   return lines
 
 
-def load_trained(config, workdir: str):
-  """(task, params, tokenizer, step) from the workdir's latest complete checkpoint."""
+def load_trained(config, workdir: str, ema: bool = True):
+  """(task, params, tokenizer, step) from the workdir's latest complete checkpoint; its EMA weights where
+  it holds them (train.ema_decay > 0) unless `ema` is False."""
   from unimm import families  # pylint: disable=g-import-not-at-top
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
-  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from unimm.train import checkpoint, step as step_lib  # pylint: disable=g-import-not-at-top
   tokenizer = pipeline.load_tokenizer(config.data)
   task = families.build_task(config, tokenizer.vocab_size, frozen_codec=families.load_frozen_codec(config))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = ckpt.latest_step()
   if step is None:
     raise app.UsageError(f"no checkpoint in {workdir}/checkpoints: train first (--mode=train)")
-  return task, ckpt.restore_params(step), tokenizer, step
+  params = ckpt.restore_params(step)
+  averaged = ckpt.restore_ema(step) if ema else None
+  logging.info("Step %d: %s weights.", step, "the EMA" if averaged is not None else "the raw")
+  return task, step_lib.with_ema(params, averaged), tokenizer, step
 
 
 def guidance(config) -> float:
@@ -196,7 +202,7 @@ def guidance(config) -> float:
 def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_steps: int | None = None) -> dict:
   """--mode=eval (and the end of training): metrics on the embedded data → WORKDIR/eval.json, TensorBoard."""
   from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  task, params, tokenizer, step = load_trained(config, workdir)
+  task, params, tokenizer, step = load_trained(config, workdir, _EMA.value)
   results = evaluate_lib.evaluate(config, task, params, tokenizer,
                                   num_examples=num_examples or _EVAL_EXAMPLES.value,
                                   diffusion_steps=diffusion_steps or _DIFFUSION_STEPS.value,
@@ -220,7 +226,7 @@ def sample(config, workdir: str) -> list[dict]:
     requests.check_requests_file(_PROMPTS.value)  # before the minutes a checkpoint may take to load
   except OSError as e:
     raise app.UsageError(str(e)) from e
-  task, params, tokenizer, _ = load_trained(config, workdir)
+  task, params, tokenizer, _ = load_trained(config, workdir, _EMA.value)
   reqs = requests.parse_requests(_PROMPTS.value, task.image_shape)
   manifest = requests.run_requests(
       families.of(config), task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len),

@@ -100,6 +100,12 @@ def checksums(state) -> dict[str, list[int]]:
   return {p: [int(v[0]), int(v[1])] for p, v in zip(paths, sums)}
 
 
+def _without_ema(state) -> dict:
+  """The state's fields but the EMA, as the "state" item (saved apart, so a checkpoint with or without one
+  restores either way)."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "ema"}
+
+
 # -- the rotation that spares the last-known-good step ---------------------------------------------------
 @dataclasses.dataclass
 class KeepLatestAndProtected:
@@ -172,10 +178,12 @@ class Checkpointer:
     """Starts saving `step` (async unless configured otherwise). A failure of this save or of the previous
     async one raises `CheckpointSaveError` naming the newest step that is safe to resume from."""
     self._raise_if_failed()
+    items = {"state": ocp.args.StandardSave(_without_ema(state)),
+             "data": grain.checkpoint.CheckpointSave(data_iterator), "checksums": ocp.args.JsonSave(checksums(state))}
+    if getattr(state, "ema", None) is not None:
+      items["ema"] = ocp.args.StandardSave(state.ema)
     try:
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-          checksums=ocp.args.JsonSave(checksums(state))), force=True)
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # orbax raises what the filesystem raised
       raise self._save_error(step, e) from e
     self._pending = step
@@ -203,21 +211,29 @@ class Checkpointer:
   # -- restore --------------------------------------------------------------------------------------------
   def restore(self, step: int, abstract_state, data_iterator):
     """The state at `step` (placed as `abstract_state`'s shardings say), its checksums verified; rewinds
-    `data_iterator`. Raises on any damage (see `restore_newest`)."""
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    `data_iterator`. Raises on any damage (see `restore_newest`). The EMA is restored when
+    `abstract_state` has one and the step holds one; otherwise the state's `ema` is None (the caller
+    starts one from the weights, see `loop.restore_or_start`)."""
+    step_dir = os.path.join(self.directory, str(step))
+    with_ema = getattr(abstract_state, "ema", None) is not None and os.path.isdir(os.path.join(step_dir, "ema"))
+    args = {"state": ocp.args.StandardRestore(_without_ema(abstract_state))}
+    if with_ema:
+      args["ema"] = ocp.args.StandardRestore(abstract_state.ema)
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    if os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
+    if os.path.isdir(os.path.join(step_dir, "checksums")):
       args["checksums"] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    state = abstract_state.replace(**restored.state, ema=restored.ema if with_ema else None)
     if "checksums" in args:
-      stored = restored.checksums
-      got = checksums(restored.state)
+      # A saved EMA that is not restored (EMA off now) is not checked.
+      stored = {k: v for k, v in restored.checksums.items() if with_ema or not k.startswith(".ema")}
+      got = checksums(state)
       bad = sorted(k for k in set(stored) | set(got) if stored.get(k) != got.get(k))
       if bad:
         raise ValueError(f"checksum mismatch in {len(bad)} arrays (the data on disk changed after the save): "
                          f"{bad[:5]}")
-    return restored.state
+    return state
 
   def restore_newest(self, abstract_state, data_iterator):
     """(state, step) from the newest step that restores cleanly, or (None, None) when the directory holds
@@ -255,6 +271,12 @@ class Checkpointer:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return restored.state["params"]
+
+  def restore_ema(self, step: int):
+    """The EMA of the trainable params saved at `step` (on the default device), or None if it has none."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "ema")):
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore())).ema
 
   def move_newer_aside(self, step: int, kind: str) -> list[str]:
     """Moves every finalised step newer than `step` to `kind/` (process 0); returns the moved names."""

@@ -125,6 +125,16 @@ def target_devices(topology: str) -> tuple[str, list]:
   return kind, list(description.devices)
 
 
+def state_memory(abstract_state) -> dict[str, float]:
+  """GiB per device of each part of the train state (params, opt_state, ema: 0 without one), from the
+  shards its shardings give each device."""
+  def gib(tree) -> float:
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree)) / GiB
+  return {"params": gib(abstract_state.params), "opt_state": gib(abstract_state.opt_state),
+          "ema": gib(abstract_state.ema)}
+
+
 def collectives(hlo: str) -> dict:
   """{kind: {count, bytes}} of the collective ops in compiled HLO text; an op's bytes are its largest
   array (the gathered result of an all-gather, the input of a reduce-scatter), async starts counted once."""
@@ -206,6 +216,8 @@ def compile_train_step(config, topology: str, hlo_path: str | None = None) -> di
       "global_batch": {"rows": rows, "seq_len": length, "tokens": tokens},
       "rows_per_device": rows / (mesh.shape["data"] * mesh.shape["fsdp"]),
       "memory_per_device_gib": {k: v / GiB for k, v in per_device.items()},
+      # What the train state holds per device (within `arguments`): params, Adam moments, the EMA.
+      "state_per_device_gib": state_memory(setup.abstract_state),
       "device_memory_gib": device_memory / GiB if device_memory else None,
       "fits": per_device["total"] <= device_memory if device_memory else None,
       "if_it_does_not_fit": (advice(config, mesh)

@@ -5,8 +5,8 @@ resolved>, "data": <fingerprint of the files the run reads>}`` (`load_config` gi
 ConfigDict). A resume compares the new config with it *before touching anything*:
 
 * safe (`SAFE_KEYS`): the step count, log/eval/sample/checkpoint cadence and retention, the learning-rate
-  schedule, the fault-tolerance knobs, the mesh and other placement or memory choices (the state reshards
-  on restore) — accepted and recorded;
+  schedule, the fault-tolerance knobs, the EMA decay (an EMA turned on starts from the restored weights),
+  the mesh and other placement or memory choices (the state reshards on restore) — accepted and recorded;
 * paths (`PATH_KEYS`: data dir, tokenizer, prepared sources, frozen codec checkpoints): accepted when the
   files they name are the same (the fingerprint matches), e.g. after moving the data;
 * data (every other `data.*` key, `seed`, or files that changed under the same paths): changes the data
@@ -43,7 +43,7 @@ SAFE_KEYS = (
     "train.learning_rate", "train.warmup_steps", "train.final_learning_rate",
     "train.skip_nonfinite", "train.max_consecutive_skips", "train.good_after_steps", "train.loss_spike_factor",
     "train.rewind_to_last_good", "train.allow_config_change", "train.reset_data_iterator",
-    "train.restart_from_scratch", "train.init_from", "train.grad_accum_steps",
+    "train.restart_from_scratch", "train.init_from", "train.grad_accum_steps", "train.ema_decay",
     "mesh.*", "targets.*", "sharding.*", "model.backbone.remat", "model.backbone.attention",
     "model.vision.remat", "model.lm_loss_chunk", "model.guidance", "data.read_threads", "data.read_prefetch",
     "data.warn_skip_rate",

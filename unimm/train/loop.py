@@ -28,7 +28,7 @@ from unimm import families, imaging
 from unimm.data import documents, pipeline
 from unimm.inference import placement, prompts as prompts_lib
 from unimm.parallel import distributed, sharding
-from unimm.train import checkpoint, config_record, health as health_lib, metrics as metrics_lib
+from unimm.train import checkpoint, config_record, health as health_lib, metrics as metrics_lib, step as step_lib
 from unimm.train.setup import Setup, build, flops_per_token
 
 
@@ -93,7 +93,8 @@ def write_samples(setup: Setup, config, state, tokenizer, step: int, workdir: st
     return None
   slots = setup.task.model.slots
   encoded = [prompts_lib.encode([documents.Text(p)], tokenizer, slots) for p in prompts]
-  generator = family.image_generator(setup.task, state.params, tokenizer.specials,
+  params = step_lib.with_ema(state.params, state.ema)  # the EMA weights, when the run keeps them
+  generator = family.image_generator(setup.task, params, tokenizer.specials,
                                      placement.Placement(setup.mesh, setup.rules))
   images = generator.generate(encoded, jax.random.key(int(config.seed) + 1), num_steps=setup.train.sample_steps,
                               guidance=setup.train.sample_guidance)
@@ -114,7 +115,8 @@ def run_eval(setup: Setup, config, state, tokenizer, step: int, writer) -> dict:
   from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   t = setup.train
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    results = evaluate_lib.evaluate(config, setup.task, state.params, tokenizer, num_examples=t.eval_examples,
+    results = evaluate_lib.evaluate(config, setup.task, step_lib.with_ema(state.params, state.ema), tokenizer,
+                                    num_examples=t.eval_examples,
                                     diffusion_steps=t.eval_diffusion_steps, seed=int(config.seed), max_batches=4)
   flat = {f"eval/{k}": v for k, v in evaluate_lib.flatten(results).items()}
   writer.scalars(step, flat)
@@ -153,9 +155,20 @@ def restore_or_start(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkp
     state, start = None, None
   if state is not None:
     logging.info("Resumed from step %d%s.", start, " (the data iterator starts afresh)" if reset_data else "")
+    if setup.abstract_state.ema is not None and state.ema is None:
+      logging.info("train.ema_decay=%s: step %d has no EMA; it starts from that step's weights.",
+                   setup.train.ema_decay, start)
+      state = state.replace(ema=fresh_ema(setup, state.params))
     return state, start
   state = setup.init(jax.random.key(int(config.seed)))
-  return state.replace(params=start_params(config, state.params)), 0
+  state = state.replace(params=start_params(config, state.params))
+  return state.replace(ema=fresh_ema(setup, state.params) if state.ema is not None else None), 0
+
+
+def fresh_ema(setup: Setup, params):
+  """An EMA starting at `params`' trainable part, placed as the state's EMA is."""
+  trainable = step_lib.Partition(setup.train.trainable).split(params)[0]
+  return jax.device_put(step_lib.ema_of(trainable), setup.state_sharding.ema)
 
 
 def diverged(workdir: str, ckpt: checkpoint.Checkpointer, step: int, m: dict, health: health_lib.Health, lead: bool):

@@ -30,6 +30,7 @@ class TrainSettings:
   grad_accum_steps: int
   trainable: tuple[str, ...]  # top-level param names that train; (): all (`unimm.train.step.Partition`)
   init_from: str  # a checkpoint dir whose params a fresh run starts from
+  ema_decay: float  # > 0: keep a float32 EMA of the trainable params (`unimm.train.step`); sample/eval use it
   # Faults (`unimm.train.health`, `unimm.train.checkpoint`, `unimm.train.config_record`).
   skip_nonfinite: bool
   good_after_steps: int
@@ -60,3 +61,7 @@ class TrainSettings:
     values = settings.typed_values(cls, train_config, "config.train")
     return cls(**{**values, "wd_mults": optimizer.wd_mults_of(values["wd_mults"]),
                   "trainable": tuple(str(name) for name in values["trainable"])})
+
+  def __post_init__(self):
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"train.ema_decay={self.ema_decay}; expected 0 (no EMA) or a decay in (0, 1), e.g. 0.999")

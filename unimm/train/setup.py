@@ -66,7 +66,7 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
   family = families.of(config)
 
   def init_boxed(rng, batch):  # the batch is an argument so tracing never sees constants
-    return step_lib.init_state(task, optimizer, rng, batch, partition)
+    return step_lib.init_state(task, optimizer, rng, batch, partition, ema=train.ema_decay > 0)
 
   key = jax.random.key(0)  # made outside the mesh: a compile-only mesh (TPU topology) has no live devices
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -79,7 +79,7 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
   train_step = step_lib.make_train_step(task, optimizer, schedule,
                                         grad_accum_steps=train.grad_accum_steps,
                                         skip_nonfinite=train.skip_nonfinite, partition=partition,
-                                        after_update=family.after_update)
+                                        after_update=family.after_update, ema_decay=train.ema_decay)
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),

@@ -5,6 +5,12 @@ starting with one of `prefixes`, all when empty) and the frozen rest. The step
 differentiates only with respect to the trainable part, so frozen params get no
 gradient computation, and the optimiser state covers only the trainable part
 (no moments for frozen params).
+
+EMA (`train.ema_decay` = d > 0): the state also holds a float32 exponential moving average of the
+trainable params, sharded like them, updated after every applied update n (0-based) as
+ema ← β·ema + (1 − β)·params with β = min(d, (1 + n) / (10 + n)) — the warm-up that lets the average
+follow the fast early changes (TensorFlow's `num_updates` rule). Sampling and evaluation use it
+(`with_ema`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,29 @@ class TrainState:
   step: jnp.ndarray
   params: Any
   opt_state: Any
+  ema: Any = None  # float32 EMA of the trainable params (train.ema_decay > 0); None: no EMA
+
+
+def ema_decay_at(decay: float, updates) -> jnp.ndarray:
+  """β after `updates` applied updates: min(decay, (1 + n) / (10 + n))."""
+  n = jnp.asarray(updates, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def ema_of(params) -> Any:
+  """An EMA started at `params`: float32 copies (new buffers even where the params are float32, so the step
+  can donate both), boxed logical axes kept."""
+  return jax.tree.map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True), params)
+
+
+def with_ema(params, ema):
+  """`params` with each parameter the EMA covers replaced by its average (in the parameter's dtype)."""
+  if ema is None:
+    return params
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for path, value in traverse_util.flatten_dict(ema, sep="/").items():
+    flat[path] = value.astype(flat[path].dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +88,13 @@ class Partition:
         raise ValueError(f"config.train.trainable entry {p!r} matches no parameter; top-level names: {top}")
 
 
-def init_state(task, optimizer, rng, batch, partition: Partition = Partition()) -> TrainState:
+def init_state(task, optimizer, rng, batch, partition: Partition = Partition(), ema: bool = False) -> TrainState:
   """A fresh state (params still boxed with their logical axes; unbox after sharding); the optimiser
-  state covers the trainable params only."""
+  state (and the EMA, with `ema`) covers the trainable params only."""
   params = task.init(rng, batch)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(partition.split(params)[0]))
+  trainable = partition.split(params)[0]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable),
+                    ema=ema_of(trainable) if ema else None)
 
 
 def split_microbatches(batch: dict, num: int) -> dict:
@@ -77,7 +107,7 @@ def split_microbatches(batch: dict, num: int) -> dict:
 
 
 def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, skip_nonfinite: bool = False,
-                    partition: Partition = Partition(), after_update: bool = False):
+                    partition: Partition = Partition(), after_update: bool = False, ema_decay: float = 0.0):
   """`step(state, batch, rng) → (state, metrics)`; the loss is exact under accumulation.
 
   Loss parts are sums normalised by whole-batch counts, so summing microbatch
@@ -121,10 +151,16 @@ def make_train_step(task, optimizer, schedule, *, grad_accum_steps: int = 1, ski
     if after_update:  # e.g. the VQ tokenizer restarting dead codes
       params = task.after_update(params, batch, jax.random.fold_in(rng, 1 << 30), state.step)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    ema = state.ema
+    if ema_decay:
+      beta = ema_decay_at(ema_decay, state.step)
+      ema = jax.tree.map(lambda e, p: beta * e + (1.0 - beta) * p.astype(jnp.float32), ema,
+                         partition.split(params)[0])
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     if skip_nonfinite:
-      kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (params, opt_state), (state.params, state.opt_state))
-      new = TrainState(step=state.step + 1, params=kept[0], opt_state=kept[1])
+      kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (params, opt_state, ema),
+                          (state.params, state.opt_state, state.ema))
+      new = TrainState(step=state.step + 1, params=kept[0], opt_state=kept[1], ema=kept[2])
     metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "finite": finite.astype(jnp.float32)}
     return new, metrics
