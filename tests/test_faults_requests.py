@@ -245,7 +245,7 @@ def parsed_flags(argv):
 
 def test_sample_mode_exit_status_says_whether_a_request_failed(model, tmp_path, monkeypatch):
   task, params, tok = model
-  monkeypatch.setattr(main, "load_trained", lambda config, workdir: (task, params, tok, 1))
+  monkeypatch.setattr(main, "load_trained", lambda config, workdir, ema=True: (task, params, tok, 1))
   monkeypatch.setattr(main.console, "setup", lambda *a: None)  # no log file added to this process's logging
   FakeGenerators([-1]).install(monkeypatch)
   good = {"id": "ok", "parts": [{"text": "a red"}], "generate": "text", "max_tokens": 2}

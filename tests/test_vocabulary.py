@@ -30,10 +30,12 @@ def test_appended_specials_need_a_larger_declared_vocabulary(llama_like):
   config = load_config("configs/transfusion/tiny.py")
   config.data.tokenizer.path = path
   config.model.vocab_size = pieces  # pinned to the pieces, as the paper configs' 32,000 for Llama's 32,000
-  for build in (families.transfusion_task, families.siglip_task):
+  siglip = load_config("configs/siglip/tiny.py")
+  siglip.data.tokenizer.path, siglip.model.vocab_size = path, pieces
+  for build, c in ((families.transfusion_task, config), (families.siglip_task, siglip)):
     with pytest.raises(ValueError, match=f"vocab_size={pieces} is smaller than the tokenizer's {tok.vocab_size} ids"
                                          ".*--config.model.vocab_size=128"):
-      build(config, tok.vocab_size)
+      build(c, tok.vocab_size)
   for family in ("chameleon", "janus"):
     c = load_config(f"configs/{family}/tiny.py")
     c.model.vocab_size = pieces
