@@ -39,26 +39,35 @@ def largest_error(got, want, valid=None) -> float:
   return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def check(q, k, v, cotangent, seg, img, blocks, atomic_dq: bool, interpret: bool, tolerance: float) -> dict:
-  """One case: the kernel's output and (q, k, v) gradients vs the float32 reference's."""
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _loss(fn, cotangent):
+  return lambda q, k, v: (_f32(fn(q, k, v)) * cotangent).sum()
+
+
+def reference(q, k, v, cotangent, seg, img) -> tuple:
+  """The float32 reference's output and (q, k, v) gradients: once per layout, shared by its cases."""
+  fn = lambda q, k, v: attention.reference_attention(q, k, v, seg, img)
+  q, k, v = _f32(q), _f32(k), _f32(v)
+  return jax.jit(fn)(q, k, v), jax.jit(jax.grad(_loss(fn, cotangent), argnums=(0, 1, 2)))(q, k, v)
+
+
+def check(q, k, v, cotangent, seg, img, wanted, blocks, atomic_dq: bool, interpret: bool, tolerance: float) -> dict:
+  """One case: the kernel's output and (q, k, v) gradients vs the reference's (`wanted`, from `reference`)."""
   bq, bk, bb = blocks
 
   def kernel(q, k, v):
     return mixed_flash.mixed_flash_attention(q, k, v, seg, img, True, bq, bk, bb, None, 2, interpret, atomic_dq)
 
-  def reference(q, k, v):
-    return attention.reference_attention(q, k, v, seg, img)
-
-  f32 = lambda x: x.astype(jnp.float32)
-  loss = lambda fn: lambda q, k, v: (f32(fn(q, k, v)) * cotangent).sum()
   out = jax.jit(kernel)(q, k, v)
-  grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
-  want = jax.jit(reference)(f32(q), f32(k), f32(v))
-  want_grads = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(f32(q), f32(k), f32(v))
+  grads = jax.jit(jax.grad(_loss(kernel, cotangent), argnums=(0, 1, 2)))(q, k, v)
+  want, want_grads = wanted
   valid = np.asarray(seg > 0)
   errors = {"out": largest_error(out, want, valid)}
   errors.update({f"d{name}": largest_error(g, w) for name, g, w in zip("qkv", grads, want_grads)})
-  finite = bool(all(np.isfinite(np.asarray(f32(x))).all() for x in (out, *grads)))
+  finite = bool(all(np.isfinite(np.asarray(_f32(x))).all() for x in (out, *grads)))
   bounds = {"out": 2 * tolerance, "dq": 4 * tolerance, "dk": 4 * tolerance, "dv": 4 * tolerance}
   failed = [name for name, error in errors.items() if not error <= bounds[name]]
   return {"errors": {k: round(e, 6) for k, e in errors.items()}, "bounds": bounds, "finite": finite,
@@ -94,12 +103,13 @@ def main(argv=None) -> int:
   for layout_name in ("packed", "one_document"):
     seg, img = (jnp.asarray(x) for x in layout(layout_name, rng, b, t, args.image_patches))
     masked = cotangent * (seg > 0)[..., None, None]  # losses never weigh padding
+    wanted = reference(q, k, v, masked, seg, img)
     for spec in args.blocks.split(","):
       blocks = tuple(int(x) for x in spec.split("x"))
       for atomic_dq in (False, True):
         row = {"layout": layout_name, "blocks": spec, "backward": "atomic_dq" if atomic_dq else "deterministic"}
         try:
-          row.update(check(q, k, v, masked, seg, img, blocks, atomic_dq, interpret, tolerance))
+          row.update(check(q, k, v, masked, seg, img, wanted, blocks, atomic_dq, interpret, tolerance))
         except Exception as e:  # pylint: disable=broad-except  (a compile error is this check's finding)
           row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
         cases += 1

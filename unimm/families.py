@@ -212,8 +212,9 @@ def autoencoder_task(config, vocab_size: int, frozen_codec=None) -> autoencoders
   ae = autoencoders.AutoencoderConfig.from_config(config.model.autoencoder)
   if ae.kind != "kl_vae":
     raise ValueError(f"family kl_vae trains config.model.autoencoder.kind='kl_vae', got {ae.kind!r}")
-  ae.latent_shape(layout.image_shape_of(config.data))  # checks downsample
-  return autoencoders.AutoencoderTask(autoencoders.KLVAE(ae, int(config.data.image_channels)),
+  image_shape = layout.image_shape_of(config.data)
+  ae.latent_shape(image_shape)  # checks downsample
+  return autoencoders.AutoencoderTask(autoencoders.KLVAE(ae, image_shape[-1]),
                                       kl_weight=float(config.model.kl_weight), l1=bool(config.model.l1))
 
 
@@ -237,8 +238,9 @@ def tokenizer_task(config, vocab_size: int, frozen_codec=None) -> vq.TokenizerTa
   """Trains the VQ image tokenizer config.model.vq itself (configs/tokenizers/)."""
   del vocab_size, frozen_codec
   cfg = vq.VQConfig.from_config(config.model.vq)
-  cfg.grid((int(config.data.image_size),) * 2)  # checks the downsampling divides the images
-  return vq.TokenizerTask(vq.VQModel(cfg, int(config.data.image_channels)),
+  image_shape = layout.image_shape_of(config.data)
+  cfg.grid(image_shape[:2])  # checks the downsampling divides the images
+  return vq.TokenizerTask(vq.VQModel(cfg, image_shape[-1]),
                           vq.TokenizerLoss.from_config(config.model.vq_loss))
 
 
@@ -257,7 +259,7 @@ def siglip_task(config, vocab_size: int, frozen_codec=None) -> vit.SigLIPTask:
   del frozen_codec
   m = config.model
   cfg = vit.ViTConfig.from_config(m.vision)
-  cfg.grid((int(config.data.image_size),) * 2)  # checks the patch size divides the images
+  cfg.grid(layout.image_shape_of(config.data)[:2])  # checks the patch size divides the images
   model = vit.SigLIPModel(vit=cfg, text=backbone.BackboneConfig.from_config(m.siglip_text),
                           vocab_size=text_vocabulary(config, vocab_size), loss=vit.SigLIPLoss.from_config(m.siglip))
   return vit.SigLIPTask(model=model, max_images=int(config.data.max_images_per_row))
