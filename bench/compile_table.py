@@ -21,6 +21,7 @@ import sys
 ROWS = {
     "transfusion_1.4b": ("configs/transfusion/1_4b.py", {"v5p-256": [], "h100:64": []}),
     "transfusion_7b": ("configs/transfusion/7b.py", {"v5p-256": [], "h100:64": []}),
+    "transfusion_7b_mot": ("configs/transfusion/7b.py:mot", {"v5p-256": []}),  # every part untied by modality
     "chameleon_7b": ("configs/chameleon/7b.py", {"v5p-256": [], "h100:64": []}),
     # Stage II: the largest batch (512 rows), the ViT frozen.
     "janus_pro_7b_stage2": ("configs/janus/pro_7b.py:stage2", {"v5p-256": [], "h100:64": []}),

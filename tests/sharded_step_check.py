@@ -1,11 +1,13 @@
 """Run as a script (8 fake CPU devices): three train steps under each sharding strategy vs one device.
 
-    python tests/sharded_step_check.py DATA_DIR [GRAD_ACCUM [FAMILY [STRATEGY,...]]]  → prints JSON
+    python tests/sharded_step_check.py DATA_DIR [GRAD_ACCUM [FAMILY [STRATEGY,... [MOT_PARTS]]]]  → prints JSON
 
 STRATEGY: a name in STRATEGIES (the mesh that selects it; default fsdp_tp).
 
 FAMILY: transfusion (default), chameleon (with a randomly initialised frozen VQ tokenizer) or janus
 (stage II: the ViT frozen, so the optimiser state covers part of the params).
+
+MOT_PARTS: comma-separated `model.backbone.mot` parts (Mixture-of-Transformers image-slot copies).
 """
 
 import os
@@ -86,6 +88,8 @@ def family_config(data_dir: str, family: str):
 def main():
   config, frozen = family_config(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "transfusion")
   config.model.backbone.update(num_layers=2, dim=32, num_heads=4, mlp_hidden=64, scan=True, remat="full")
+  if len(sys.argv) > 5:
+    config.model.backbone.mot = tuple(sys.argv[5].split(","))
   config.data.batch_size = 8
   config.train.update(learning_rate=1e-2, warmup_steps=1)
   config.train.grad_accum_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1

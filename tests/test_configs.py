@@ -204,7 +204,8 @@ def test_param_table_of_every_config(path, arg):
   rows = param_table.param_rows(config, vocab, 64)
   totals = param_table.summary(rows, {})
   assert totals["total"] == count(setup_lib.abstract_params(config, vocab)) == sum(r["count"] for r in rows)
-  assert totals["matmul"] + totals["non_matmul"] == totals["total"] and sum(totals["by_module"].values()) == totals["total"]
+  assert totals["matmul"] + totals["non_matmul"] + totals["image_copies"] == totals["total"]
+  assert sum(totals["by_module"].values()) == totals["total"] == totals["active"] + totals["image_copies"]
   for r in rows:
     assert len(r["shape"]) == len(r["logical_axes"]) == len(r["partition_spec"]) == len(r["per_device_shape"])
     assert r["weight_decay"] == (1.0 if r["path"].endswith("/kernel") else 0.0)

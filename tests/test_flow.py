@@ -99,3 +99,69 @@ def test_a_straight_flow_is_recovered_exactly_and_guidance_mixes_velocities():
   out = flow.sample(both, jnp.zeros((4, 2, 2, 3)), num_steps=5, guidance=3.0)
   np.testing.assert_allclose(np.asarray(out), -(1.0 + 3.0 * (2.0 - 1.0)), rtol=1e-6)  # Δt = −1 in total
   assert calls == [8] * 5
+
+
+class RecordingModel:
+  """Stands in for TransfusionModel in `TransfusionTask.loss_terms`: records what the image slots read and
+  returns a fixed image output, so the loss can be checked against float64 NumPy."""
+
+  def __init__(self, out):
+    self.out, self.seen = out, {}
+
+  def apply(self, variables, rows, noisy, time, return_hidden=False, rngs=None):
+    self.seen = {"noisy": np.asarray(noisy, np.float64), "time": np.asarray(time, np.float64)}
+    return jnp.zeros((*rows.tokens.shape, 8)), self.out
+
+
+def flow_task(**kwargs):
+  from unimm import diffusion  # pylint: disable=g-import-not-at-top
+  from unimm.models import autoencoders, transfusion  # pylint: disable=g-import-not-at-top
+  return transfusion.TransfusionTask(None, autoencoders.AutoencoderConfig(), diffusion.Schedule.cosine(),
+                                     image_shape=(4, 4, 1), objective="flow", **kwargs)
+
+
+def test_the_flow_objective_in_the_transfusion_loss_matches_numpy():
+  rng = np.random.default_rng(3)
+  b, m = 2, 3
+  images = rng.integers(0, 256, (b, m, 4, 4, 1), dtype=np.uint8)
+  t_max = np.array([[1000, 500, 0], [1000, 1000, 500]], np.int32)  # 500: the captioning cap; 0: padding
+  valid = t_max > 0
+  out = jnp.asarray(rng.normal(size=(b, m, 4, 4, 1)), jnp.float32)
+  batch = {"images": jnp.asarray(images), "image_t_max": jnp.asarray(t_max), "image_valid": jnp.asarray(valid),
+           "tokens": jnp.ones((b, 6), jnp.int32), "positions": jnp.zeros((b, 6), jnp.int32),
+           "segment_ids": jnp.ones((b, 6), jnp.int32), "image_ids": jnp.zeros((b, 6), jnp.int32),
+           "loss_weights": jnp.ones((b, 6), jnp.float32)}
+  for times in (flow.TimeSampling(), flow.TimeSampling("logit_normal", shift=3.0, mean=0.5, std=0.7)):
+    task = flow_task(flow_times=times)
+    task.model = RecordingModel(out)
+    key = jax.random.key(11)
+    sums = task.loss_terms(None, batch, key)
+    # the reference: the same draws (the task's key split), then the formulas in float64
+    rng_t, rng_noise, _, _ = jax.random.split(key, 4)
+    noise = np.asarray(jax.random.normal(rng_noise, (b, m, 4, 4, 1)), np.float64)
+    if times.sampling == "uniform":
+      u = np.asarray(jax.random.uniform(rng_t, (b, m)), np.float64)
+    else:
+      u = 1 / (1 + np.exp(-(0.5 + 0.7 * np.asarray(jax.random.normal(rng_t, (b, m)), np.float64))))
+    u = times.shift * u / (1 + (times.shift - 1) * u)
+    t = u * t_max / 1000.0
+    x0 = images.astype(np.float64) / 127.5 - 1
+    x_t = (1 - t)[..., None, None, None] * x0 + t[..., None, None, None] * noise
+    np.testing.assert_allclose(task.model.seen["noisy"], x_t, atol=1e-5)
+    np.testing.assert_allclose(task.model.seen["time"], t * 1000, rtol=1e-5, atol=1e-3)
+    assert (t[t_max == 500] <= 0.5).all() and (t[t_max == 1000] > 0).all()
+    per_image = ((np.asarray(out, np.float64) - (noise - x0)) ** 2).reshape(b, m, -1).mean(-1)
+    np.testing.assert_allclose(float(sums["diffusion"]), (per_image * valid).sum(), rtol=1e-5)
+
+
+def test_flow_settings_are_checked():
+  task = flow_task()
+  assert task.sampler(None) == "euler" and task.sampler("heun") == "heun"
+  with pytest.raises(ValueError, match="ddim.*does not sample objective='flow'"):
+    task.sampler("ddim")
+  with pytest.raises(ValueError, match="objective=flow always predicts the velocity"):
+    flow_task(prediction="v")
+  with pytest.raises(ValueError, match="model.objective='rf'"):
+    flow_task().__class__(None, None, None, objective="rf")
+  with pytest.raises(ValueError, match="model.flow.shift=0"):
+    flow.TimeSampling(shift=0.0)

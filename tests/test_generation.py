@@ -21,7 +21,7 @@ SPECIALS = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4, img=5, reserved=())
 SLOTS = 4  # 4×4×1 images in 2×2 patches
 
 
-def tiny_task(perturb=False):
+def tiny_task(perturb=False, objective="ddpm"):
   cfg = backbone.BackboneConfig(num_layers=2, dim=32, num_heads=4, dtype="float32", remat="none", scan=True,
                                 attention="xla")
   model = transfusion.TransfusionModel(vocab_size=40, backbone=cfg, latent_shape=(4, 4, 1), max_images=2,
@@ -35,7 +35,7 @@ def tiny_task(perturb=False):
   if perturb:  # the patch layer's output starts at zero (ε = 0 whatever the input)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), params)
   task = transfusion.TransfusionTask(model, autoencoders.AutoencoderConfig(), diffusion.Schedule.cosine(),
-                                     image_shape=(4, 4, 1))
+                                     image_shape=(4, 4, 1), objective=objective)
   return task, params
 
 
@@ -90,17 +90,19 @@ def test_cached_text_and_captions_equal_uncached():
   assert len({tuple(t) for t in got}) == 4
 
 
-def test_cached_image_sampler_equals_full_recompute():
-  task, params = tiny_task(perturb=True)
+@pytest.mark.parametrize("objective,sampler", [("ddpm", None), ("flow", "euler"), ("flow", "heun")])
+def test_cached_image_sampler_equals_full_recompute(objective, sampler):
+  task, params = tiny_task(perturb=True, objective=objective)
   captions = [[10, 11, 12], [13], [14, 15, 16, 17, 18]]
   padded = np.zeros((3, 5), np.int32)
   for i, c in enumerate(captions):
     padded[i, :len(c)] = c
   key = jax.random.key(7)
   want = task.sample_images(params, padded, np.array([3, 1, 5]), key, specials=SPECIALS, num_steps=6,
-                            guidance=3.0, image_channels=1)
+                            guidance=3.0, image_channels=1, sampler=sampler)
   prompts = [prompts_lib.Prompt([SPECIALS.bos, *c], [0] * (len(c) + 1), []) for c in captions]
-  got = images_lib.ImageGenerator(task, params, SPECIALS).generate(prompts, key, num_steps=6, guidance=3.0)
+  got = images_lib.ImageGenerator(task, params, SPECIALS).generate(prompts, key, num_steps=6, guidance=3.0,
+                                                                   sampler=sampler)
   assert got.shape == (3, 4, 4, 1) and got.dtype == np.uint8
   assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # rounding of near-equal floats
   assert len({im.tobytes() for im in got}) == 3  # the caption matters: the comparison is not vacuous

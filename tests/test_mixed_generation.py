@@ -68,7 +68,7 @@ def reference_image(task, params, tokens, image_ids, earlier, noise, options):
     out = jnp.stack([c[0, k], u[0, 0]])
     return task.to_epsilon(out, x2, jnp.full((2,), t, jnp.int32))
   return diffusion.sample(task.schedule, eps_fn, noise[None], num_steps=options.num_steps, clip=task.x0_clip,
-                          guidance=options.guidance, sampler=options.sampler)[0]
+                          guidance=options.guidance, sampler=options.sampler or "ddim")[0]
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])

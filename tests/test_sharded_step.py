@@ -11,9 +11,10 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_check(data_dir, accum, family, strategies):
+def run_check(data_dir, accum, family, strategies, mot=()):
   out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step_check.py"), data_dir, str(accum), family,
-                        ",".join(strategies)], capture_output=True, text=True, timeout=900)
+                        ",".join(strategies), *([",".join(mot)] if mot else [])], capture_output=True, text=True,
+                       timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.split("RESULT ", 1)[1])
 
@@ -28,7 +29,7 @@ def split(specs, *words):
 
 # What each strategy's mesh and the rules split (8 devices): the MLP's up kernel [layers, embed, mlp],
 # the query kernel [layers, embed, heads, head_dim] and the embedding [vocab, embed].
-UP, Q, EMBED = ("decoder", "up", "kernel"), ("decoder", "'q'", "kernel"), ("['embed']['embedding']",)
+UP, Q, EMBED = ("decoder", "['mlp']", "up", "kernel"), ("decoder", "'q'", "kernel"), ("['embed']['embedding']",)
 EXPECTED = {
     "dp": {UP: (1, 1, 1), EMBED: (1, 1)},  # replicated
     "fsdp": {UP: (1, 8, 1), Q: (1, 8, 1, 1), EMBED: (1, 8)},
@@ -45,12 +46,14 @@ EXPECTED = {
 @pytest.mark.xdist_group("sharded_step")
 # Transfusion under FSDP alone, sequence parallelism alone (their own collectives) and all four axes at once
 # (data, FSDP, tensor, sequence: each axis's rules and collectives together); Janus (stage II: the ViT frozen)
-# with gradient accumulation under FSDP × TP: accumulation, freezing and sharding together. The init runs on
+# with gradient accumulation under FSDP × TP and a Mixture-of-Transformers backbone (every part untied):
+# accumulation, freezing, modality copies and sharding together. The init runs on
 # the four-axis mesh (and must equal the single device's); the other meshes start from its values.
 @pytest.mark.parametrize("accum,family,strategies", [(1, "transfusion", ("fsdp", "sp", "fsdp_tp_sp")),
                                                       (2, "janus", ("fsdp_tp",))])
 def test_sharded_step_equals_single_device(data_dir, accum, family, strategies):
-  r = run_check(data_dir, accum, family, strategies)
+  mot = ("qkv", "out", "mlp", "norms") if family == "janus" else ()
+  r = run_check(data_dir, accum, family, strategies, mot)
   assert r["devices"] == 8 and sorted(r["strategies"]) == sorted(strategies)
   assert r["max_update"] > 1e-3  # the steps really moved the parameters…
   parts = ("diffusion_loss",) if family == "transfusion" else ("text_loss", "image_loss")
@@ -69,5 +72,9 @@ def test_sharded_step_equals_single_device(data_dir, accum, family, strategies):
       assert got["local_residual_ops"] > 10, (name, got["local_residual_shape"])
   if "fsdp_tp_sp" in strategies:  # the init run on a mesh of all four axes = the single device's, bit for bit
     assert r["sharded_init_max_diff"] == 0.0, r["sharded_init_max_diff"]
+  if mot:  # an image-slot copy is split like its text twin
+    specs = r["strategies"]["fsdp_tp"]["specs"]
+    assert split(specs, "decoder", "['mlp_image']", "up", "kernel") == split(specs, *UP) == (1, 2, 2)
+    assert split(specs, "decoder", "'q_image'", "kernel") == (1, 2, 2, 1)
   if family == "janus":  # the ViT (frozen in stage II) is sharded by the same rules: [layers, width, mlp]
     assert split(r["strategies"]["fsdp_tp"]["specs"], "vision_encoder", "fc1", "kernel")[-2:] == (2, 2)

@@ -153,6 +153,9 @@ def timestep_sequence(num_timesteps: int, num_steps: int) -> np.ndarray:
   return np.linspace(num_timesteps - 1, 0, num_steps).round().astype(np.int32)
 
 
+SAMPLERS = ("ddim", "ddpm")
+
+
 def guide(eps_cond, eps_uncond, scale: float):
   """Classifier-free guidance: ε_u + s·(ε_c − ε_u)."""
   return eps_uncond + scale * (eps_cond - eps_uncond)
@@ -169,8 +172,8 @@ def sample(schedule: Schedule, eps_fn, x, *, num_steps: int, clip: float | None,
   unconditional] at integer timestep t (the same x for both halves), mixed by
   `guide`; without, ε for the N conditional rows.
   """
-  if sampler not in ("ddim", "ddpm"):
-    raise ValueError(f"sampler {sampler!r}; expected 'ddim' or 'ddpm'")
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler {sampler!r}; expected one of {SAMPLERS}")
   steps = timestep_sequence(schedule.num_timesteps, num_steps)
   scale = jnp.float32(0.0 if guidance is None else guidance)
   for i, t in enumerate(steps):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import ml_collections as mlc
 
-from unimm import diffusion
+from unimm import diffusion, flow
 from unimm.data import layout
 from unimm.inference import codes, images, text
 from unimm.models import autoencoders, backbone, chameleon, code_images, janus, transfusion, vit, vq
@@ -203,7 +203,7 @@ def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.
       diffusion_weight=float(m.diffusion_weight), prediction=str(m.prediction), z_loss=float(m.z_loss),
       frozen_autoencoder=frozen_codec, image_shape=image_shape, lm_loss_chunk=int(m.lm_loss_chunk),
       tokenizer_ids=vocab_size or 0,
-      clip_x0=float(m.clip_x0))
+      clip_x0=float(m.clip_x0), objective=str(m.objective), flow_times=flow.TimeSampling.from_config(m.flow))
 
 
 def autoencoder_task(config, vocab_size: int, frozen_codec=None) -> autoencoders.AutoencoderTask:
@@ -306,7 +306,11 @@ def transfusion_defaults(config) -> None:
   m.autoencoder = autoencoder_node()
   m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
   m.num_timesteps = 1000
-  m.prediction = "epsilon"  # the patch head's output: epsilon (the paper) | v (well posed at high noise)
+  m.objective = "ddpm"  # ddpm (the paper) | flow (rectified flow x_t = (1−t)x₀ + tε, velocity target ε − x₀)
+  m.prediction = "epsilon"  # ddpm's patch head output: epsilon (the paper) | v (well posed at high noise)
+  # flow's training times: uniform | logit_normal (SD3: σ(N(logit_mean, logit_std²))), then shifted
+  # t ↦ s·t / (1 + (s−1)·t) (s > 1: more time at high noise; the samplers' time grid uses the same s)
+  m.flow = mlc.ConfigDict(dict(time_sampling="uniform", shift=1.0, logit_mean=0.0, logit_std=1.0))
   m.clip_x0 = -1.0  # samplers clip x̂₀ to [-c, c]: -1 auto (1 for pixels, off for KL-VAE latents), 0 off, c > 0
   m.lm_loss_chunk = 0  # > 0 computes the LM loss over chunks of this many positions (no [B, T, V] logits)
   grid = d.get_ref("image_size") // (m.get_ref("patch_size") * m.autoencoder.get_ref("downsample"))

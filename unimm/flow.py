@@ -14,10 +14,13 @@ m = 0, s = 1, more weight mid-way), each optionally `shift`ed for resolution, t 
 time grid. A captioning example's image stays readable by capping its t at `t_limit` (the DDPM path's
 `noise_limit_t / max_timestep`, 0.5 by default).
 
-Not yet wired as `model.objective=flow` (issue 20): this module is the objective's tested core.
+`model.objective=flow` selects it for Transfusion (`TransfusionTask`): the model reads float time
+t·T (T = `model.num_timesteps`, so the timestep embedding sees DDPM's range) and its patch head outputs v.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +64,31 @@ def sample_times(rng, t_limit, *, sampling: str = "uniform", shift: float = 1.0,
   else:
     raise ValueError(f"flow time sampling {sampling!r}; expected one of {TIME_SAMPLINGS}")
   return shift_time(t, shift) * jnp.asarray(t_limit, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeSampling:
+  """How training draws t (config `model.flow`): `sampling` uniform | logit_normal (σ(N(mean, std²))),
+  then `shift`ed (1: none)."""
+  sampling: str = "uniform"
+  shift: float = 1.0
+  mean: float = 0.0
+  std: float = 1.0
+
+  def __post_init__(self):
+    if self.sampling not in TIME_SAMPLINGS:
+      raise ValueError(f"model.flow.time_sampling={self.sampling!r}; expected one of {TIME_SAMPLINGS}")
+    if not self.shift > 0:
+      raise ValueError(f"model.flow.shift={self.shift}; expected > 0 (1: none, > 1: more time at high noise)")
+    if not self.std > 0:
+      raise ValueError(f"model.flow.logit_std={self.std}; expected > 0")
+
+  @classmethod
+  def from_config(cls, node) -> "TimeSampling":
+    return cls(str(node.time_sampling), float(node.shift), float(node.logit_mean), float(node.logit_std))
+
+  def draw(self, rng, t_limit):
+    return sample_times(rng, t_limit, sampling=self.sampling, shift=self.shift, mean=self.mean, std=self.std)
 
 
 def per_image_error(pred, target_value):

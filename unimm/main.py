@@ -71,7 +71,9 @@ _DIFFUSION_STEPS = flags.DEFINE_integer("diffusion_steps", 250, "sample/eval: de
 _GUIDANCE = flags.DEFINE_float("guidance", None, "sample/eval: classifier-free guidance scale "
                                 "(default: config.model.guidance; 3, Janus 5).")
 _IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 1, "sample: images drawn in parallel per image request.")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "sample: diffusion sampler.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm", "euler", "heun"],
+                             "sample: diffusion sampler (model.objective=ddpm: ddim | ddpm; flow: euler | heun); "
+                             "default: the objective's first.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _EMA = flags.DEFINE_boolean("ema", True, "sample/eval: the EMA weights where the checkpoint holds them "
                             "(train.ema_decay > 0); --ema=false: the raw weights.")
@@ -227,6 +229,11 @@ def sample(config, workdir: str) -> list[dict]:
   except OSError as e:
     raise app.UsageError(str(e)) from e
   task, params, tokenizer, _ = load_trained(config, workdir, _EMA.value)
+  if _SAMPLER.value is not None and hasattr(task, "sampler"):
+    try:
+      task.sampler(_SAMPLER.value)
+    except ValueError as e:
+      raise app.UsageError(f"--sampler: {e}") from e
   reqs = requests.parse_requests(_PROMPTS.value, task.image_shape)
   manifest = requests.run_requests(
       families.of(config), task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len),

@@ -6,17 +6,29 @@
 `:shapes_vae` diffuses in the latent space of a KL-VAE trained with
 configs/vae/shapes.py (pass --config.model.autoencoder.checkpoint=VAE_WORKDIR/checkpoints).
 
+Modality-specific weights on shapes: `:mot` (Mixture-of-Transformers: every backbone part has an
+image-slot copy, all trained); `:text_lm` (the same model trained on the captions alone: a tiny LM);
+`:lmfusion` (LMFusion: the text weights frozen, from a text LM, the image copies initialised from them and
+trained with the patch and timestep layers):
+
+    python -m unimm.main --config=configs/transfusion/tiny.py:text_lm --workdir=/tmp/tiny_lm
+    python -m unimm.main --config=configs/transfusion/tiny.py:lmfusion --workdir=/tmp/lmfusion \
+        --config.train.init_from=/tmp/tiny_lm/checkpoints
+
 Sweeps (`get_sweep`; launch/sweep.py --config=configs/transfusion/tiny.py --sweep=NAME):
 `prediction` (ε vs v, the choice the demo made), `lr` (1e-3, 3e-3, 1e-2).
 """
 
 from configs import common
 
+VARIANTS = ("shapes", "digits", "shapes_vae", "mot", "text_lm", "lmfusion")
+MOT_ALL = ("qkv", "out", "mlp", "norms")
+
 
 def get_config(arg=None):
   variant = arg or "shapes"
-  if variant not in ("shapes", "digits", "shapes_vae"):
-    raise ValueError(f"tiny.py takes ':shapes', ':digits' or ':shapes_vae', got {arg!r}")
+  if variant not in VARIANTS:
+    raise ValueError(f"tiny.py takes one of {[':' + v for v in VARIANTS]}, got {arg!r}")
   dataset = "digits" if variant == "digits" else "shapes"
   c = common.base_config()
   common.tiny_recipe(c, dataset)
@@ -30,6 +42,13 @@ def get_config(arg=None):
   c.model.prediction = "v"
 
   common.embedded_data(c, dataset)
+  if variant in ("mot", "lmfusion"):
+    c.model.backbone.mot = MOT_ALL
+  if variant == "lmfusion":  # the LM's weights (embeddings, text copies, head) stay as the text LM left them
+    c.train.trainable = ("patch", "time", "decoder/*_image/*")
+  if variant == "text_lm":
+    c.data.sources.shapes.text_only = True
+    c.train.update(sample_every=0, final_eval_examples=0)
   c.data.caption_first_prob = 0.7  # more image-first pairs than the paper's 0.2: captioning learns faster
   c.train.final_eval_diffusion_steps = 50  # the demo ends by evaluating (about a minute) and printing the metrics
   return c

@@ -5,6 +5,8 @@ twin `BOS BOI` (classifier-free guidance) are prefilled once, left-padded in
 one batch. Every denoising step then runs only the new image's slots — the
 noised latent's patches plus the timestep embedding — against that cache; the
 cache after prefill is reused unchanged, since a step's writes are discarded.
+The task's objective picks the sampler (DDPM: DDIM or ancestral; flow: Euler
+or Heun); the cached step is the same for both.
 `denoise` is that loop on its own: text generation calls it when the model
 emits `BOI` mid-text (`unimm.inference.text`). Guidance None skips the
 unconditional rows (conditional sampling, half the work).
@@ -18,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unimm import diffusion
 from unimm.data import packed
 from unimm.inference import cache as cache_lib, placement as placement_lib, prompts as prompts_lib
 
@@ -27,7 +28,7 @@ from unimm.inference import cache as cache_lib, placement as placement_lib, prom
 class DiffusionOptions:
   num_steps: int = 250  # the paper's default
   guidance: float | None = 3.0  # classifier-free guidance scale (the paper: 3–5); None: conditional only
-  sampler: str = "ddim"  # ddim | ddpm
+  sampler: str | None = None  # ddim | ddpm (objective ddpm), euler | heun (flow); None: the objective's first
 
 
 class ImageGenerator:
@@ -46,21 +47,22 @@ class ImageGenerator:
 
     m, latent_shape = self.model.max_images, self.model.latent_shape
 
-    def eps_step(params, cache, rows, image_index, x, t):
-      """ε for the new image x [B, h, w, c] (at `image_index` of each row) at timestep t, from one pass
-      over its slots against the cache; the step's cache writes are dropped (XLA need not return them)."""
+    def denoise_step(params, cache, rows, image_index, x, time):
+      """What the sampler takes (ε, or flow's v) for the new image x [B, h, w, c] (at `image_index` of each
+      row) at the model's time input [B], from one pass over its slots against the cache; the step's cache
+      writes are dropped (XLA need not return them)."""
       b = x.shape[0]
       latents = jnp.zeros((b, m, *latent_shape), jnp.float32).at[jnp.arange(b), image_index].set(x)
       (_, out), _ = self.model.apply({"params": params, "cache": cache}, rows, latents,
-                                     jnp.full((b, m), t, jnp.int32), mutable=["cache"])
-      return self.task.to_epsilon(out[jnp.arange(b), image_index], x, jnp.full((b,), t, jnp.int32))
-    self._eps_step = jax.jit(eps_step)
+                                     jnp.broadcast_to(time[:, None], (b, m)), mutable=["cache"])
+      return self.task.sampler_input(out[jnp.arange(b), image_index], x, time)
+    self._denoise_step = jax.jit(denoise_step)
     # The frozen autoencoder as two compiled programs, not op by op.
     self._encode = jax.jit(self.task.encode_images)
     self._decode = jax.jit(lambda latents: self.task.decode_latents(latents, self.task.image_shape[-1]))
 
   def generate(self, prompts: list[prompts_lib.Prompt], rng, *, num_steps: int = 50,
-               guidance: float | None = 3.0, sampler: str = "ddim") -> np.ndarray:
+               guidance: float | None = 3.0, sampler: str | None = None) -> np.ndarray:
     """uint8 images [N, H, W, C], one per prompt (BOI is appended here); guidance None: no CFG."""
     s, n = self.specials, len(prompts)
     m, slots = self.model.max_images, self.model.slots
@@ -101,15 +103,15 @@ class ImageGenerator:
                                       self.specials.pad, first_positions=first_slot)
       dev, image_index = self.placement.rows((slots_rows, np.asarray(image_index, np.int32)))
 
-    def eps_fn(x2, t):
+    def denoiser(x2, time):
       with self.placement.context():
         # Every step's x placed like the rows: one compiled step, whatever sharding the sampler's update left.
-        x2 = jax.device_put(x2, self.placement.batch_sharding)
-        return self._eps_step(self.params, cache, dev, image_index, x2, t)
+        x2, time = jax.device_put((x2, time), self.placement.batch_sharding)
+        return self._denoise_step(self.params, cache, dev, image_index, x2, time)
 
     noise = jax.random.normal(rng, (n, *self.model.latent_shape), jnp.float32)
-    return diffusion.sample(self.task.schedule, eps_fn, noise, num_steps=options.num_steps, clip=self.task.x0_clip,
-                            guidance=options.guidance, sampler=options.sampler, rng=jax.random.fold_in(rng, 1))
+    return self.task.sample_latents(denoiser, noise, jax.random.fold_in(rng, 1), num_steps=options.num_steps,
+                                    guidance=options.guidance, sampler=options.sampler)
 
   def to_pixels(self, latents) -> np.ndarray:
     return np.asarray(self._decode(latents))

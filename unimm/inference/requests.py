@@ -251,7 +251,7 @@ class _ManifestWriter:
 
 
 def run_requests(family, task, params, tokenizer, requests: list[Request], out_dir: str, *, context: int, rng,
-                 sampling: sampling_lib.SamplingOptions, num_steps: int, guidance: float, sampler: str,
+                 sampling: sampling_lib.SamplingOptions, num_steps: int, guidance: float, sampler: str | None,
                  batch_size: int = 32, placement=None,
                  code_sampling: sampling_lib.SamplingOptions | None = None, images_per_prompt: int = 1) -> list[dict]:
   """Runs the valid requests with `family`'s generators (`unimm.families.Family`) in batches; writes PNGs and

@@ -8,6 +8,16 @@ h + norm(ffn(h))`` instead of pre-norm. Layers run under `nn.scan` (compile time
 flat in depth) with a configurable remat policy. It consumes embeddings, not
 token ids: each family decides what fills each slot (token embeddings, image
 patches, codes) and what its outputs mean.
+
+Modality-specific weights (Mixture-of-Transformers, Liang et al. 2024; LMFusion,
+Shi et al. 2024): `mot` names the parts that get a second copy for image slots
+(`image_ids > 0`) — "qkv", "out", "mlp", "norms" (every RMSNorm, the final one
+and QK-norm's included). The copy is a sibling module named `<name>_image`
+with the same logical axes (so it shards like its text twin), and each position
+takes its own modality's output; attention stays one global attention over the
+packed row. Both copies run on every position and the output is selected (exact;
+the untied matmuls cost twice their active FLOPs in hardware), while the model
+FLOPs count each token's copy only (`is_image_copy`).
 """
 
 from __future__ import annotations
@@ -39,6 +49,42 @@ REMAT_POLICIES = {
 }
 
 
+MOT_PARTS = ("qkv", "out", "mlp", "norms")
+IMAGE_COPY = "_image"  # the suffix of a module's image-slot copy
+
+
+def is_image_copy(path: str) -> bool:
+  """Whether the parameter at '/'-joined `path` lies in an image-slot copy (a token uses it or its twin)."""
+  return any(part.endswith(IMAGE_COPY) for part in path.split("/")[:-1])
+
+
+# The modules each untied part copies (at any depth of a backbone's params: scanned or per-layer).
+PART_MODULES = {"qkv": ("q", "k", "v"), "out": ("o",), "mlp": ("mlp",),
+                "norms": ("attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm")}
+
+
+def with_image_copies(params: dict, parts) -> dict:
+  """A backbone's params with each untied part's missing image copy set to its text weights (LMFusion's
+  init: a pretrained LM's weights serve both modalities at step 0, then the image copy trains)."""
+  names = {name for part in parts for name in PART_MODULES[part]}
+  out = {}
+  for key, value in params.items():
+    out[key] = with_image_copies(value, parts) if isinstance(value, dict) else value
+  for key in list(out):
+    if key in names and isinstance(out[key], dict) and key + IMAGE_COPY not in out:
+      out[key + IMAGE_COPY] = jax.tree.map(lambda a: a, out[key])
+  return out
+
+
+def by_modality(make, name: str, untied: bool, is_image, *inputs):
+  """`make(name)(*inputs)`; when `untied`, image slots (is_image [B, T]) take `make(name + "_image")`'s output."""
+  out = make(name)(*inputs)
+  if not untied:
+    return out
+  image_out = make(name + IMAGE_COPY)(*inputs)
+  return jnp.where(is_image.reshape(is_image.shape + (1,) * (out.ndim - is_image.ndim)), image_out, out)
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
   num_layers: int
@@ -58,13 +104,22 @@ class BackboneConfig:
   attention: str = "auto"
   dropout: float = 0.0  # on the attention and MLP branches, in training (a "dropout" rng is given)
   norm_order: str = "pre"  # pre: x + f(norm(x)) (Llama) | swin: x + norm(f(x)) (Chameleon-7B/34B)
+  mot: tuple[str, ...] = ()  # parts with an image-slot copy (Mixture-of-Transformers): of MOT_PARTS; (): dense
 
   @classmethod
   def from_config(cls, cfg) -> "BackboneConfig":
     out = settings.from_config(cls, cfg, "config.model.backbone")
     if out.norm_order not in ("pre", "swin"):
       raise ValueError(f"backbone.norm_order {out.norm_order!r}; expected 'pre' or 'swin'")
+    out = dataclasses.replace(out, mot=tuple(out.mot))
+    unknown = [p for p in out.mot if p not in MOT_PARTS]
+    if unknown:
+      raise ValueError(f"config.model.backbone.mot={out.mot}: unknown parts {unknown}; expected a subset of "
+                       f"{MOT_PARTS} (() for shared weights)")
     return out
+
+  def untied(self, part: str) -> bool:
+    return part in self.mot
 
   @property
   def kv_heads(self) -> int:
@@ -100,13 +155,18 @@ class Attention(nn.Module):
   def __call__(self, x, positions, segment_ids, image_ids):
     c = self.cfg
     dt = c.compute_dtype
+    is_image = image_ids > 0
     q_axes, kv_axes = (axes.HEADS, axes.HEAD_DIM), (axes.KV_HEADS, axes.HEAD_DIM)
-    q = layers.DenseGeneral((c.num_heads, c.head_size), (axes.EMBED,), q_axes, dtype=dt, name="q")(x)
-    k = layers.DenseGeneral((c.kv_heads, c.head_size), (axes.EMBED,), kv_axes, dtype=dt, name="k")(x)
-    v = layers.DenseGeneral((c.kv_heads, c.head_size), (axes.EMBED,), kv_axes, dtype=dt, name="v")(x)
+
+    def proj(heads, out_axes):
+      return lambda name: layers.DenseGeneral((heads, c.head_size), (axes.EMBED,), out_axes, dtype=dt, name=name)
+    q = by_modality(proj(c.num_heads, q_axes), "q", c.untied("qkv"), is_image, x)
+    k = by_modality(proj(c.kv_heads, kv_axes), "k", c.untied("qkv"), is_image, x)
+    v = by_modality(proj(c.kv_heads, kv_axes), "v", c.untied("qkv"), is_image, x)
     if c.qk_norm:
-      q = layers.RMSNorm(c.norm_eps, dt, axis_name=axes.HEAD_DIM, name="q_norm")(q)
-      k = layers.RMSNorm(c.norm_eps, dt, axis_name=axes.HEAD_DIM, name="k_norm")(k)
+      head_norm = lambda name: layers.RMSNorm(c.norm_eps, dt, axis_name=axes.HEAD_DIM, name=name)
+      q = by_modality(head_norm, "q_norm", c.untied("norms"), is_image, q)
+      k = by_modality(head_norm, "k_norm", c.untied("norms"), is_image, k)
     q = layers.rope(q, positions, theta=c.rope_theta)
     k = layers.rope(k, positions, theta=c.rope_theta)
     q = layers.constrain(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
@@ -119,8 +179,9 @@ class Attention(nn.Module):
     out = attention.attend(q, k, v, segment_ids, image_ids, bidirectional_images=c.bidirectional_images,
                            implementation=c.attention, **cache_ids)
     out = layers.constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
-    return checkpoint_name(layers.DenseGeneral((c.dim,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), num_in_axes=2,
-                                               dtype=dt, name="o")(out), "out_proj")
+    out_proj = lambda name: layers.DenseGeneral((c.dim,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), num_in_axes=2,
+                                                dtype=dt, name=name)
+    return checkpoint_name(by_modality(out_proj, "o", c.untied("out"), is_image, out), "out_proj")
 
 
   def _update_cache(self, k, v, segment_ids, image_ids):
@@ -150,8 +211,12 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, positions, segment_ids, image_ids):
     c = self.cfg
     dt = c.compute_dtype
-    attn_norm = layers.RMSNorm(c.norm_eps, dt, name="attn_norm")
-    mlp_norm = layers.RMSNorm(c.norm_eps, dt, name="mlp_norm")
+    is_image = image_ids > 0
+    norm = lambda name: layers.RMSNorm(c.norm_eps, dt, name=name)
+    attn_norm = lambda h: by_modality(norm, "attn_norm", c.untied("norms"), is_image, h)
+    mlp_norm = lambda h: by_modality(norm, "mlp_norm", c.untied("norms"), is_image, h)
+    mlp = lambda h: by_modality(lambda name: layers.SwiGLU(c.hidden, dt, name=name), "mlp", c.untied("mlp"),
+                                is_image, h)
     drop = nn.Dropout(c.dropout, deterministic=c.dropout == 0 or not self.has_rng("dropout"))
     attn = Attention(c, self.decode, name="attn")
     if c.norm_order == "swin":
@@ -159,7 +224,6 @@ class DecoderLayer(nn.Module):
     else:
       x = x + drop(attn(attn_norm(x), positions, segment_ids, image_ids))
     x = layers.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
-    mlp = layers.SwiGLU(c.hidden, dt, name="mlp")
     x = x + drop(mlp_norm(mlp(x)) if c.norm_order == "swin" else mlp(mlp_norm(x)))
     return layers.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
@@ -200,4 +264,5 @@ class Backbone(nn.Module):
         layer = nn.remat(layer, policy=REMAT_POLICIES[c.remat])
       for i in range(c.num_layers):
         x = layer(c, self.decode, name=f"layer_{i}")(x, positions, segment_ids, image_ids)
-    return layers.RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
+    final_norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, name=name)
+    return by_modality(final_norm, "final_norm", c.untied("norms"), image_ids > 0, x)

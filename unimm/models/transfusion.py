@@ -4,8 +4,10 @@ One backbone reads a packed row in which image slots hold patch vectors of the
 *noised* image latent (plus a timestep embedding) and text slots hold token
 embeddings. The LM head's next-token loss covers text; the patch layer's
 inverse maps the image slots' outputs to a predicted noise ε (or v, by
-`model.prediction`), trained with the DDPM mean squared error. Loss = LM loss
-(mean over text targets) + λ · diffusion loss (mean over images), λ = 5.
+`model.prediction`), trained with the DDPM mean squared error — or, with
+`model.objective=flow`, to the rectified-flow velocity ε − x₀ (`unimm.flow`).
+Loss = LM loss (mean over text targets) + λ · diffusion loss (mean over
+images), λ = 5.
 
 `TransfusionTask` is the family's task (`unimm.families.Task`: `init`,
 `loss_terms`, `loss_counts`, `combine`, `dummy_batch`) and what its generators
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unimm import diffusion
+from unimm import diffusion, flow
 from unimm.data import layout, packed
 from unimm.models import autoencoders, axes, backbone, layers, losses, patches, slots as slots_lib
 
@@ -99,6 +101,8 @@ class TransfusionTask:
   lm_loss_chunk: int = 0  # > 0: the LM loss in chunks of this many positions, no [B, T, V] logits
   tokenizer_ids: int = 0  # ids the tokenizer emits; [tokenizer_ids, vocab_size) is padding, never sampled
   clip_x0: float = -1.0  # model.clip_x0: -1 auto (pixels 1.0, a KL-VAE's unbounded latents off), 0 off, c > 0
+  objective: str = "ddpm"  # ddpm (the paper: discrete t, cosine schedule) | flow (rectified flow, v = ε − x₀)
+  flow_times: flow.TimeSampling = flow.TimeSampling()  # flow's training-time distribution and shift
 
   @property
   def x0_clip(self) -> float | None:
@@ -106,11 +110,59 @@ class TransfusionTask:
     return diffusion.x0_clip(self.clip_x0, latents_bounded=self.autoencoder.kind == "identity")
 
   def to_epsilon(self, output, x_t, t):
-    """The model's image output at x_t, timestep t [...] → ε, what the samplers take."""
+    """A DDPM model's image output at x_t, timestep t [...] → ε, what DDPM's samplers take."""
     return diffusion.to_epsilon(self.schedule, self.prediction, output, x_t, t)
+
+  def noised(self, rng_t, rng_noise, latents, t_max):
+    """(x_t, the model's time input, the training target) for clean latents [B, M, ...] and each image's noise
+    limit t_max [B, M] in DDPM steps (`data.max_timestep`, or the captioning cap `data.noise_limit_t`).
+
+    DDPM: integer t < t_max, target ε or v. Flow: t ∈ [0, t_max / T] by `flow_times`, read by the model
+    as t·T, target v = ε − x₀ — so one noise limit caps both objectives at the same fraction of the way.
+    """
+    noise = jax.random.normal(rng_noise, latents.shape, jnp.float32)
+    if self.objective == "flow":
+      steps = self.schedule.num_timesteps
+      t = self.flow_times.draw(rng_t, t_max.astype(jnp.float32) / steps)
+      return flow.interpolate(latents, noise, t), t * steps, flow.velocity(latents, noise)
+    t = diffusion.sample_timesteps(rng_t, t_max)
+    return (diffusion.add_noise(self.schedule, latents, noise, t), t,
+            diffusion.target(self.schedule, self.prediction, latents, noise, t))
+
+  def sampler(self, name: str | None = None) -> str:
+    """The sampler `name` after checking it fits the objective; None: the objective's default."""
+    allowed = flow.SAMPLERS if self.objective == "flow" else diffusion.SAMPLERS
+    if name is None:
+      return allowed[0]
+    if name not in allowed:
+      raise ValueError(f"sampler {name!r} does not sample objective={self.objective!r}; expected one of {allowed}")
+    return name
+
+  def sampler_input(self, output, x_t, time):
+    """The model's image output at x_t and time input [...] → what the sampler integrates: ε for DDPM
+    (converted from v), the velocity itself for flow."""
+    return output if self.objective == "flow" else self.to_epsilon(output, x_t, time)
+
+  def sample_latents(self, denoiser, noise, rng, *, num_steps: int, guidance: float | None,
+                     sampler: str | None = None):
+    """Latents from `noise` [N, ...] by the objective's sampler. `denoiser(x [K, ...], time [K])` →
+    `sampler_input` at the model's time input (int32 DDPM steps, or float32 t·T for flow), for the 2N rows
+    [conditional; unconditional] with guidance, the N conditional rows without (guidance None)."""
+    sampler = self.sampler(sampler)
+    if self.objective == "flow":
+      steps = self.schedule.num_timesteps
+      return flow.sample(lambda x, t: denoiser(x, jnp.full((x.shape[0],), t * steps, jnp.float32)), noise,
+                         num_steps=num_steps, sampler=sampler, guidance=guidance, shift=self.flow_times.shift)
+    return diffusion.sample(self.schedule, lambda x, t: denoiser(x, jnp.full((x.shape[0],), t, jnp.int32)), noise,
+                            num_steps=num_steps, clip=self.x0_clip, guidance=guidance, sampler=sampler, rng=rng)
 
   def __post_init__(self):
     diffusion.check_prediction(self.prediction)
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"model.objective={self.objective!r}; expected one of {OBJECTIVES}")
+    if self.objective == "flow" and self.prediction != "epsilon":
+      raise ValueError(f"model.prediction={self.prediction!r} is DDPM's choice; objective=flow always predicts "
+                       "the velocity ε − x₀: drop the override (or set model.prediction=epsilon)")
     diffusion.x0_clip(self.clip_x0, latents_bounded=True)  # a bad setting fails here, not when sampling
 
     def image_output(params, rows, latents, t):
@@ -155,9 +207,7 @@ class TransfusionTask:
     del step
     rng_t, rng_noise, rng_vae, rng_dropout = jax.random.split(rng, 4)
     latents = self.encode_images(batch["images"], rng_vae)
-    t = diffusion.sample_timesteps(rng_t, batch["image_t_max"])
-    noise = jax.random.normal(rng_noise, latents.shape, jnp.float32)
-    noisy = diffusion.add_noise(self.schedule, latents, noise, t)
+    noisy, t, target = self.noised(rng_t, rng_noise, latents, batch["image_t_max"])
     chunked = self.lm_loss_chunk > 0
     logits_or_hidden, out = self.model.apply(
         {"params": params}, packed.Rows.of(batch), noisy, t, return_hidden=chunked, rngs={"dropout": rng_dropout})
@@ -170,7 +220,7 @@ class TransfusionTask:
                                                    dtype=self.model.backbone.compute_dtype)
     else:
       lm_sum, z_sum = losses.cross_entropy(logits_or_hidden[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
-    per_image = diffusion.per_image_error(out, diffusion.target(self.schedule, self.prediction, latents, noise, t))
+    per_image = diffusion.per_image_error(out, target)
     valid = batch["image_valid"].astype(jnp.float32)
     return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}
 
@@ -187,7 +237,7 @@ class TransfusionTask:
     return total, {"lm_loss": lm, "diffusion_loss": diff, "z_loss": z}
 
   def sample_images(self, params, prompts: np.ndarray, prompt_lengths: np.ndarray, rng, *, specials,
-                    num_steps: int = 50, guidance: float = 3.0, image_channels: int = 3, sampler: str = "ddim"):
+                    num_steps: int = 50, guidance: float = 3.0, image_channels: int = 3, sampler: str | None = None):
     """Images for caption prompts by re-running the whole row at every denoising step.
 
     prompts [N, L] token ids (caption only, no BOS), prompt_lengths [N]. Conditional
@@ -199,15 +249,18 @@ class TransfusionTask:
     both = image_prompt_rows(captions + [[]] * len(captions), self.model.slots, specials)
     m = self.model.max_images
 
-    def eps_fn(x2, t):
+    def denoiser(x2, time):
       latents = jnp.zeros((x2.shape[0], m, *self.model.latent_shape)).at[:, 0].set(x2)
-      out = self._image_output(params, both, latents, jnp.full((x2.shape[0], m), t, jnp.int32))[:, 0]
-      return self.to_epsilon(out, x2, jnp.full((x2.shape[0],), t, jnp.int32))
+      out = self._image_output(params, both, latents, jnp.broadcast_to(time[:, None], (x2.shape[0], m)))[:, 0]
+      return self.sampler_input(out, x2, time)
 
     noise = jax.random.normal(rng, (prompts.shape[0], *self.model.latent_shape), jnp.float32)
-    x = diffusion.sample(self.schedule, eps_fn, noise, num_steps=num_steps, clip=self.x0_clip, guidance=guidance,
-                         sampler=sampler, rng=jax.random.fold_in(rng, 1))
+    x = self.sample_latents(denoiser, noise, jax.random.fold_in(rng, 1), num_steps=num_steps, guidance=guidance,
+                            sampler=sampler)
     return np.asarray(self.decode_latents(x, image_channels))
+
+
+OBJECTIVES = ("ddpm", "flow")
 
 
 def image_prompt_rows(captions: list[list[int]], slots: int, specials) -> packed.Rows:

@@ -27,6 +27,7 @@ import tqdm
 from unimm import families, imaging
 from unimm.data import documents, pipeline
 from unimm.inference import placement, prompts as prompts_lib
+from unimm.models import backbone
 from unimm.parallel import distributed, sharding
 from unimm.train import checkpoint, config_record, health as health_lib, metrics as metrics_lib, step as step_lib
 from unimm.train.setup import Setup, build, flops_per_token
@@ -52,7 +53,9 @@ def graft(params, source, prefix: str = ""):
 
 def start_params(config, params):
   """A fresh run's params: the pretrained parts its family names (`Family.pretrained_parts`), then a
-  previous stage's params (train.init_from) over them."""
+  previous stage's params (train.init_from) over them. A Mixture-of-Transformers backbone
+  (`model.backbone.mot`) started from a checkpoint without image-slot copies (a text LM: LMFusion) gets
+  each copy from the checkpoint's text weights."""
   total = len(jax.tree.leaves(params))
   for prefix, directory, extract in families.of(config).pretrained_parts(config):
     part = extract(checkpoint.Checkpointer(directory, async_save=False).restore_params())
@@ -60,6 +63,9 @@ def start_params(config, params):
     logging.info("%s: %d params from %s.", prefix, len(done), directory)
   if config.train.init_from:
     previous = checkpoint.Checkpointer(config.train.init_from, async_save=False).restore_params()
+    mot = tuple(config.model.backbone.get("mot", ()))
+    if mot and "decoder" in previous:
+      previous = {**previous, "decoder": backbone.with_image_copies(previous["decoder"], mot)}
     params, done = graft(params, previous)
     logging.info("Started from %s: %d of %d params (the rest initialised fresh).", config.train.init_from,
                  len(done), total)

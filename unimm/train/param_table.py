@@ -6,8 +6,9 @@ Traced with `eval_shape`, so a 7B config takes seconds on a laptop. One row per 
 dtype, logical axes, the partition spec the config's sharding rules give it, the shape each device holds
 on the config's mesh (over --topology's chips, else this host's devices), its weight-decay multiplier
 (`unimm.train.optimizer`), whether it trains (`train.trainable`) and its size; then totals by top-level
-module, the matmul / non-matmul split the FLOP count uses (`Family.is_matmul_param`), and the bytes of
-parameters and Adam moments per device.
+module, the matmul / non-matmul split the FLOP count uses (`Family.is_matmul_param`), the active count (a
+Mixture-of-Transformers backbone's image-slot copies left out: each token uses its modality's copy only,
+and the FLOP count takes the active matmuls), and the bytes of parameters and Adam moments per device.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import flax.linen as nn
 import jax
 
 from unimm import families
+from unimm.models import backbone
 from unimm.parallel import sharding
 from unimm.train import optimizer, settings, setup as setup_lib, step as step_lib
 
@@ -47,7 +49,7 @@ def param_rows(config, vocab_size: int | None, num_devices: int) -> list[dict]:
         "partition_spec": spec, "per_device_shape": per_device, "count": math.prod(value.shape),
         "per_device_count": math.prod(per_device), "itemsize": value.dtype.itemsize,
         "weight_decay": optimizer.decay_multiplier(path, wd_mults), "trains": partition.trains(path),
-        "matmul": family.is_matmul_param(path)})
+        "matmul": family.is_matmul_param(path), "image_copy": backbone.is_image_copy(path)})
   return sorted(rows, key=lambda r: r["path"])
 
 
@@ -63,8 +65,10 @@ def summary(rows: list[dict], mesh: dict) -> dict:
   gib = 2.0 ** 30
   return {
       "total": sum(r["count"] for r in rows), "by_module": by_module,
-      "matmul": sum(r["count"] for r in rows if r["matmul"]),
-      "non_matmul": sum(r["count"] for r in rows if not r["matmul"]),
+      "active": sum(r["count"] for r in rows if not r["image_copy"]),
+      "image_copies": sum(r["count"] for r in rows if r["image_copy"]),
+      "matmul": sum(r["count"] for r in rows if r["matmul"] and not r["image_copy"]),
+      "non_matmul": sum(r["count"] for r in rows if not r["matmul"] and not r["image_copy"]),
       "trainable": sum(r["count"] for r in trains),
       "weight_decayed": sum(r["count"] for r in trains if r["weight_decay"]),
       "mesh": mesh,
@@ -92,8 +96,11 @@ def format_table(rows: list[dict], totals: dict) -> str:
   for module, n in sorted(totals["by_module"].items(), key=lambda kv: -kv[1]):
     out.append(f"{module:<24} {n:>16,}")
   out.append(f"{'total':<24} {totals['total']:>16,}")
+  out.append(f"{'active per token':<24} {totals['active']:>16,}")
   out.append(f"{'  in matmuls (6·N)':<24} {totals['matmul']:>16,}")
   out.append(f"{'  not (embeddings, ViT)':<24} {totals['non_matmul']:>16,}")
+  if totals["image_copies"]:
+    out.append(f"{'image-slot copies (MoT)':<24} {totals['image_copies']:>16,}")
   out.append(f"{'trainable':<24} {totals['trainable']:>16,}")
   out.append(f"{'  with weight decay':<24} {totals['weight_decayed']:>16,}")
   mesh = "×".join(f"{k}={v}" for k, v in totals["mesh"].items())

@@ -28,7 +28,7 @@ class TrainSettings:
   eps: float
   grad_clip: float  # global-norm clipping; 0: off
   grad_accum_steps: int
-  trainable: tuple[str, ...]  # top-level param names that train; (): all (`unimm.train.step.Partition`)
+  trainable: tuple[str, ...]  # param path prefixes (or globs with *) that train; (): all (`unimm.train.step.Partition`)
   init_from: str  # a checkpoint dir whose params a fresh run starts from
   ema_decay: float  # > 0: keep a float32 EMA of the trainable params (`unimm.train.step`); sample/eval use it
   # Faults (`unimm.train.health`, `unimm.train.checkpoint`, `unimm.train.config_record`).

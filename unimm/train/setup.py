@@ -17,6 +17,7 @@ import numpy as np
 from unimm import families
 from unimm.data import layout
 from unimm.data.settings import DataSettings
+from unimm.models import backbone
 from unimm.parallel import sharding, targets
 from unimm.train import optimizer as optimizer_lib, settings, step as step_lib
 
@@ -33,7 +34,7 @@ class Setup:
   init: Callable  # rng → sharded TrainState
   step: Callable  # (state, global batch, rng) → (state, metrics), jitted and donating
   lower: Callable  # the same arguments, abstract or concrete → jax Lowered (`.compile()`: ahead of time)
-  matmul_params: int
+  matmul_params: int  # in the per-token matmuls a token uses (the FLOP count's N): no MoT image-slot copies
   total_params: int
   train: settings.TrainSettings  # `config.train` parsed (its "auto" settings resolved)
   data: DataSettings  # `config.data` parsed
@@ -101,7 +102,8 @@ def build(config, mesh, vocab_size: int | None, frozen_codec=None, platform: str
            for path, x in jax.tree_util.tree_leaves_with_path(abstract.params)]
   return Setup(task=task, mesh=mesh, rules=rules, state_sharding=state_sharding, abstract_state=abstract,
                init=run_init, step=run_step, lower=lower,
-               matmul_params=sum(n for path, n in sizes if family.is_matmul_param(path)),
+               matmul_params=sum(n for path, n in sizes
+                                 if family.is_matmul_param(path) and not backbone.is_image_copy(path)),
                total_params=sum(n for _, n in sizes), train=train, data=data, config=config)
 
 

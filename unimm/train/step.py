@@ -16,6 +16,7 @@ follow the fast early changes (TensorFlow's `num_updates` rule). Sampling and ev
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Any
 
 import flax
@@ -57,12 +58,14 @@ def with_ema(params, ema):
 
 @dataclasses.dataclass(frozen=True)
 class Partition:
-  """Which params train: those whose '/'-joined path is, or lies under, one of `prefixes` (all if empty)."""
+  """Which params train: those whose '/'-joined path is, or lies under, one of `prefixes` (all if empty).
+  An entry with a `*` is a glob over the whole path instead (`*` crosses '/'): LMFusion trains
+  "decoder/*_image/*", the image-slot copies, at any depth."""
 
   prefixes: tuple[str, ...] = ()
 
   def trains(self, path: str) -> bool:
-    return not self.prefixes or any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.prefixes)
+    return not self.prefixes or any(_selects(p, path) for p in self.prefixes)
 
   def split(self, params) -> tuple[dict, dict]:
     """(trainable, frozen) nested dicts; with no prefixes, (params, {})."""
@@ -86,6 +89,12 @@ class Partition:
       if not any(Partition((p,)).trains(path) for path in paths):
         top = sorted({path.split("/")[0] for path in paths})
         raise ValueError(f"config.train.trainable entry {p!r} matches no parameter; top-level names: {top}")
+
+
+def _selects(entry: str, path: str) -> bool:
+  if "*" in entry:
+    return fnmatch.fnmatchcase(path, entry)
+  return path == entry or path.startswith(entry.rstrip("/") + "/")
 
 
 def init_state(task, optimizer, rng, batch, partition: Partition = Partition(), ema: bool = False) -> TrainState:
