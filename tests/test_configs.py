@@ -120,7 +120,7 @@ PAPER_CONFIGS = [("configs/transfusion/160m.py", ""), ("configs/transfusion/370m
                  *[(f"configs/janus/pro_{size}.py", f"stage{n}") for size in ("1b", "7b") for n in (1, 2, 3)]]
 # What a smoke variant must keep of its recipe (everything but sizes).
 STRUCTURAL = ["model.family", "model.autoencoder.kind", "model.autoencoder.latent_channels", "model.patch_kind",
-              "model.patch_size", "model.prediction", "model.diffusion_weight", "model.num_timesteps", "model.z_loss",
+              "model.patch_size", "model.objective", "model.prediction", "model.diffusion_weight", "model.num_timesteps", "model.z_loss",
               "model.guidance", "model.backbone.qk_norm", "model.backbone.dropout", "model.backbone.norm_order",
               "model.backbone.bidirectional_images", "model.backbone.attention", "model.backbone.remat",
               "model.backbone.scan", "model.backbone.dtype", "model.vq.code_dim", "model.vq.l2_normalized",

@@ -22,12 +22,13 @@ def rows():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("bidirectional", [True, False])
-def test_cached_equals_uncached(scan, bidirectional):
+@pytest.mark.parametrize("scan,bidirectional,mot", [(True, True, ()), (True, False, ()), (False, True, ()),
+                                                    (False, False, ()), (True, True, backbone.MOT_PARTS)])
+def test_cached_equals_uncached(scan, bidirectional, mot):
+  """`mot`: a Mixture-of-Transformers backbone, whose image slots' copies must be picked when cached too."""
   cfg = backbone.BackboneConfig(num_layers=2, dim=32, num_heads=4, num_kv_heads=2, dtype="float32",
                                 remat="full", scan=scan, bidirectional_images=bidirectional, attention="xla",
-                                qk_norm=True)
+                                qk_norm=True, mot=mot)
   seg, img, pos = rows()
   x = jax.random.normal(jax.random.key(0), (2, 20, 32))
   model = backbone.Backbone(cfg)

@@ -114,7 +114,7 @@ def test_two_member_sweep_runs_and_gathers_one_table(data_dir, tmp_path):
   out = launch("sweep.py", "--config=configs/transfusion/tiny.py", "--sweep=prediction", f"--workdir={workdir}",
                *small)
   rows = list(csv.DictReader(open(os.path.join(workdir, "sweep.csv"))))
-  assert [r["member"] for r in rows] == ["prediction=epsilon", "prediction=v"]
+  assert [r["member"] for r in rows] == ["objective=ddpm,prediction=epsilon", "objective=ddpm,prediction=v"]
   assert [r["model.prediction"] for r in rows] == ["epsilon", "v"]
   for r in rows:
     assert r["step"] == "3" and float(r["loss"]) > 0
@@ -122,7 +122,8 @@ def test_two_member_sweep_runs_and_gathers_one_table(data_dir, tmp_path):
   # The two members differ in what they trained (ε vs v targets give different diffusion losses).
   assert rows[0]["diffusion_loss"] != rows[1]["diffusion_loss"]
   table = open(os.path.join(workdir, "sweep.md")).read()
-  assert table.startswith("| member | model.prediction |") and "| prediction=v | v |" in table
+  assert table.startswith("| member | model.objective | model.prediction |")
+  assert "| objective=ddpm,prediction=v | ddpm | v |" in table
   assert table in out.stdout
   # A rerun skips the finished members and gathers the same table.
   again = launch("sweep.py", "--config=configs/transfusion/tiny.py", "--sweep=prediction", f"--workdir={workdir}",

@@ -25,6 +25,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
+DDPM_V = ("--config.model.objective=ddpm", "--config.model.prediction=v", "--config.train.ema_decay=0.0")
 SMALL_VIT = ("--config.model.vision.width=16", "--config.model.vision.depth=1", "--config.model.vision.num_heads=2",
              "--config.model.vision.mlp_dim=32")
 
@@ -38,9 +39,10 @@ def runs(root: str) -> list[tuple[str, str, tuple[str, ...]]]:
       ("kl_vae", "configs/vae/shapes.py", ("--config.data.batch_size=4",)),
       ("vq", "configs/tokenizers/tiny.py:shapes", ("--config.data.batch_size=4",)),
       ("siglip", "configs/siglip/tiny.py:shapes", ("--config.data.batch_size=8", *SMALL_VIT)),
-      ("transfusion", "configs/transfusion/tiny.py", ()),
+      # The DDPM path as recorded (the demo's defaults moved to flow matching and an EMA since).
+      ("transfusion", "configs/transfusion/tiny.py", DDPM_V),
       ("transfusion_vae", "configs/transfusion/tiny.py:shapes_vae",
-       (f"--config.model.autoencoder.checkpoint={ckpt('kl_vae')}",)),
+       (f"--config.model.autoencoder.checkpoint={ckpt('kl_vae')}", *DDPM_V)),
       ("chameleon", "configs/chameleon/tiny.py:shapes", (f"--config.model.vq.checkpoint={ckpt('vq')}",)),
       ("janus_stage1", "configs/janus/tiny.py:stage1", janus),
       ("janus_stage2", "configs/janus/tiny.py:stage2", (*janus, f"--config.train.init_from={ckpt('janus_stage1')}")),

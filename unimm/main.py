@@ -72,7 +72,7 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "sample/eval: classifier-free g
                                 "(default: config.model.guidance; 3, Janus 5).")
 _IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 1, "sample: images drawn in parallel per image request.")
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm", "euler", "heun"],
-                             "sample: diffusion sampler (model.objective=ddpm: ddim | ddpm; flow: euler | heun); "
+                             "sample/eval: diffusion sampler (model.objective=ddpm: ddim | ddpm; flow: euler | heun); "
                              "default: the objective's first.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _EMA = flags.DEFINE_boolean("ema", True, "sample/eval: the EMA weights where the checkpoint holds them "
@@ -201,14 +201,25 @@ def guidance(config) -> float:
   return float(config.model.guidance) if _GUIDANCE.value is None else _GUIDANCE.value
 
 
+def check_sampler(task) -> None:
+  """--sampler must sample the task's objective (a diffusion family's; code families have none to check)."""
+  if _SAMPLER.value is not None and hasattr(task, "sampler"):
+    try:
+      task.sampler(_SAMPLER.value)
+    except ValueError as e:
+      raise app.UsageError(f"--sampler: {e}") from e
+
+
 def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_steps: int | None = None) -> dict:
   """--mode=eval (and the end of training): metrics on the embedded data → WORKDIR/eval.json, TensorBoard."""
   from unimm.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   task, params, tokenizer, step = load_trained(config, workdir, _EMA.value)
+  check_sampler(task)
   results = evaluate_lib.evaluate(config, task, params, tokenizer,
                                   num_examples=num_examples or _EVAL_EXAMPLES.value,
                                   diffusion_steps=diffusion_steps or _DIFFUSION_STEPS.value,
-                                  guidance=guidance(config), seed=_SEED.value, out_dir=workdir)
+                                  guidance=guidance(config), seed=_SEED.value, out_dir=workdir,
+                                  **({"sampler": _SAMPLER.value} if _SAMPLER.value else {}))
   path = evaluate_lib.write(results, workdir, step)
   print(json.dumps(evaluate_lib.flatten(results), indent=1))
   logging.info("Wrote %s.", path)
@@ -229,11 +240,7 @@ def sample(config, workdir: str) -> list[dict]:
   except OSError as e:
     raise app.UsageError(str(e)) from e
   task, params, tokenizer, _ = load_trained(config, workdir, _EMA.value)
-  if _SAMPLER.value is not None and hasattr(task, "sampler"):
-    try:
-      task.sampler(_SAMPLER.value)
-    except ValueError as e:
-      raise app.UsageError(f"--sampler: {e}") from e
+  check_sampler(task)
   reqs = requests.parse_requests(_PROMPTS.value, task.image_shape)
   manifest = requests.run_requests(
       families.of(config), task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len),

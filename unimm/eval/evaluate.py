@@ -308,9 +308,11 @@ def evaluate(config, task, params, tokenizer, **options) -> dict:
 
 
 def evaluate_unified(config, task, params, tokenizer, *, num_examples: int = 200, diffusion_steps: int = 50,
-                     guidance: float = 3.0, seed: int = 0, max_batches: int = 20, out_dir: str | None = None) -> dict:
+                     guidance: float = 3.0, seed: int = 0, max_batches: int = 20, out_dir: str | None = None,
+                     sampler: str | None = None) -> dict:
   """A unified model (reads and writes text and images): perplexity on the text, and on each embedded
-  image source text→image and image→text scored by the dataset's verdicts."""
+  image source text→image and image→text scored by the dataset's verdicts. `sampler`: a diffusion family's
+  sampler (None: its objective's default); code families ignore it."""
   del out_dir  # no files
   family = families.of(config)
   d = config.data
@@ -335,7 +337,7 @@ def evaluate_unified(config, task, params, tokenizer, *, num_examples: int = 200
     for start in range(0, len(captions), 32):
       rng, sub = jax.random.split(rng)
       generated.append(image_gen.generate(t2i_prompts[start:start + 32], sub, num_steps=diffusion_steps,
-                                          guidance=guidance))
+                                          guidance=guidance, sampler=sampler))
       outs = text_gen.generate(i2t_prompts[start:start + 32], max_new_tokens=32)
       texts += [tokenizer.decode([t for t in o if t != tokenizer.specials.eos]) for o in outs]
     generated = np.concatenate(generated)
