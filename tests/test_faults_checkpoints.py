@@ -30,7 +30,6 @@ def tiny(data_dir, **train):
   t.sample_every = t.final_eval_examples = 0
   t.async_checkpoints = False
   t.good_after_steps = 2
-  t.ema_decay = 0.0  # the demo's EMA off: the EMA tests turn it on themselves
   for k, v in train.items():
     t[k] = v
   return config

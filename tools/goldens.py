@@ -25,7 +25,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
-DDPM_V = ("--config.model.objective=ddpm", "--config.model.prediction=v", "--config.train.ema_decay=0.0")
+DDPM_V = ("--config.model.objective=ddpm", "--config.model.prediction=v")
 SMALL_VIT = ("--config.model.vision.width=16", "--config.model.vision.depth=1", "--config.model.vision.num_heads=2",
              "--config.model.vision.mlp_dim=32")
 
@@ -39,7 +39,7 @@ def runs(root: str) -> list[tuple[str, str, tuple[str, ...]]]:
       ("kl_vae", "configs/vae/shapes.py", ("--config.data.batch_size=4",)),
       ("vq", "configs/tokenizers/tiny.py:shapes", ("--config.data.batch_size=4",)),
       ("siglip", "configs/siglip/tiny.py:shapes", ("--config.data.batch_size=8", *SMALL_VIT)),
-      # The DDPM path as recorded (the demo's defaults moved to flow matching and an EMA since).
+      # The DDPM path as recorded (the demo's defaults moved to flow matching since).
       ("transfusion", "configs/transfusion/tiny.py", DDPM_V),
       ("transfusion_vae", "configs/transfusion/tiny.py:shapes_vae",
        (f"--config.model.autoencoder.checkpoint={ckpt('kl_vae')}", *DDPM_V)),
