@@ -92,7 +92,7 @@ def test_a_family_registered_outside_the_library_trains_and_samples(data_dir, tm
   manifest = requests.run_requests(
       families.of(config), task, params, tokenizer, requests.parse_requests(str(tmp_path / "r.jsonl"), task.image_shape),
       str(tmp_path / "out"), context=int(config.data.seq_len), rng=jax.random.key(0), sampling=sampling.SamplingOptions(),
-      num_steps=2, guidance=3.0, sampler="ddim", placement=placement.Placement.from_config(config))
+      num_steps=2, guidance=3.0, sampler=None, placement=placement.Placement.from_config(config))
   by_id = {r["id"]: r for r in manifest}
   assert not any("error" in r for r in manifest), manifest
   assert os.path.exists(tmp_path / "out" / by_id["t2i"]["image"]) and isinstance(by_id["cap"]["text"], str)
