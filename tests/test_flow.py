@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm import flow
+from unimm import diffusion, flow
 
 
 def test_interpolation_target_and_loss_match_numpy():
@@ -19,7 +19,7 @@ def test_interpolation_target_and_loss_match_numpy():
   v = flow.velocity(jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32))
   np.testing.assert_allclose(np.asarray(v), noise - x0, rtol=1e-5, atol=1e-6)
   pred = rng.normal(size=x0.shape)
-  err = flow.per_image_error(jnp.asarray(pred, jnp.float32), v)
+  err = diffusion.per_image_error(jnp.asarray(pred, jnp.float32), v)
   np.testing.assert_allclose(np.asarray(err), ((pred - (noise - x0)) ** 2).reshape(2, 3, -1).mean(-1), rtol=1e-5)
   # The path's derivative is the target: (x_{t+h} − x_t) / h = v exactly for a straight line.
   h = 1e-2
@@ -114,7 +114,6 @@ class RecordingModel:
 
 
 def flow_task(**kwargs):
-  from unimm import diffusion  # pylint: disable=g-import-not-at-top
   from unimm.models import autoencoders, transfusion  # pylint: disable=g-import-not-at-top
   return transfusion.TransfusionTask(None, autoencoders.AutoencoderConfig(), diffusion.Schedule.cosine(),
                                      image_shape=(4, 4, 1), objective="flow", **kwargs)

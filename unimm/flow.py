@@ -4,8 +4,8 @@ Convention (SD3's, Esser et al. 2024): time runs from data to noise, t ∈ [0, 1
 
     x_t = (1 − t)·x₀ + t·ε,        v = dx_t/dt = ε − x₀,
 
-the model predicts v from (x_t, t), and the loss is the mean squared error of v per image, averaged over
-real images (as `diffusion.epsilon_loss` does for ε). Sampling integrates dx/dt = v̂ from t = 1 (pure
+the model predicts v from (x_t, t), and the loss is the mean squared error of v per image
+(`diffusion.per_image_error`), averaged over real images as for ε. Sampling integrates dx/dt = v̂ from t = 1 (pure
 noise) down to t = 0 with Euler or Heun (second order: a trapezoidal correction with a second
 evaluation; the last step, to t = 0, stays Euler, as in Karras et al. 2022), classifier-free guidance
 mixing v̂ like ε: v_u + s·(v_c − v_u). Training times: `uniform` U(0, 1), `logit_normal` σ(N(m, s²)) (SD3:
@@ -89,12 +89,6 @@ class TimeSampling:
 
   def draw(self, rng, t_limit):
     return sample_times(rng, t_limit, sampling=self.sampling, shift=self.shift, mean=self.mean, std=self.std)
-
-
-def per_image_error(pred, target_value):
-  """Mean squared error over each image's latent dims: [..., *latent] → [...]."""
-  err = (pred.astype(jnp.float32) - target_value.astype(jnp.float32)) ** 2
-  return err.reshape(err.shape[:-3] + (-1,)).mean(-1)
 
 
 def time_grid(num_steps: int, shift: float = 1.0) -> np.ndarray:

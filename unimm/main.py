@@ -218,8 +218,7 @@ def evaluate(config, workdir: str, num_examples: int | None = None, diffusion_st
   results = evaluate_lib.evaluate(config, task, params, tokenizer,
                                   num_examples=num_examples or _EVAL_EXAMPLES.value,
                                   diffusion_steps=diffusion_steps or _DIFFUSION_STEPS.value,
-                                  guidance=guidance(config), seed=_SEED.value, out_dir=workdir,
-                                  **({"sampler": _SAMPLER.value} if _SAMPLER.value else {}))
+                                  guidance=guidance(config), seed=_SEED.value, out_dir=workdir, sampler=_SAMPLER.value)
   path = evaluate_lib.write(results, workdir, step)
   print(json.dumps(evaluate_lib.flatten(results), indent=1))
   logging.info("Wrote %s.", path)

@@ -72,7 +72,7 @@ def with_image_copies(params: dict, parts) -> dict:
     out[key] = with_image_copies(value, parts) if isinstance(value, dict) else value
   for key in list(out):
     if key in names and isinstance(out[key], dict) and key + IMAGE_COPY not in out:
-      out[key + IMAGE_COPY] = jax.tree.map(lambda a: a, out[key])
+      out[key + IMAGE_COPY] = out[key]  # arrays are immutable: the copy diverges once it trains
   return out
 
 
