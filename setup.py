@@ -19,6 +19,7 @@ setuptools.setup(
         "importlib-resources>=5.0",  # tensorflow-datasets needs it for builders defined in packages
         "jax>=0.4.35",
         "ml-collections>=0.1.1",
+        "ml-dtypes>=0.4",  # bfloat16 tensors of Hugging Face checkpoints, read from their bytes (unimm.convert)
         "msgpack>=1.0",
         "numpy>=1.26",
         "optax>=0.2.4",
@@ -34,7 +35,10 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "tensorboard>=2.15",
                  "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.0", "matplotlib>=3.7",
-                 "jax[tpu]"],  # libtpu's compiler: --mode=compile for TPU slices, no TPU needed
+                 "jax[tpu]",  # libtpu's compiler: --mode=compile for TPU slices, no TPU needed
+                 # The reference implementations that judge unimm.convert (tests only: conversion needs no
+                 # torch). <2.14 takes the CPU build where pip finds one (a local wheel of 2.13.0+cpu).
+                 "torch<2.14", "transformers>=4.45"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={

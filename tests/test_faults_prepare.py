@@ -293,3 +293,30 @@ def test_a_mostly_skipped_source_warns_and_an_empty_or_all_skipped_one_fails_nam
   config.sources = ml_collections.ConfigDict({"empty": training_source(tmp_path, "empty", [])})
   with pytest.raises(ValueError, match="source 'empty' has no records in split 'train'"):
     pipeline.mixture(DataSettings.from_config(config), "train", shard=0, shards=1, seed=0, num_epochs=None)
+
+
+def test_two_runs_preparing_the_same_embedded_dataset(tmp_path, monkeypatch):
+  """Two runs started together both write the embedded dataset; TFDS's final rename fails for the second
+  (FileExistsError). The second uses the first's complete copy instead of crashing — and only then."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from unimm.data import sources  # pylint: disable=g-import-not-at-top
+  spec = {"kind": "tfds", "tfds_name": "shapes", "builder_config": "small"}
+  real = tfds.core.DatasetBuilder.download_and_prepare
+
+  def loses_the_race(self, *args, **kwargs):
+    real(self, *args, **kwargs)  # the other run's copy lands …
+    (self.data_path.parent / f"incomplete.XYZ_{self.data_path.name}").mkdir()  # … and ours was left half-done
+    raise FileExistsError(f"Cannot rename incomplete. Destination {self.data_path} already exists.")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", loses_the_race)
+  sources.prepare_embedded(spec, str(tmp_path))
+  builder = sources.EMBEDDED["shapes"](data_dir=str(tmp_path), config="small")
+  assert builder.data_path.exists() and not list(builder.data_path.parent.glob("incomplete.*"))
+  assert len(sources.open_source(spec, "test", str(tmp_path))) == 200
+
+  def fails_alone(self, *args, **kwargs):
+    raise FileExistsError("some other FileExistsError, with no dataset written")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fails_alone)
+  with pytest.raises(FileExistsError, match="some other"):
+    sources.prepare_embedded(spec, str(tmp_path / "elsewhere"))

@@ -15,6 +15,7 @@ Every record becomes a `Document`, or a `Skipped` marker when it cannot.
 from __future__ import annotations
 
 import glob
+import shutil
 from typing import Any, Callable
 
 from absl import logging
@@ -42,7 +43,16 @@ def prepare_embedded(spec, data_dir: str) -> None:
                            file_format="array_record")
   if not builder.data_path.exists():
     logging.info("Writing the embedded dataset %s to %s (once).", _tfds_name(spec), builder.data_dir)
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()
+  except FileExistsError:
+    # Another run on this machine wrote the same deterministic dataset first (TFDS renames its temporary
+    # directory into place last, so the one there is complete): use theirs, drop ours.
+    if not builder.data_path.exists():
+      raise
+    logging.info("The embedded dataset %s was written by another run meanwhile; using it.", _tfds_name(spec))
+    for leftover in builder.data_path.parent.glob(f"incomplete.*{builder.data_path.name}"):
+      shutil.rmtree(leftover, ignore_errors=True)
 
 
 class _RobustSource:

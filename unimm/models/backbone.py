@@ -1,7 +1,8 @@
 """The shared transformer: a Llama-style decoder over packed multimodal rows.
 
-RMSNorm, RoPE at the row's per-document positions, SwiGLU, optional QK-norm,
-grouped-query attention, no biases. Chameleon's stability switches are here
+RMSNorm, RoPE at the row's per-document positions (optionally scaled: linear,
+Llama 3's), SwiGLU, optional QK-norm, grouped-query attention, no biases but
+optional q/k/v ones (Qwen2). Chameleon's stability switches are here
 too: QK-norm, dropout on each residual branch (active when the caller passes a
 ``dropout`` rng), and the Swin-style norm order ``h = x + norm(attn(x)); out =
 h + norm(ffn(h))`` instead of pre-norm. Layers run under `nn.scan` (compile time
@@ -105,6 +106,12 @@ class BackboneConfig:
   dropout: float = 0.0  # on the attention and MLP branches, in training (a "dropout" rng is given)
   norm_order: str = "pre"  # pre: x + f(norm(x)) (Llama) | swin: x + norm(f(x)) (Chameleon-7B/34B)
   mot: tuple[str, ...] = ()  # parts with an image-slot copy (Mixture-of-Transformers): of MOT_PARTS; (): dense
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+  rope_scaling: str = "none"  # none | linear | llama3 (layers.RopeScaling, Hugging Face's definitions)
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
 
   @classmethod
   def from_config(cls, cfg) -> "BackboneConfig":
@@ -112,6 +119,7 @@ class BackboneConfig:
     if out.norm_order not in ("pre", "swin"):
       raise ValueError(f"backbone.norm_order {out.norm_order!r}; expected 'pre' or 'swin'")
     out = dataclasses.replace(out, mot=tuple(out.mot))
+    _ = out.rope  # an unknown scaling is refused here, not at the first trace
     unknown = [p for p in out.mot if p not in MOT_PARTS]
     if unknown:
       raise ValueError(f"config.model.backbone.mot={out.mot}: unknown parts {unknown}; expected a subset of "
@@ -120,6 +128,11 @@ class BackboneConfig:
 
   def untied(self, part: str) -> bool:
     return part in self.mot
+
+  @property
+  def rope(self) -> layers.RopeScaling:
+    return layers.RopeScaling(self.rope_scaling, float(self.rope_scaling_factor), float(self.rope_low_freq_factor),
+                              float(self.rope_high_freq_factor), int(self.rope_original_max_positions))
 
   @property
   def kv_heads(self) -> int:
@@ -159,7 +172,8 @@ class Attention(nn.Module):
     q_axes, kv_axes = (axes.HEADS, axes.HEAD_DIM), (axes.KV_HEADS, axes.HEAD_DIM)
 
     def proj(heads, out_axes):
-      return lambda name: layers.DenseGeneral((heads, c.head_size), (axes.EMBED,), out_axes, dtype=dt, name=name)
+      return lambda name: layers.DenseGeneral((heads, c.head_size), (axes.EMBED,), out_axes, dtype=dt,
+                                              use_bias=c.qkv_bias, name=name)
     q = by_modality(proj(c.num_heads, q_axes), "q", c.untied("qkv"), is_image, x)
     k = by_modality(proj(c.kv_heads, kv_axes), "k", c.untied("qkv"), is_image, x)
     v = by_modality(proj(c.kv_heads, kv_axes), "v", c.untied("qkv"), is_image, x)
@@ -167,8 +181,8 @@ class Attention(nn.Module):
       head_norm = lambda name: layers.RMSNorm(c.norm_eps, dt, axis_name=axes.HEAD_DIM, name=name)
       q = by_modality(head_norm, "q_norm", c.untied("norms"), is_image, q)
       k = by_modality(head_norm, "k_norm", c.untied("norms"), is_image, k)
-    q = layers.rope(q, positions, theta=c.rope_theta)
-    k = layers.rope(k, positions, theta=c.rope_theta)
+    q = layers.rope(q, positions, theta=c.rope_theta, scaling=c.rope)
+    k = layers.rope(k, positions, theta=c.rope_theta, scaling=c.rope)
     q = layers.constrain(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
     k = layers.constrain(k, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None))
     v = layers.constrain(v, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None))

@@ -12,7 +12,9 @@ Logical names used here (params / activations):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -45,7 +47,8 @@ class RMSNorm(nn.Module):
 
 
 class DenseGeneral(nn.Module):
-  """A bias-free projection of the last `len(in_axes)` axes onto `features`, with logical names."""
+  """A projection of the last `len(in_axes)` axes onto `features`, with logical names; bias-free unless
+  `use_bias` (Qwen2's q/k/v)."""
 
   features: tuple[int, ...]
   in_names: tuple[str, ...]
@@ -56,6 +59,7 @@ class DenseGeneral(nn.Module):
   # The output's dtype (the matmul accumulates in it; None: `dtype`). Output heads ask for float32: bf16
   # logits are spaced 0.0625 in [8, 16), too coarse for the softmax and the z-loss.
   out_dtype: Dtype | None = None
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -69,14 +73,57 @@ class DenseGeneral(nn.Module):
         (*in_shape, *self.features), jnp.float32)
     lhs = tuple(range(x.ndim - self.num_in_axes, x.ndim))
     rhs = tuple(range(self.num_in_axes))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((lhs, rhs), ((), ())),
-                               preferred_element_type=self.out_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((lhs, rhs), ((), ())),
+                            preferred_element_type=self.out_dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_names), self.features,
+                        jnp.float32)
+      y = y + bias.astype(y.dtype)
+    return y
 
 
-def rope(x, positions, *, theta: float = 10000.0):
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE's frequency scaling for a context longer than pretraining's, as Hugging Face defines it: `linear`
+  (every frequency / factor: positions interpolated) or `llama3` (Llama 3.1: wavelengths longer than
+  original_max_positions / low_freq_factor divided by `factor`, shorter than original / high_freq_factor
+  kept, those between interpolated smoothly)."""
+
+  kind: str = "none"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_positions: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ROPE_SCALINGS:
+      raise ValueError(f"RoPE scaling {self.kind!r}; expected one of {ROPE_SCALINGS}")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()):
+  """The rotation frequencies (radians per position) of a head's H/2 pairs, float32 as the reference's."""
+  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling.kind == "linear":
+    return freq / scaling.factor
+  if scaling.kind == "llama3":
+    wavelength = 2 * math.pi / freq
+    low_wavelength = scaling.original_max_positions / scaling.low_freq_factor  # longer: scaled down
+    high_wavelength = scaling.original_max_positions / scaling.high_freq_factor  # shorter: kept
+    smooth = (scaling.original_max_positions / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = jnp.where(wavelength > low_wavelength, freq / scaling.factor, freq)
+    between = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+    return jnp.where(between, (1 - smooth) * scaled / scaling.factor + smooth * scaled, scaled)
+  return freq
+
+
+def rope(x, positions, *, theta: float = 10000.0, scaling: RopeScaling = RopeScaling()):
   """Rotary position embedding of x [B, T, N, H] at integer positions [B, T] (half-split layout)."""
   head_dim = x.shape[-1]
-  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  freq = rope_frequencies(head_dim, theta, scaling)
   angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

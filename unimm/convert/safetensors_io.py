@@ -1,0 +1,196 @@
+"""Reading and writing `*.safetensors` checkpoints tensor by tensor, without torch.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON (`{name: {"dtype", "shape",
+"data_offsets": [begin, end]}, "__metadata__": {...}}`), then the raw little-endian data, offsets relative
+to the end of the header. We parse it ourselves rather than through `safetensors.numpy` because that API
+cannot return bfloat16 — the dtype released checkpoints use; here a BF16 tensor is the raw bytes viewed as
+`ml_dtypes.bfloat16` (what `jnp.bfloat16` is). Each tensor is a view of a read-only memory map: reading a
+checkpoint holds one tensor at a time in memory, however large the file.
+
+A sharded checkpoint is a directory with `model.safetensors.index.json` (`{"weight_map": {name: file}}`);
+`CheckpointReader` reads either layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+  "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MAX_HEADER = 100 * 2 ** 20  # the format's own limit: a larger "header" means a damaged or foreign file
+
+
+def read_header(path: str) -> tuple[dict, int]:
+  """({name: entry}, byte offset of the data) of one .safetensors file."""
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) != 8:
+      raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    (length,) = struct.unpack("<Q", raw)
+    if length > _MAX_HEADER:
+      raise ValueError(f"{path}: header length {length} bytes; not a safetensors file or damaged")
+    header = json.loads(f.read(length))
+  header.pop("__metadata__", None)
+  return header, 8 + length
+
+
+class SafetensorsFile:
+  """One .safetensors file: its tensor names, shapes and dtypes, and each tensor as a memory-mapped view."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.header, self._data_start = read_header(path)
+    self._map = None
+
+  def keys(self) -> list[str]:
+    return list(self.header)
+
+  def dtype(self, name: str) -> np.dtype:
+    code = self.header[name]["dtype"]
+    if code not in DTYPES:
+      raise ValueError(f"{self.path}: tensor {name!r} has dtype {code}, which unimm does not read "
+                       f"(known: {sorted(DTYPES)})")
+    return DTYPES[code]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.header[name]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor (a read-only view of the file's bytes; copy it to keep it past the file)."""
+    entry = self.header[name]
+    begin, end = entry["data_offsets"]
+    dtype, shape = self.dtype(name), tuple(entry["shape"])
+    if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+      raise ValueError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, but {shape} of {dtype} "
+                       f"needs {dtype.itemsize * int(np.prod(shape, dtype=np.int64))}")
+    if self._map is None:
+      self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+    if self._data_start + end > self._map.size:
+      raise ValueError(f"{self.path}: tensor {name!r} ends past the end of the file (truncated?)")
+    raw = self._map[self._data_start + begin:self._data_start + end]
+    return raw.view(dtype.newbyteorder("<")).reshape(shape)
+
+
+class CheckpointReader:
+  """The tensors of a Hugging Face model directory: one `model.safetensors` (or any single `*.safetensors`)
+  or a sharded set with its index; or a single file's path."""
+
+  def __init__(self, path: str):
+    if os.path.isfile(path):
+      files = {path: None}
+      self.weight_map = {name: path for name in SafetensorsFile(path).keys()}
+    else:
+      index = os.path.join(path, INDEX_FILE)
+      if os.path.exists(index):
+        with open(index) as f:
+          weight_map = json.load(f)["weight_map"]
+        self.weight_map = {name: os.path.join(path, file) for name, file in weight_map.items()}
+      else:
+        found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        if not found:
+          raise FileNotFoundError(f"{path}: no *.safetensors (and no {INDEX_FILE}); unimm reads "
+                                  "safetensors checkpoints only (convert .bin files with transformers first)")
+        if len(found) > 1 and SINGLE_FILE not in found:
+          raise FileNotFoundError(f"{path}: several .safetensors files {found} but no {INDEX_FILE}")
+        single = os.path.join(path, SINGLE_FILE if SINGLE_FILE in found else found[0])
+        self.weight_map = {name: single for name in SafetensorsFile(single).keys()}
+      files = dict.fromkeys(self.weight_map.values())
+    self._files = {p: SafetensorsFile(p) for p in files}
+
+  def keys(self) -> list[str]:
+    return list(self.weight_map)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.weight_map
+
+  def _file(self, name: str) -> SafetensorsFile:
+    if name not in self.weight_map:
+      raise KeyError(name)
+    return self._files[self.weight_map[name]]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._file(name).shape(name)
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._file(name).dtype(name)
+
+  def get(self, name: str) -> np.ndarray:
+    return self._file(name).get(name)
+
+
+def _entry_bytes(array: np.ndarray) -> int:
+  return array.dtype.itemsize * int(np.prod(array.shape, dtype=np.int64))
+
+
+def write_file(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict | None = None) -> int:
+  """Writes (name, array) pairs as one .safetensors file; returns its size in bytes. The pairs are iterated
+  twice (header, then data): pass a list, or arrays that are cheap to produce again."""
+  tensors = list(tensors)
+  header, offset = {}, 0
+  for name, array in tensors:
+    if array.dtype not in NAMES:
+      raise ValueError(f"tensor {name!r}: dtype {array.dtype} has no safetensors name")
+    size = _entry_bytes(array)
+    header[name] = {"dtype": NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + size]}
+    offset += size
+  if metadata:
+    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the reference writer does
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for _, array in tensors:
+      f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+  os.replace(tmp, path)
+  return 8 + len(blob) + offset
+
+
+def write_sharded(directory: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int = 5 * 2 ** 30,
+         metadata: dict | None = None) -> list[str]:
+  """Writes a stream of (name, array) into `model-0000i-of-0000n.safetensors` files of at most
+  `max_shard_bytes` (one file named `model.safetensors` when they all fit) with the index; holds one shard's
+  tensors at a time. Returns the files written."""
+  os.makedirs(directory, exist_ok=True)
+  shards, current, size = [], [], 0
+
+  def flush():
+    nonlocal current, size
+    if current:
+      name = f"shard-{len(shards):05d}.tmp.safetensors"
+      write_file(os.path.join(directory, name), current, {"format": "pt", **(metadata or {})})
+      shards.append((name, [n for n, _ in current]))
+    current, size = [], 0
+
+  for name, array in tensors:
+    if current and size + _entry_bytes(array) > max_shard_bytes:
+      flush()
+    current.append((name, array))
+    size += _entry_bytes(array)
+  flush()
+  if len(shards) == 1:
+    os.replace(os.path.join(directory, shards[0][0]), os.path.join(directory, SINGLE_FILE))
+    return [SINGLE_FILE]
+  weight_map, files = {}, []
+  for i, (tmp_name, names) in enumerate(shards):
+    final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    os.replace(os.path.join(directory, tmp_name), os.path.join(directory, final))
+    weight_map.update(dict.fromkeys(names, final))
+    files.append(final)
+  total = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
+  with open(os.path.join(directory, INDEX_FILE), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return files
