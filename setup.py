@@ -30,6 +30,7 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.7",
+        "tokenizers>=0.19",  # Hugging Face tokenizer.json (converted models' tokenizers)
         "tqdm>=4.60",
     ],
     extras_require={
@@ -45,6 +46,7 @@ setuptools.setup(
         "console_scripts": [
             "unimm=unimm.main:run",
             "unimm-prepare=unimm.data.prepare:run",
+            "unimm-convert=unimm.convert.cli:run",
         ],
     },
 )

@@ -42,6 +42,9 @@ def base_config(family: str = "transfusion") -> mlc.ConfigDict:
   # --mode=prepare trains `path` if missing; builtin_specials=False lays it out like Llama's (specials appended).
   d.tokenizer = mlc.ConfigDict(dict(path="", vocab_size=128, model_type="bpe", train_documents=20_000,
                                     builtin_specials=True))
+  # A Hugging Face tokenizer.json's tokens for unimm's roles ("": tokenizer_config.json's, else unimm's
+  # <boi>/<eoi>/<img> if present, else new ids after its vocabulary); unimm.data.tokenizer.HFTokenizer.
+  d.tokenizer.special_tokens = mlc.ConfigDict({role: "" for role in ("pad", "bos", "eos", "boi", "eoi", "img")})
   d.image_size = mlc.FieldReference(256)
   d.image_channels = 3
   d.image_slots = 256  # sequence slots per image: one per latent patch or code (the family's defaults derive it)

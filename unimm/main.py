@@ -24,13 +24,18 @@ Modes:
             GPUs) and print its per-device memory, FLOPs and collectives;
             writes WORKDIR/compile.json and the compiled HLO
             (compile.hlo.txt) when --workdir is given.
+  score     --inputs=FILE (JSON lines: {id, token_ids} or {id, parts}) → --out=DIR: each
+            request's next-token logits (<id>.npy, float32 [T, V]) and manifest.jsonl
+            with its summed log-likelihood; float32 by default (--dtype). See
+            unimm/inference/score.py.
   params    print the model's parameter table without making a weight
             (eval_shape; seconds for a 7B config): path, shape, dtype,
             logical axes, partition spec and per-device shape on the
             config's mesh (over --topology's chips if given), weight decay,
             trains, count; totals by module and the matmul split; writes
             WORKDIR/params.json when --workdir is given.
-Overrides: ``--config.data.seq_len=512``; variants: ``--config=FILE:digits``.
+Overrides: ``--config.data.seq_len=512``; variants: ``--config=FILE:digits``. Without --config, a
+workdir's own config (its config.json, written by training or by `python -m unimm.convert`) is used.
 """
 
 from __future__ import annotations
@@ -49,13 +54,16 @@ from unimm.inference import sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (FILE[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval", "compile", "params"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare", "inspect", "sample", "eval", "score", "compile",
+                                           "params"], "What to do.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile: the target (v5p-256, v5p:4x4x8, h100:64, cpu:8); "
                                 "see unimm/train/compile.py. params: the chips the mesh spans (default: here).")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 200, "eval: test examples per task.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "sample: JSON-lines requests.")
-_OUT = flags.DEFINE_string("out", None, "sample: output directory.")
+_OUT = flags.DEFINE_string("out", None, "sample/score: output directory.")
+_INPUTS = flags.DEFINE_string("inputs", None, "score: JSON-lines requests ({id, token_ids} or {id, parts}).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "config"],
+                           "score: the backbone's compute dtype (config: as the config says).")
 
 
 def _define_sampling_flags(prefix: str, defaults: sampling.SamplingOptions, what: str) -> dict:
@@ -189,12 +197,27 @@ def load_trained(config, workdir: str, ema: bool = True):
   task = families.build_task(config, tokenizer.vocab_size, frozen_codec=families.load_frozen_codec(config))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = ckpt.latest_step()
+  if step is None and config.train.init_from:
+    return task, starting_params(config, task), tokenizer, 0
   if step is None:
     raise app.UsageError(f"no checkpoint in {workdir}/checkpoints: train first (--mode=train)")
   params = ckpt.restore_params(step)
   averaged = ckpt.restore_ema(step) if ema else None
   logging.info("Step %d: %s weights.", step, "the EMA" if averaged is not None else "the raw")
   return task, step_lib.with_ema(params, averaged), tokenizer, step
+
+
+def starting_params(config, task):
+  """The params a training run of `config` would start from (fresh, then train.init_from's grafted in):
+  what a workdir written by `unimm.convert` serves before it trained."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from unimm.data import layout  # pylint: disable=g-import-not-at-top
+  from unimm.train import loop  # pylint: disable=g-import-not-at-top
+  batch = task.dummy_batch(1, int(config.data.seq_len), layout.image_shape_of(config.data))
+  params = nn.unbox(jax.jit(task.init)(jax.random.key(int(config.seed)), batch))
+  logging.info("No training checkpoint yet: the weights of %s (the rest fresh).", config.train.init_from)
+  return loop.start_params(config, params)
 
 
 def guidance(config) -> float:
@@ -256,6 +279,34 @@ def sample(config, workdir: str) -> list[dict]:
   return manifest
 
 
+def score(config, workdir: str) -> list[dict]:
+  """--mode=score: logits and log-likelihoods of --inputs → --out (see unimm/inference/score.py)."""
+  if not _INPUTS.value or not _OUT.value:
+    raise app.UsageError("--mode=score needs --inputs=FILE and --out=DIR")
+  from unimm.data import layout  # pylint: disable=g-import-not-at-top
+  from unimm.inference import score as score_lib  # pylint: disable=g-import-not-at-top
+  if _DTYPE.value != "config":  # a logit checker must not be limited by bfloat16
+    config = copy_config(config)
+    config.model.backbone.dtype = _DTYPE.value
+  try:
+    reqs = score_lib.parse(_INPUTS.value, layout.image_shape_of(config.data))
+  except OSError as e:
+    raise app.UsageError(str(e)) from e
+  task, params, tokenizer, _ = load_trained(config, workdir, _EMA.value)
+  vocab = max(int((config.get("hf") or {}).get("vocab_size", 0)), tokenizer.vocab_size)
+  manifest = score_lib.run(task, params, tokenizer, config, reqs, _OUT.value, vocab)
+  failed = sum("error" in row for row in manifest)
+  logging.info("Scored %d requests (%d errors) into %s.", len(manifest), failed, _OUT.value)
+  return manifest
+
+
+def copy_config(config):
+  import copy  # pylint: disable=g-import-not-at-top
+  out = copy.deepcopy(config)
+  out.unlock()
+  return out
+
+
 def compile_step(config, workdir: str | None) -> dict:
   """--mode=compile: the train step compiled for --topology, without that hardware (see unimm/train/compile.py)."""
   if not _TOPOLOGY.value:
@@ -314,7 +365,8 @@ def main(argv):
   console.setup(_WORKDIR.value, console.process_index(_PROCESS_ID.value, _DISTRIBUTED.value))
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/transfusion/tiny.py")
+    raise app.UsageError("--config is required (e.g. --config=configs/transfusion/tiny.py) unless --workdir holds "
+                         "a config.json (written by training or by python -m unimm.convert)")
   if _MODE.value == "prepare":
     prepare(config)
     return
@@ -337,6 +389,9 @@ def main(argv):
   if _MODE.value == "eval":
     evaluate(config, _WORKDIR.value)
     return
+  if _MODE.value == "score":
+    from unimm.inference import requests  # pylint: disable=g-import-not-at-top
+    return requests.exit_code(score(config, _WORKDIR.value))
   from unimm.parallel import distributed  # pylint: disable=g-import-not-at-top
   from unimm.train import loop  # pylint: disable=g-import-not-at-top
   multiprocess = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -359,8 +414,28 @@ def main(argv):
     evaluate(config, _WORKDIR.value, t.final_eval_examples, t.final_eval_diffusion_steps)
 
 
+WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workdir_config.py")
+
+
+def with_workdir_config(argv: list[str]) -> list[str]:
+  """`argv` with `--config=unimm/workdir_config.py:W` added when no --config is given and --workdir=W holds
+  a config.json: every mode runs on a workdir alone, `--config.KEY=…` overrides included."""
+  if any(a == "--config" or a.startswith("--config=") for a in argv):
+    return argv
+  workdir = None
+  for i, a in enumerate(argv):
+    if a.startswith("--workdir="):
+      workdir = a.split("=", 1)[1]
+    elif a == "--workdir" and i + 1 < len(argv):
+      workdir = argv[i + 1]
+  if workdir and os.path.exists(os.path.join(workdir, "config.json")):
+    return [argv[0], f"--config={WORKDIR_CONFIG}:{os.path.abspath(workdir)}", *argv[1:]]
+  return argv
+
+
 def run():
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  app.run(main, argv=with_workdir_config(sys.argv))
 
 
 if __name__ == "__main__":

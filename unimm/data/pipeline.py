@@ -26,6 +26,7 @@ import numpy as np
 
 from unimm.data import documents, layout, packing, sources
 from unimm.data.settings import DataSettings
+from unimm.data import tokenizer as tokenizer_lib
 from unimm.data.tokenizer import Tokenizer
 
 
@@ -33,8 +34,11 @@ def tokenizer_path(data_config) -> str:
   return data_config.tokenizer.path.format(data_dir=data_config.data_dir)
 
 
-def load_tokenizer(data_config) -> Tokenizer:
-  return Tokenizer.load(tokenizer_path(data_config))
+def load_tokenizer(data_config):
+  """The run's tokenizer: sentencepiece, or Hugging Face's tokenizer.json with `tokenizer.special_tokens`
+  (role → token, e.g. {"img": "<image_placeholder>"}) mapping a converted model's own specials."""
+  specials = {role: token for role, token in dict(data_config.tokenizer.get("special_tokens") or {}).items() if token}
+  return tokenizer_lib.load(tokenizer_path(data_config), specials or None)
 
 
 class _SourceView(grain.transforms.Map):

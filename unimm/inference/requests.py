@@ -139,36 +139,9 @@ def _parse_line(raw: bytes, number: int, base: str, image_shape, max_image_pixel
   errors = []  # the first is reported
   if not id_ok:
     errors.append(f"id is {_short(raw_id)}; expected a string or a number")
-  parts = obj.get("parts", [])
-  if not isinstance(parts, list):
-    errors.append(f"parts is {_short(parts)}; expected a list of {{\"text\": str}} / {{\"image\": path}} parts")
-    parts = []
-  texts = []
-  for k, part in enumerate(parts):
-    if isinstance(part, dict) and set(part) == {"text"} and isinstance(part["text"], str):
-      try:
-        part["text"].encode("utf-8")
-      except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
-        errors.append(f"part {k}'s text is not valid Unicode (a lone surrogate U+{ord(part['text'][e.start]):04X} "
-                      f"at character {e.start}); escape only whole characters")
-      texts.append(part["text"])
-      req.parts.append(documents.Text(part["text"]))
-    elif isinstance(part, dict) and set(part) == {"image"} and isinstance(part["image"], str):
-      rel = part["image"]
-      full = os.path.normpath(os.path.join(base, rel))
-      # Lexical: a `..` or an absolute path may not leave the directory; links placed in it are its owner's choice.
-      if os.path.commonpath([base, full]) != base:
-        errors.append(f"image path {_short(rel)} leaves {base}; image paths are relative to the requests file's "
-                      "directory and stay inside it")
-        continue
-      try:
-        req.parts.append(documents.Image(load_image(full, image_shape, max_image_pixels)))
-      except FileNotFoundError:
-        errors.append(f"image file not found: {_short(rel)}")
-      except Exception as e:  # PIL's many kinds of undecodable input, the pixel limit, a directory, a NUL byte
-        errors.append(f"image {_short(rel)} does not decode: {_exception_text(e)}")
-    else:
-      errors.append(f"unknown part {_short(part)}: a part is {{\"text\": str}} or {{\"image\": path}}")
+  parts, texts, part_errors = parse_parts(obj.get("parts", []), base, image_shape, max_image_pixels)
+  req.parts.extend(parts)
+  errors.extend(part_errors)
   req.prompt_text = " ".join(texts)
   if req.generate not in ("image", "text"):
     errors.append(f"generate is {_short(generate)}; expected 'image' or 'text'")
@@ -178,14 +151,51 @@ def _parse_line(raw: bytes, number: int, base: str, image_shape, max_image_pixel
   return req
 
 
-def safe_name(request_id: str, used: set[str]) -> str:
+def parse_parts(parts, base: str, image_shape, max_image_pixels: int = MAX_IMAGE_PIXELS):
+  """A request's `parts` list → (documents parts, their texts, errors): `{"text": str}` or
+  `{"image": path}` (relative to `base`, the requests file's directory, and inside it), each image loaded
+  in the model's resolution. Shared by the sample and score commands."""
+  out, texts, errors = [], [], []
+  if not isinstance(parts, list):
+    errors.append(f"parts is {_short(parts)}; expected a list of {{\"text\": str}} / {{\"image\": path}} parts")
+    parts = []
+  for k, part in enumerate(parts):
+    if isinstance(part, dict) and set(part) == {"text"} and isinstance(part["text"], str):
+      try:
+        part["text"].encode("utf-8")
+      except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+        errors.append(f"part {k}'s text is not valid Unicode (a lone surrogate U+{ord(part['text'][e.start]):04X} "
+                      f"at character {e.start}); escape only whole characters")
+      texts.append(part["text"])
+      out.append(documents.Text(part["text"]))
+    elif isinstance(part, dict) and set(part) == {"image"} and isinstance(part["image"], str):
+      rel = part["image"]
+      full = os.path.normpath(os.path.join(base, rel))
+      # Lexical: a `..` or an absolute path may not leave the directory; links placed in it are its owner's choice.
+      if os.path.commonpath([base, full]) != base:
+        errors.append(f"image path {_short(rel)} leaves {base}; image paths are relative to the requests file's "
+                      "directory and stay inside it")
+        continue
+      try:
+        out.append(documents.Image(load_image(full, image_shape, max_image_pixels)))
+      except FileNotFoundError:
+        errors.append(f"image file not found: {_short(rel)}")
+      except Exception as e:  # PIL's many kinds of undecodable input, the pixel limit, a directory, a NUL byte
+        errors.append(f"image {_short(rel)} does not decode: {_exception_text(e)}")
+    else:
+      errors.append(f"unknown part {_short(part)}: a part is {{\"text\": str}} or {{\"image\": path}}")
+  return out, texts, errors
+
+
+def safe_name(request_id: str, used: set[str], suffix: str = ".png") -> str:
+  """A file name for `request_id` (unsafe characters replaced, cut to 80, numbered when taken)."""
   stem = re.sub(r"[^A-Za-z0-9._-]", "_", request_id)[:80] or "image"
   name, k = stem, 1
   while name in used:
     k += 1
     name = f"{stem}_{k}"
   used.add(name)
-  return name + ".png"
+  return name + suffix
 
 
 def save_png(pixels: np.ndarray, out_dir: str, name: str) -> None:

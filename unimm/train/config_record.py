@@ -119,6 +119,8 @@ def data_fingerprint(config) -> dict:
       steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else [])
       codecs[key] = _listing(os.path.join(directory, str(steps[-1]))) if steps else []
   tokenizer = d.tokenizer.path.format(data_dir=d.data_dir)
+  if os.path.isdir(tokenizer):  # a Hugging Face model directory: its tokenizer.json is what is read
+    tokenizer = os.path.join(tokenizer, "tokenizer.json")
   return _plain({"tokenizer": _sha256(tokenizer), "sources": sources, "codecs": codecs})
 
 

@@ -1,0 +1,219 @@
+"""`python -m unimm.convert` (console script `unimm-convert`): Hugging Face checkpoints ⇄ unimm workdirs.
+
+    python -m unimm.convert --from_hf=/models/Qwen2.5-0.5B --workdir=/runs/qwen [--seq_len=4096]
+    python -m unimm.convert --to_hf --workdir=/runs/qwen --out=/models/qwen-continued
+
+Import writes a workdir: `config.json` (a Transfusion config whose text model is the checkpoint's, its
+tokenizer the checkpoint's `tokenizer.json`, `train.init_from` the converted weights; `--config=FILE`
+starts from another config, e.g. a recipe, whose backbone and vocabulary are then replaced) and
+`converted/0` (an orbax checkpoint of the `embed` / `decoder` / `lm_head` params). Every mode of
+`unimm.main` then works on the workdir alone (`--workdir=W`, no `--config`): `score`, `sample` and `eval`
+read the converted weights until training wrote its first checkpoint (the image layers start fresh);
+`train` starts from them.
+
+Vocabulary: ids the checkpoint lacks (unimm's roles appended after the tokenizer's vocabulary: BOI, EOI,
+IMG, reserved) get new rows initialised to the mean of the checkpoint's embeddings (and of its head's
+columns), and the model's rows are padded to a multiple of 128. Export writes the rows up to the larger
+of the checkpoint's vocabulary and the tokenizer's ids: padding is dropped, unimm's trained specials kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+import numpy as np
+
+_FROM_HF = flags.DEFINE_string("from_hf", None, "import: a Hugging Face model directory (config.json + safetensors).")
+_TO_HF = flags.DEFINE_boolean("to_hf", False, "export the workdir's model to --out as a Hugging Face directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "the unimm workdir written (import) or read (export).")
+_OUT = flags.DEFINE_string("out", None, "export: the Hugging Face directory to write.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "import: the config to start from (default: a "
+                                          "Transfusion base config); its backbone and vocabulary are replaced.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "import: the row length the workdir trains and scores with.")
+_SCAN = flags.DEFINE_boolean("scan", True, "import: layers stacked for nn.scan (unimm's default for large models).")
+_DTYPE = flags.DEFINE_string("dtype", None, "export: float32 | bfloat16 | float16 (default: the source's).")
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest safetensors file.")
+
+CONVERTED_DIR = "converted"  # the converted weights inside the workdir (an orbax checkpoints directory, step 0)
+
+
+def _hf_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face model directory")
+  with open(path) as f:
+    return json.load(f)
+
+
+def grow_vocabulary(params: dict, rows: int) -> dict:
+  """`params` with the embedding and LM head grown to `rows` ids, the new ones at the mean of the old."""
+  embedding, head = params["embed"]["embedding"], params["lm_head"]["kernel"]
+  old = embedding.shape[0]
+  if rows <= old:
+    return params
+  grown_embedding = np.concatenate([embedding, np.repeat(embedding.mean(0, keepdims=True), rows - old, 0)], 0)
+  grown_head = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), rows - old, 1)], 1)
+  return {**params, "embed": {"embedding": grown_embedding}, "lm_head": {"kernel": grown_head}}
+
+
+def workdir_config(base, spec, source: str, tokenizer_ids: int | None, seq_len: int, scan: bool):
+  """`base` with the converted LM as its text model."""
+  from unimm import families  # pylint: disable=g-import-not-at-top
+  c = base
+  c.model.backbone.update(spec.backbone, scan=scan)
+  c.model.vocab_size = families.padded_vocabulary(max(spec.vocab_size, tokenizer_ids or 0))
+  c.data.seq_len = seq_len
+  if tokenizer_ids is not None:
+    c.data.tokenizer.path = source
+  with c.unlocked():  # config files come locked (config_flags); `hf` is a new node
+    c.hf = {"model_type": spec.model_type, "vocab_size": spec.vocab_size, "torch_dtype": spec.torch_dtype,
+            "tied_embeddings": spec.tied_embeddings, "max_positions": spec.max_positions, "source": source,
+            **{f"{k}_token_id": (-1 if v is None else int(v)) for k, v in spec.special_ids.items()}}
+  return c
+
+
+def save_params(directory: str, params: dict) -> None:
+  """A step-0 orbax checkpoint holding only `params` (what `Checkpointer.restore_params` reads)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True)) as m:
+    m.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+    m.wait_until_finished()
+
+
+def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan: bool = True) -> dict:
+  """Hugging Face LM directory → unimm workdir; returns a summary (what the command prints)."""
+  import configs.common as common  # pylint: disable=g-import-not-at-top
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  hf = _hf_config(source)
+  if hf.get("model_type") not in llama.ARCHITECTURES:
+    raise ValueError(f"{source}: model_type {hf.get('model_type')!r}; unimm.convert imports {llama.ARCHITECTURES} "
+                     "(Chameleon, Janus, SigLIP and AutoencoderKL are not converted yet)")
+  has_tokenizer = os.path.exists(os.path.join(source, "tokenizer.json"))
+  tokenizer_ids = tokenizer_lib.HFTokenizer.load(source).vocab_size if has_tokenizer else None
+  spec, params = llama.load(source, seq_len=seq_len, scan=scan)
+  config = workdir_config(base or common.base_config("transfusion"), spec, source, tokenizer_ids, seq_len, scan)
+  params = grow_vocabulary(params, int(config.model.vocab_size))
+  config.train.init_from = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
+  os.makedirs(workdir, exist_ok=True)
+  save_params(config.train.init_from, params)
+  config_record.write_record(workdir, config_record.make_record(config))
+  count = sum(int(np.prod(v.shape)) for v in _leaves(params))
+  summary = {"workdir": workdir, "model_type": spec.model_type, "params": count,
+             "vocab": [spec.vocab_size, int(config.model.vocab_size)], "tokenizer": bool(has_tokenizer),
+             "seconds": round(time.time() - t0, 2)}
+  if not has_tokenizer:
+    logging.warning("%s has no tokenizer.json: set --config.data.tokenizer.path before training or sampling "
+                    "(scoring token ids needs none).", source)
+  return summary
+
+
+def _leaves(tree):
+  for v in tree.values():
+    if isinstance(v, dict):
+      yield from _leaves(v)
+    else:
+      yield v
+
+
+def export_spec(config, tokenizer_ids: int | None):
+  """The Hugging Face LM a unimm config's text model is; refuses, by name, what the format cannot hold."""
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  b = config.model.backbone
+  unsupported = {"qk_norm": b.qk_norm, "norm_order": b.norm_order != "pre", "mot": tuple(b.get("mot", ())),
+                 "dropout": float(b.dropout) > 0}
+  refused = [k for k, v in unsupported.items() if v]
+  if refused:
+    raise ValueError(f"the backbone's {refused} ({', '.join(f'{k}={b[k]!r}' for k in refused)}) cannot be written "
+                     "as a Llama/Qwen2 checkpoint (Hugging Face's have no such option); export refuses rather than "
+                     "drop it")
+  hf = config.get("hf") or {}
+  source_vocab = int(hf.get("vocab_size", 0))
+  vocab = max(source_vocab, tokenizer_ids or 0) or int(config.model.vocab_size)
+  keys = ("num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden", "norm_eps", "qkv_bias",
+          "qk_norm", "norm_order", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+          "rope_high_freq_factor", "rope_original_max_positions")
+  backbone = {k: b[k] for k in keys}
+  backbone["num_kv_heads"] = backbone["num_kv_heads"] or backbone["num_heads"]
+  backbone["head_dim"] = backbone["head_dim"] or backbone["dim"] // backbone["num_heads"]
+  if not backbone["mlp_hidden"]:
+    from unimm.models import layers  # pylint: disable=g-import-not-at-top
+    backbone["mlp_hidden"] = layers.mlp_hidden(backbone["dim"])
+  model_type = hf.get("model_type") or ("qwen2" if b.qkv_bias else "llama")
+  if b.qkv_bias and model_type != "qwen2":
+    raise ValueError(f"q/k/v biases export as qwen2, but the source was {model_type!r}")
+  special = {k: (None if int(hf.get(f"{k}_token_id", -1)) < 0 else int(hf[f"{k}_token_id"]))
+             for k in ("bos", "eos", "pad")}
+  return llama.LMSpec(model_type, vocab, backbone, bool(hf.get("tied_embeddings", False)),
+                      str(hf.get("torch_dtype", "float32")), special, int(hf.get("max_positions", config.data.seq_len)))
+
+
+def export_lm(workdir: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> dict:
+  """The workdir's text model (its latest checkpoint, else its converted weights) → a Hugging Face LM."""
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  config = config_record.load_config(workdir)
+  try:
+    tokenizer_ids = pipeline.load_tokenizer(config.data).vocab_size
+  except (FileNotFoundError, OSError):
+    tokenizer_ids = None
+  spec = export_spec(config, tokenizer_ids)
+  params, step = trained_or_converted_params(config, workdir)
+  params = {k: _to_numpy(params[k]) for k in ("embed", "decoder", "lm_head")}
+  params["embed"]["embedding"] = params["embed"]["embedding"][:spec.vocab_size]  # padding rows dropped
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"][:, :spec.vocab_size]
+  files = llama.save(params, spec, out, scan=bool(config.model.backbone.scan), dtype=dtype,
+                     max_shard_bytes=max_shard_bytes)
+  if os.path.isdir(str(config.data.tokenizer.path)):  # the tokenizer travels with the model
+    import shutil  # pylint: disable=g-import-not-at-top
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+      src = os.path.join(config.data.tokenizer.path, name)
+      if os.path.exists(src):
+        shutil.copy(src, os.path.join(out, name))
+  return {"out": out, "model_type": spec.model_type, "step": step, "vocab": spec.vocab_size, "files": files,
+          "seconds": round(time.time() - t0, 2)}
+
+
+def _to_numpy(tree):
+  return {k: _to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+
+
+def trained_or_converted_params(config, workdir: str):
+  """(params, step): the workdir's latest training checkpoint; before training wrote one, the weights
+  `train.init_from` names (step None)."""
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  step = ckpt.latest_step()
+  if step is not None:
+    return ckpt.restore_params(step), step
+  if not config.train.init_from:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints and no train.init_from: nothing to export")
+  return checkpoint.Checkpointer(config.train.init_from, async_save=False).restore_params(), None
+
+
+def main(argv):
+  del argv
+  if bool(_FROM_HF.value) == bool(_TO_HF.value):
+    raise app.UsageError("give one of --from_hf=DIR (import) or --to_hf (export)")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  if _FROM_HF.value:
+    summary = import_lm(_FROM_HF.value, _WORKDIR.value, _CONFIG.value, seq_len=_SEQ_LEN.value, scan=_SCAN.value)
+  else:
+    if not _OUT.value:
+      raise app.UsageError("--to_hf needs --out=DIR")
+    summary = export_lm(_WORKDIR.value, _OUT.value, dtype=_DTYPE.value,
+                        max_shard_bytes=int(_MAX_SHARD_GB.value * 2 ** 30))
+  print(json.dumps(summary))
+
+
+def run():
+  app.run(main)
