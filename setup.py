@@ -39,7 +39,7 @@ setuptools.setup(
                  "jax[tpu]",  # libtpu's compiler: --mode=compile for TPU slices, no TPU needed
                  # The reference implementations that judge unimm.convert (tests only: conversion needs no
                  # torch). <2.14 takes the CPU build where pip finds one (a local wheel of 2.13.0+cpu).
-                 "torch<2.14", "transformers>=4.45"],
+                 "torch<2.14", "transformers>=4.45", "diffusers>=0.30"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={

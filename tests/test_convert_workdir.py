@@ -103,16 +103,28 @@ def test_export_refuses_what_a_llama_checkpoint_cannot_hold(converted):
 
 
 @pytest.mark.slow
-def test_transfusion_from_a_pretrained_llm_trains_then_exports(tmp_path):
-  """The README's path: convert into the tiny Transfusion config (shapes data), train a few steps on the
-  workdir alone, export the trained text model, and check transformers computes what score computes."""
+def test_transfusion_from_a_pretrained_llm_and_vae_trains_then_exports(tmp_path):
+  """The README's path: convert an LLM and a diffusers VAE into the tiny Transfusion config (shapes data),
+  check the task's latents are diffusers' (z − shift)·scale, train a few steps on the workdir alone, export
+  the trained text model, and check transformers computes what score computes."""
+  import test_convert_vae  # pylint: disable=g-import-not-at-top
+  from unimm import families  # pylint: disable=g-import-not-at-top
   tokenizer = hf_reference.tiny_tokenizer()
-  source, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
+  source, vae, workdir = str(tmp_path / "hf"), str(tmp_path / "vae"), str(tmp_path / "workdir")
   hf_reference.tiny_llama(source, 384, seed=2, tokenizer=tokenizer)
+  reference_vae = test_convert_vae._save(vae)  # pylint: disable=protected-access
   proc = subprocess.run([sys.executable, "-m", "unimm.convert", f"--from_hf={source}", f"--workdir={workdir}",
-                         "--seq_len=256", "--config=configs/transfusion/tiny.py"], cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
+                         f"--vae={vae}", "--seq_len=256", "--config=configs/transfusion/tiny.py"], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  config = config_record.load_config(workdir)
+  assert (config.model.autoencoder.layout, config.data.image_slots) == ("diffusers", 16)  # 32 px, VAE /2, patch 4
+  task = families.build_task(config, None, frozen_codec=families.load_frozen_codec(config))
+  images = test_convert_vae._images(3)  # pylint: disable=protected-access
+  with torch.no_grad():
+    mean = reference_vae.encode(test_convert_vae._nchw(images)).latent_dist.mean  # pylint: disable=protected-access
+  expected = (mean.permute(0, 2, 3, 1).numpy() - 0.1) * 0.3
+  assert np.abs(np.asarray(task.encode_images(images[None]))[0] - expected).max() <= TOL
   status, log = _run(f"--workdir={workdir}", "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
                      "--config.train.final_eval_examples=0", "--config.train.sample_every=0")
   assert status == 0, log[-3000:]

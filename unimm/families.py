@@ -278,7 +278,7 @@ def autoencoder_node() -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
       kind="identity", downsample=mlc.FieldReference(1), latent_channels=8, channels=64,
       channel_mults=(1, 2, 2), blocks_per_level=1, shift=0.0, scale=0.0, checkpoint="", stats_images=1024,
-      stats_center=False))
+      stats_center=False, layout="unimm", norm_groups=8, mid_attention=False, quant_conv=True))
 
 
 def vq_node() -> mlc.ConfigDict:

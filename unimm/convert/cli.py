@@ -34,11 +34,14 @@ _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face directory to w
 _CONFIG = config_flags.DEFINE_config_file("config", None, "import: the config to start from (default: a "
                                           "Transfusion base config); its backbone and vocabulary are replaced.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "import: the row length the workdir trains and scores with.")
+_VAE = flags.DEFINE_string("vae", None, "import: a diffusers AutoencoderKL directory (or a pipeline's, with vae/) "
+                           "to convert as the workdir's image codec (Transfusion from a pretrained LLM and VAE).")
 _SCAN = flags.DEFINE_boolean("scan", True, "import: layers stacked for nn.scan (unimm's default for large models).")
 _DTYPE = flags.DEFINE_string("dtype", None, "export: float32 | bfloat16 | float16 (default: the source's).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest safetensors file.")
 
 CONVERTED_DIR = "converted"  # the converted weights inside the workdir (an orbax checkpoints directory, step 0)
+CONVERTED_VAE_DIR = "converted_vae"  # a converted AutoencoderKL (the Transfusion codec's `checkpoint`)
 
 
 def _hf_config(directory: str) -> dict:
@@ -84,8 +87,20 @@ def save_params(directory: str, params: dict) -> None:
     m.wait_until_finished()
 
 
-def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan: bool = True) -> dict:
-  """Hugging Face LM directory → unimm workdir; returns a summary (what the command prints)."""
+def import_vae(source: str, workdir: str) -> dict:
+  """A diffusers AutoencoderKL → `WORKDIR/converted_vae` (an orbax checkpoint of the KL-VAE's params); returns
+  the `config.model.autoencoder` settings that read it (layout diffusers, its pinned scale and shift)."""
+  from unimm.convert import diffusers_vae  # pylint: disable=g-import-not-at-top
+  settings, params = diffusers_vae.load(source)
+  directory = os.path.join(os.path.abspath(workdir), CONVERTED_VAE_DIR)
+  save_params(directory, params)
+  return {**settings, "checkpoint": directory}
+
+
+def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan: bool = True,
+              vae: str | None = None) -> dict:
+  """Hugging Face LM directory (and optionally a diffusers VAE) → unimm workdir; returns a summary (what the
+  command prints)."""
   import configs.common as common  # pylint: disable=g-import-not-at-top
   from unimm.convert import llama  # pylint: disable=g-import-not-at-top
   from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -102,6 +117,10 @@ def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan
   params = grow_vocabulary(params, int(config.model.vocab_size))
   config.train.init_from = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
   os.makedirs(workdir, exist_ok=True)
+  if vae:
+    if "autoencoder" not in config.model:
+      raise ValueError(f"--vae needs a Transfusion config (family {config.model.family!r} has no autoencoder)")
+    config.model.autoencoder.update(import_vae(vae, workdir))
   save_params(config.train.init_from, params)
   config_record.write_record(workdir, config_record.make_record(config))
   count = sum(int(np.prod(v.shape)) for v in _leaves(params))
@@ -206,7 +225,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   if _FROM_HF.value:
-    summary = import_lm(_FROM_HF.value, _WORKDIR.value, _CONFIG.value, seq_len=_SEQ_LEN.value, scan=_SCAN.value)
+    summary = import_lm(_FROM_HF.value, _WORKDIR.value, _CONFIG.value, seq_len=_SEQ_LEN.value, scan=_SCAN.value,
+                        vae=_VAE.value)
   else:
     if not _OUT.value:
       raise app.UsageError("--to_hf needs --out=DIR")

@@ -92,8 +92,9 @@ class CheckpointReader:
       files = {path: None}
       self.weight_map = {name: path for name in SafetensorsFile(path).keys()}
     else:
-      index = os.path.join(path, INDEX_FILE)
-      if os.path.exists(index):
+      indexes = sorted(n for n in os.listdir(path) if n.endswith(".safetensors.index.json"))
+      index = os.path.join(path, INDEX_FILE if INDEX_FILE in indexes else (indexes or [INDEX_FILE])[0])
+      if os.path.exists(index):  # model.safetensors.index.json, diffusion_pytorch_model.safetensors.index.json
         with open(index) as f:
           weight_map = json.load(f)["weight_map"]
         self.weight_map = {name: os.path.join(path, file) for name, file in weight_map.items()}

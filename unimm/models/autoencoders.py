@@ -47,6 +47,9 @@ def to_uint8(x):
   return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
+LAYOUTS = ("unimm", "diffusers")
+
+
 @dataclasses.dataclass(frozen=True)
 class AutoencoderConfig:
   kind: str = "identity"  # identity | kl_vae
@@ -63,6 +66,13 @@ class AutoencoderConfig:
   checkpoint: str = ""  # kl_vae weights (an orbax checkpoint dir) when used frozen
   stats_images: int = 1024  # training images the latent statistics are measured on
   stats_center: bool = False  # True: shift = the latents' mean (else 0); scale = 1/std about the mean either way
+  # diffusers' AutoencoderKL (SD, SDXL, FLUX VAEs; unimm.convert): 1×1 quant_conv / post_quant_conv around
+  # the latent, one more ResBlock per decoder level than the encoder has, nearest-neighbour ×2 then a conv to
+  # upsample (instead of a transposed conv), attention in the middle blocks, GroupNorm over 32 groups.
+  layout: str = "unimm"  # unimm | diffusers
+  norm_groups: int = 8
+  mid_attention: bool = False
+  quant_conv: bool = True  # diffusers' use_quant_conv / use_post_quant_conv (FLUX's VAE has none)
 
   @classmethod
   def from_config(cls, cfg) -> "AutoencoderConfig":
@@ -70,6 +80,10 @@ class AutoencoderConfig:
     if "channel_mults" in kw:
       kw["channel_mults"] = tuple(kw["channel_mults"])
     return cls(**kw)
+
+  def __post_init__(self):
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"model.autoencoder.layout={self.layout!r}; expected one of {LAYOUTS}")
 
   def pinned_latent_stats(self) -> tuple[float, float] | None:
     """(shift, scale) when the config pins them (scale > 0); None: they come from the VAE run."""
@@ -107,22 +121,24 @@ class FrozenVAE:
 class SpatialAttention(nn.Module):
   """Single-head self-attention over an image's positions (GroupNorm, 1×1 q/k/v, residual)."""
 
+  groups: int = 8
+
   @nn.compact
   def __call__(self, x):
     n, h, w, c = x.shape
-    y = layers.group_norm(c, name="norm")(x).reshape(n, h * w, c)
+    y = layers.group_norm(c, self.groups, name="norm")(x).reshape(n, h * w, c)
     q, k, v = (layers.dense(c, axes.CONV_IN, axes.CONV_OUT, name=name)(y) for name in ("q", "k", "v"))
     weights = jax.nn.softmax(jnp.einsum("nqc,nkc->nqk", q, k) / jnp.sqrt(c).astype(q.dtype), axis=-1)
     out = layers.dense(c, axes.CONV_IN, axes.CONV_OUT, name="proj")(jnp.einsum("nqk,nkc->nqc", weights, v))
     return x + out.reshape(n, h, w, c)
 
 
-def _middle(x, channels: int, attention: bool):
+def _middle(x, channels: int, attention: bool, groups: int = 8):
   """The lowest-resolution block: ResBlock, or ResBlock → attention → ResBlock (LDM, LlamaGen)."""
-  x = ResBlock(channels, name="mid")(x)
+  x = ResBlock(channels, groups, name="mid")(x)
   if attention:
-    x = SpatialAttention(name="mid_attn")(x)
-    x = ResBlock(channels, name="mid2")(x)
+    x = SpatialAttention(groups, name="mid_attn")(x)
+    x = ResBlock(channels, groups, name="mid2")(x)
   return x
 
 
@@ -134,17 +150,19 @@ class ConvEncoder(nn.Module):
   blocks_per_level: int
   out_channels: int
   attention: bool = False  # self-attention at the lowest resolution
+  groups: int = 8
 
   @nn.compact
   def __call__(self, x):
     x = layers.conv(self.channels, name="stem")(x)
     for i, mult in enumerate(self.channel_mults):
       for j in range(self.blocks_per_level):
-        x = ResBlock(self.channels * mult, name=f"down{i}_{j}")(x)
+        x = ResBlock(self.channels * mult, self.groups, name=f"down{i}_{j}")(x)
       if i < len(self.channel_mults) - 1:
+        # SAME on an even side pads 0 before and 1 after: diffusers' asymmetric (0, 1, 0, 1) padding.
         x = layers.conv(self.channels * mult, strides=(2, 2), name=f"downsample{i}")(x)
-    x = _middle(x, self.channels * self.channel_mults[-1], self.attention)
-    x = nn.silu(layers.group_norm(x.shape[-1], name="out_norm")(x))
+    x = _middle(x, self.channels * self.channel_mults[-1], self.attention, self.groups)
+    x = nn.silu(layers.group_norm(x.shape[-1], self.groups, name="out_norm")(x))
     return layers.conv(self.out_channels, name="out")(x)
 
 
@@ -156,18 +174,25 @@ class ConvDecoder(nn.Module):
   blocks_per_level: int
   out_channels: int
   attention: bool = False
+  groups: int = 8
+  # diffusers: blocks_per_level + 1 ResBlocks a level, ×2 upsampling by nearest neighbour then a 3×3 conv
+  # that keeps the width (the next level's first ResBlock changes it).
+  diffusers: bool = False
 
   @nn.compact
   def __call__(self, z):
     x = layers.conv(self.channels * self.channel_mults[-1], name="stem")(z)
-    x = _middle(x, self.channels * self.channel_mults[-1], self.attention)
+    x = _middle(x, self.channels * self.channel_mults[-1], self.attention, self.groups)
     for i in reversed(range(len(self.channel_mults))):
-      for j in range(self.blocks_per_level):
-        x = ResBlock(self.channels * self.channel_mults[i], name=f"up{i}_{j}")(x)
-      if i > 0:
+      for j in range(self.blocks_per_level + int(self.diffusers)):
+        x = ResBlock(self.channels * self.channel_mults[i], self.groups, name=f"up{i}_{j}")(x)
+      if i > 0 and self.diffusers:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x = layers.conv(x.shape[-1], name=f"upsample{i}")(x)
+      elif i > 0:
         x = layers.conv(self.channels * self.channel_mults[i - 1], (2, 2), strides=(2, 2), transpose=True,
                         name=f"upsample{i}")(x)
-    x = nn.silu(layers.group_norm(x.shape[-1], name="out_norm")(x))
+    x = nn.silu(layers.group_norm(x.shape[-1], self.groups, name="out_norm")(x))
     return layers.conv(self.out_channels, name="out")(x)
 
 
@@ -177,12 +202,26 @@ class KLVAE(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.encoder = ConvEncoder(c.channels, c.channel_mults, c.blocks_per_level, 2 * c.latent_channels)
-    self.decoder = ConvDecoder(c.channels, c.channel_mults, c.blocks_per_level, self.image_channels)
+    diffusers = c.layout == "diffusers"
+    self.encoder = ConvEncoder(c.channels, c.channel_mults, c.blocks_per_level, 2 * c.latent_channels,
+                               c.mid_attention, c.norm_groups)
+    self.decoder = ConvDecoder(c.channels, c.channel_mults, c.blocks_per_level, self.image_channels,
+                               c.mid_attention, c.norm_groups, diffusers)
+    if diffusers and c.quant_conv:
+      self.quant_conv = layers.conv(2 * c.latent_channels, (1, 1), name="quant_conv")
+      self.post_quant_conv = layers.conv(c.latent_channels, (1, 1), name="post_quant_conv")
+
+  def _quant_convs(self) -> bool:
+    return self.cfg.layout == "diffusers" and self.cfg.quant_conv
+
+  def _decode_raw(self, z):
+    return self.decoder(self.post_quant_conv(z) if self._quant_convs() else z)
 
   def posterior(self, images):
     """Mean and log-variance of q(z | x) for uint8 images [N, H, W, C]."""
     moments = self.encoder(to_unit(images))
+    if self._quant_convs():
+      moments = self.quant_conv(moments)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
@@ -203,13 +242,13 @@ class KLVAE(nn.Module):
 
   def decode(self, latents):
     """Pixels in [-1, 1] (unclipped) for latents as `encode` returns them."""
-    return self.decoder(latents / self._latent_scale() + self.cfg.shift)
+    return self._decode_raw(latents / self._latent_scale() + self.cfg.shift)
 
   def __call__(self, images, rng):
     """Reconstruction in [-1, 1], mean, logvar (for training)."""
     mean, logvar = self.posterior(images)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-    return self.decoder(z), mean, logvar
+    return self._decode_raw(z), mean, logvar
 
 
 @dataclasses.dataclass
