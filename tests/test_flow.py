@@ -43,6 +43,11 @@ def test_time_samplings_and_the_shift():
   shifted = np.asarray(flow.sample_times(rng, jnp.ones(20000), shift=3.0))
   assert abs(np.median(shifted) - 0.75) < 0.01  # the median 0.5 ↦ 1.5 / 2
   np.testing.assert_allclose(flow.time_grid(4, 3.0), flow.shift_time(np.linspace(1, 0, 5), 3.0))
+  # read_shift: written images (limit 1) take `shift`, read ones (limit < 1, captioning) their own
+  base = np.asarray(flow.sample_times(rng, limit), np.float64) / np.asarray(limit)
+  both = np.asarray(flow.sample_times(rng, limit, shift=3.0, read_shift=1.0))
+  np.testing.assert_allclose(both[:20000], 3 * base[:20000] / (1 + 2 * base[:20000]), rtol=1e-5)
+  np.testing.assert_allclose(both[20000:], 0.5 * base[20000:], rtol=1e-5)
   with pytest.raises(ValueError, match="logit_normal"):
     flow.sample_times(rng, limit, sampling="beta")
 

@@ -294,7 +294,7 @@ def vision_node() -> mlc.ConfigDict:
   (its `checkpoint` names the siglip run whose ViT Janus starts from)."""
   return mlc.ConfigDict(dict(
       patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096, feature_layer=-1, dtype="bfloat16",
-      remat=True, checkpoint=""))
+      remat=True, checkpoint="", gelu_exact=False))  # gelu_exact: erf GELU (a converted model's hidden_act="gelu")
 
 
 def transfusion_defaults(config) -> None:
@@ -310,7 +310,9 @@ def transfusion_defaults(config) -> None:
   m.prediction = "epsilon"  # ddpm's patch head output: epsilon (the paper) | v (well posed at high noise)
   # flow's training times: uniform | logit_normal (SD3: σ(N(logit_mean, logit_std²))), then shifted
   # t ↦ s·t / (1 + (s−1)·t) (s > 1: more time at high noise; the samplers' time grid uses the same s)
-  m.flow = mlc.ConfigDict(dict(time_sampling="uniform", shift=1.0, logit_mean=0.0, logit_std=1.0))
+  # read_shift: the shift of images that are read (captioning examples; 0: `shift`) — they are read clean at
+  # inference, so they need no extra time at high noise.
+  m.flow = mlc.ConfigDict(dict(time_sampling="uniform", shift=1.0, logit_mean=0.0, logit_std=1.0, read_shift=0.0))
   m.clip_x0 = -1.0  # samplers clip x̂₀ to [-c, c]: -1 auto (1 for pixels, off for KL-VAE latents), 0 off, c > 0
   m.lm_loss_chunk = 0  # > 0 computes the LM loss over chunks of this many positions (no [B, T, V] logits)
   grid = d.get_ref("image_size") // (m.get_ref("patch_size") * m.autoencoder.get_ref("downsample"))

@@ -53,9 +53,10 @@ def shift_time(t, shift: float):
 
 
 def sample_times(rng, t_limit, *, sampling: str = "uniform", shift: float = 1.0, mean: float = 0.0,
-                 std: float = 1.0):
+                 std: float = 1.0, read_shift: float | None = None):
   """Training times t ∈ [0, t_limit] per image (t_limit [...] in (0, 1]: 1, or the captioning cap): drawn
-  in [0, 1] by `sampling`, shifted, then scaled into [0, t_limit]."""
+  in [0, 1] by `sampling`, shifted, then scaled into [0, t_limit]. `read_shift` (None: `shift`) shifts the
+  images that are read (t_limit < 1: a captioning example's), `shift` those that are written."""
   shape = jnp.shape(t_limit)
   if sampling == "uniform":
     t = jax.random.uniform(rng, shape)
@@ -63,17 +64,22 @@ def sample_times(rng, t_limit, *, sampling: str = "uniform", shift: float = 1.0,
     t = jax.nn.sigmoid(mean + std * jax.random.normal(rng, shape))
   else:
     raise ValueError(f"flow time sampling {sampling!r}; expected one of {TIME_SAMPLINGS}")
-  return shift_time(t, shift) * jnp.asarray(t_limit, jnp.float32)
+  t_limit = jnp.asarray(t_limit, jnp.float32)
+  shifted = shift_time(t, shift)
+  if read_shift is not None and read_shift != shift:
+    shifted = jnp.where(t_limit < 1.0, shift_time(t, read_shift), shifted)
+  return shifted * t_limit
 
 
 @dataclasses.dataclass(frozen=True)
 class TimeSampling:
   """How training draws t (config `model.flow`): `sampling` uniform | logit_normal (σ(N(mean, std²))),
-  then `shift`ed (1: none)."""
+  then `shift`ed (1: none); images that are read (captioning) by `read_shift` (0: the same `shift`)."""
   sampling: str = "uniform"
   shift: float = 1.0
   mean: float = 0.0
   std: float = 1.0
+  read_shift: float = 0.0
 
   def __post_init__(self):
     if self.sampling not in TIME_SAMPLINGS:
@@ -82,13 +88,17 @@ class TimeSampling:
       raise ValueError(f"model.flow.shift={self.shift}; expected > 0 (1: none, > 1: more time at high noise)")
     if not self.std > 0:
       raise ValueError(f"model.flow.logit_std={self.std}; expected > 0")
+    if self.read_shift < 0:
+      raise ValueError(f"model.flow.read_shift={self.read_shift}; expected > 0 (or 0: the same as shift)")
 
   @classmethod
   def from_config(cls, node) -> "TimeSampling":
-    return cls(str(node.time_sampling), float(node.shift), float(node.logit_mean), float(node.logit_std))
+    return cls(str(node.time_sampling), float(node.shift), float(node.logit_mean), float(node.logit_std),
+               float(node.get("read_shift", 0.0)))
 
   def draw(self, rng, t_limit):
-    return sample_times(rng, t_limit, sampling=self.sampling, shift=self.shift, mean=self.mean, std=self.std)
+    return sample_times(rng, t_limit, sampling=self.sampling, shift=self.shift, mean=self.mean, std=self.std,
+                        read_shift=self.read_shift or None)
 
 
 def time_grid(num_steps: int, shift: float = 1.0) -> np.ndarray:

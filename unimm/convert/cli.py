@@ -6,7 +6,9 @@
 Import writes a workdir: `config.json` (a Transfusion config whose text model is the checkpoint's, its
 tokenizer the checkpoint's `tokenizer.json`, `train.init_from` the converted weights; `--config=FILE`
 starts from another config, e.g. a recipe, whose backbone and vocabulary are then replaced) and
-`converted/0` (an orbax checkpoint of the `embed` / `decoder` / `lm_head` params). Every mode of
+`converted/0` (an orbax checkpoint of the `embed` / `decoder` / `lm_head` params). A SigLIP vision tower
+or a diffusers AutoencoderKL converts to `converted/0` (resp. `converted_vae/0`) and prints the
+`config.model.vision` / `config.model.autoencoder` settings that read it. Every mode of
 `unimm.main` then works on the workdir alone (`--workdir=W`, no `--config`): `score`, `sample` and `eval`
 read the converted weights until training wrote its first checkpoint (the image layers start fresh);
 `train` starts from them.
@@ -95,6 +97,34 @@ def import_vae(source: str, workdir: str) -> dict:
   directory = os.path.join(os.path.abspath(workdir), CONVERTED_VAE_DIR)
   save_params(directory, params)
   return {**settings, "checkpoint": directory}
+
+
+def import_vision(source: str, workdir: str) -> dict:
+  """A SigLIP vision tower → `WORKDIR/converted` (the `image_encoder` / `map_head` params a family-siglip
+  checkpoint holds); returns the `config.model.vision` overrides that read it (Janus: model.vision.*)."""
+  from unimm.convert import siglip  # pylint: disable=g-import-not-at-top
+  settings, params = siglip.load(source)
+  directory = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
+  save_params(directory, params)
+  keys = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "gelu_exact")
+  return {"vision": {**{k: settings[k] for k in keys}, "checkpoint": directory}, "image_size": settings["image_size"]}
+
+
+def import_any(source: str, workdir: str, base=None, **kwargs) -> dict:
+  """Dispatches on what `source` holds: a Llama-kind LM (a workdir), a SigLIP vision tower or a diffusers
+  AutoencoderKL (converted weights and the config overrides that read them)."""
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  hf = _hf_config(source)
+  model_type, class_name = hf.get("model_type"), hf.get("_class_name")
+  if model_type in llama.ARCHITECTURES:
+    return import_lm(source, workdir, base, **kwargs)
+  if model_type in ("siglip_vision_model", "siglip"):
+    return import_vision(source, workdir)
+  if class_name == "AutoencoderKL":
+    return {"autoencoder": import_vae(source, workdir)}
+  raise ValueError(f"{source}: model_type {model_type!r} / _class_name {class_name!r}; unimm.convert imports "
+                   f"{llama.ARCHITECTURES}, siglip_vision_model and diffusers' AutoencoderKL (Chameleon and Janus "
+                   "are not converted yet)")
 
 
 def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan: bool = True,
@@ -225,8 +255,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   if _FROM_HF.value:
-    summary = import_lm(_FROM_HF.value, _WORKDIR.value, _CONFIG.value, seq_len=_SEQ_LEN.value, scan=_SCAN.value,
-                        vae=_VAE.value)
+    summary = import_any(_FROM_HF.value, _WORKDIR.value, _CONFIG.value, seq_len=_SEQ_LEN.value, scan=_SCAN.value,
+                         vae=_VAE.value)
   else:
     if not _OUT.value:
       raise app.UsageError("--to_hf needs --out=DIR")

@@ -46,6 +46,7 @@ class ViTConfig:
   dtype: str = "bfloat16"
   remat: bool = True  # recompute each block's activations in the backward pass
   checkpoint: str = ""  # a family-siglip run's checkpoints: Janus takes its ViT from there
+  gelu_exact: bool = False  # the MLP's GELU: tanh approximation (SigLIP's gelu_pytorch_tanh) or exact (erf)
 
   @classmethod
   def from_config(cls, cfg) -> "ViTConfig":
@@ -109,11 +110,12 @@ class MultiHeadAttention(nn.Module):
 class MLP(nn.Module):
   hidden: int
   dtype: jnp.dtype
+  gelu_exact: bool = False
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    h = nn.gelu(_dense(self.hidden, axes.EMBED, axes.MLP, self.dtype, "fc1")(x))
+    h = nn.gelu(_dense(self.hidden, axes.EMBED, axes.MLP, self.dtype, "fc1")(x), approximate=not self.gelu_exact)
     h = layers.constrain(h, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
     return _dense(d, axes.MLP, axes.EMBED, self.dtype, "fc2")(h)
 
@@ -126,7 +128,7 @@ class EncoderBlock(nn.Module):
     dt = jnp.dtype(self.cfg.dtype)
     y = _layer_norm(dt, "attn_norm")(x)
     x = x + MultiHeadAttention(self.cfg.num_heads, dt, name="attn")(y, y)
-    x = x + MLP(self.cfg.mlp_dim, dt, name="mlp")(_layer_norm(dt, "mlp_norm")(x))
+    x = x + MLP(self.cfg.mlp_dim, dt, self.cfg.gelu_exact, name="mlp")(_layer_norm(dt, "mlp_norm")(x))
     return layers.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
 
@@ -166,6 +168,7 @@ class MAPHead(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: jnp.dtype
+  gelu_exact: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -173,7 +176,7 @@ class MAPHead(nn.Module):
                        (1, 1, x.shape[-1]), jnp.float32)
     y = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(
         jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1])).astype(self.dtype), x)
-    y = y + MLP(self.mlp_dim, self.dtype, name="mlp")(_layer_norm(self.dtype, "norm")(y))
+    y = y + MLP(self.mlp_dim, self.dtype, self.gelu_exact, name="mlp")(_layer_norm(self.dtype, "norm")(y))
     return y[:, 0]
 
 
@@ -237,7 +240,7 @@ class SigLIPModel(nn.Module):
   def setup(self):
     dt = jnp.dtype(self.vit.dtype)
     self.image_encoder = ViT(self.vit)
-    self.map_head = MAPHead(self.vit.num_heads, self.vit.mlp_dim, dt)
+    self.map_head = MAPHead(self.vit.num_heads, self.vit.mlp_dim, dt, self.vit.gelu_exact)
     self.image_proj = _dense(self.loss.embed_dim, axes.EMBED, None, jnp.float32, None)
     self.text_embed = layers.Embed(self.vocab_size, self.text.dim, dtype=self.text.compute_dtype)
     self.text_encoder = backbone.Backbone(self.text)

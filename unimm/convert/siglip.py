@@ -1,0 +1,116 @@
+"""Hugging Face SigLIP vision towers (`siglip_vision_model`, or a `siglip` model's `vision_config`) ⇄
+unimm's ViT (`unimm.models.vit`), as the `image_encoder` (and `map_head`) params a family-siglip
+checkpoint holds — what Janus reads through `model.vision.checkpoint`.
+
+| Hugging Face (`vision_model.` prefix optional)       | unimm                                        |
+|------------------------------------------------------|----------------------------------------------|
+| embeddings.patch_embedding [W, C, p, p]              | image_encoder/patch_embed/kernel [p, p, C, W] |
+| embeddings.position_embedding [P, W]                 | image_encoder/pos_embedding [P, W]            |
+| encoder.layers.i.layer_norm{1,2}                     | block_i/attn_norm, block_i/mlp_norm           |
+| encoder.layers.i.self_attn.{q,k,v}_proj [N·H, W]     | block_i/attn/{q,k,v}/kernel [W, N, H] (+ _bias) |
+| encoder.layers.i.self_attn.out_proj [W, N·H]         | block_i/attn/o/kernel [N, H, W] (+ o_bias)    |
+| encoder.layers.i.mlp.fc{1,2}                         | block_i/mlp/fc{1,2}                           |
+| post_layernorm; head.* (MAP pooling)                 | final_norm; map_head/*                        |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+GELU = {"gelu_pytorch_tanh": False, "gelu": True}  # hidden_act → ViTConfig.gelu_exact
+
+
+def read_settings(hf: dict) -> dict:
+  """config.model.vision keys (and `image_size`) of a SigLIP vision config.json."""
+  if hf.get("model_type") == "siglip":
+    hf = hf["vision_config"]
+  if hf.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+    raise ValueError(f"model_type {hf.get('model_type')!r}; unimm.convert.siglip reads siglip_vision_model")
+  act = hf.get("hidden_act", "gelu_pytorch_tanh")
+  if act not in GELU:
+    raise ValueError(f"SigLIP hidden_act={act!r}; unimm's ViT has {sorted(GELU)}")
+  if abs(float(hf.get("layer_norm_eps", 1e-6)) - 1e-6) > 1e-12:
+    raise ValueError(f"SigLIP layer_norm_eps={hf['layer_norm_eps']}; unimm's ViT uses 1e-6")
+  return dict(patch_size=int(hf["patch_size"]), width=int(hf["hidden_size"]), depth=int(hf["num_hidden_layers"]),
+              num_heads=int(hf["num_attention_heads"]), mlp_dim=int(hf["intermediate_size"]), gelu_exact=GELU[act],
+              image_size=int(hf["image_size"]), use_head=bool(hf.get("vision_use_head", True)))
+
+
+def _linear(array, heads: int | None = None, into_heads: bool = True) -> np.ndarray:
+  a = np.asarray(array, np.float32)
+  if heads is None:
+    return a.T
+  if into_heads:  # [N·H, W] → [W, N, H]
+    return a.T.reshape(a.shape[1], heads, -1)
+  return a.T.reshape(heads, -1, a.shape[0])  # [W, N·H] → [N, H, W]
+
+
+def _attention(get, prefix: str, heads: int, packed_in: bool = False) -> dict:
+  """A biased multi-head attention's params; `packed_in`: torch's nn.MultiheadAttention (in_proj)."""
+  out = {}
+  if packed_in:
+    w, b = np.asarray(get(prefix + "in_proj_weight"), np.float32), np.asarray(get(prefix + "in_proj_bias"), np.float32)
+    pieces = zip("qkv", np.split(w, 3), np.split(b, 3))
+    o_name = prefix + "out_proj."
+  else:
+    pieces = ((n, get(f"{prefix}{n}_proj.weight"), get(f"{prefix}{n}_proj.bias")) for n in "qkv")
+    o_name = prefix + "out_proj."
+  for name, weight, bias in pieces:
+    out[name] = {"kernel": _linear(weight, heads)}
+    out[f"{name}_bias"] = np.asarray(bias, np.float32).reshape(heads, -1)
+  out["o"] = {"kernel": _linear(get(o_name + "weight"), heads, into_heads=False)}
+  out["o_bias"] = np.asarray(get(o_name + "bias"), np.float32)
+  return out
+
+
+def _norm(get, prefix: str) -> dict:
+  return {"scale": np.asarray(get(prefix + "weight"), np.float32), "bias": np.asarray(get(prefix + "bias"), np.float32)}
+
+
+def _dense(get, prefix: str) -> dict:
+  return {"kernel": _linear(get(prefix + "weight")), "bias": np.asarray(get(prefix + "bias"), np.float32)}
+
+
+def import_params(reader, settings: dict) -> dict:
+  """{"image_encoder": ViT params[, "map_head": MAP head params]} from a checkpoint reader."""
+  prefix = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in reader else ""
+
+  def get(name):
+    if prefix + name not in reader:
+      raise KeyError(f"tensor {prefix + name!r} is missing from the SigLIP checkpoint")
+    return reader.get(prefix + name)
+
+  heads = settings["num_heads"]
+  vit = {"patch_embed": {"kernel": np.asarray(get("embeddings.patch_embedding.weight"), np.float32).transpose(2, 3, 1, 0),
+                         "bias": np.asarray(get("embeddings.patch_embedding.bias"), np.float32)},
+         "pos_embedding": np.asarray(get("embeddings.position_embedding.weight"), np.float32),
+         "final_norm": _norm(get, "post_layernorm.")}
+  for i in range(settings["depth"]):
+    p = f"encoder.layers.{i}."
+    vit[f"block_{i}"] = {"attn_norm": _norm(get, p + "layer_norm1."), "mlp_norm": _norm(get, p + "layer_norm2."),
+                         "attn": _attention(get, p + "self_attn.", heads),
+                         "mlp": {"fc1": _dense(get, p + "mlp.fc1."), "fc2": _dense(get, p + "mlp.fc2.")}}
+  out = {"image_encoder": vit}
+  if settings["use_head"]:
+    out["map_head"] = {"probe": np.asarray(get("head.probe"), np.float32),
+                       "attn": _attention(get, "head.attention.", heads, packed_in=True),
+                       "norm": _norm(get, "head.layernorm."),
+                       "mlp": {"fc1": _dense(get, "head.mlp.fc1."), "fc2": _dense(get, "head.mlp.fc2.")}}
+  return out
+
+
+def load(directory: str) -> tuple[dict, dict]:
+  """(settings, params) of a Hugging Face SigLIP (vision) model directory."""
+  from unimm.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, "config.json")) as f:
+    settings = read_settings(json.load(f))
+  return settings, import_params(safetensors_io.CheckpointReader(directory), settings)
+
+
+def vit_config(settings: dict, **overrides):
+  from unimm.models import vit  # pylint: disable=g-import-not-at-top
+  keys = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "gelu_exact")
+  return vit.ViTConfig(**{k: settings[k] for k in keys}, **overrides)
