@@ -139,3 +139,33 @@ def test_transfusion_from_a_pretrained_llm_and_vae_trains_then_exports(tmp_path)
   trained = np.load(tmp_path / "o" / "s.npy")
   assert np.abs(trained - hf_reference.logits(out, seq)).max() <= TOL
   assert np.abs(trained - hf_reference.logits(source, seq)).max() > 100 * TOL  # training moved the weights
+
+
+@pytest.mark.slow
+def test_a_conversion_sharded_over_8_devices_equals_the_unsharded_one(tmp_path):
+  tokenizer = hf_reference.tiny_tokenizer()
+  source = str(tmp_path / "hf")
+  hf_reference.tiny_llama(source, 384, seed=3, tokenizer=tokenizer)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = subprocess.run([sys.executable, "-m", "unimm.convert", f"--from_hf={source}", f"--workdir={tmp_path / 'w8'}",
+                         "--shard", "--config=configs/transfusion/tiny.py", "--config.mesh.data=1",
+                         "--config.mesh.fsdp=-1", "--seq_len=256"], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  placement = json.loads(proc.stdout.strip().splitlines()[-1])["placement"]
+  assert placement == {"devices": 8, "embed/embedding": "P('tensor', 'fsdp')"}  # embed axis over fsdp=8
+  cli.import_lm(source, str(tmp_path / "w1"), seq_len=256, scan=True)
+  sharded = cli.trained_or_converted_params(config_record.load_config(str(tmp_path / "w8")), str(tmp_path / "w8"))[0]
+  plain = cli.trained_or_converted_params(config_record.load_config(str(tmp_path / "w1")), str(tmp_path / "w1"))[0]
+  flat_sharded, flat_plain = (dict(_flat(p)) for p in (sharded, plain))
+  assert sorted(flat_sharded) == sorted(flat_plain)
+  for path, value in flat_plain.items():
+    np.testing.assert_array_equal(np.asarray(flat_sharded[path]), np.asarray(value), err_msg=path)
+
+
+def _flat(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f"{prefix}{key}/")
+    else:
+      yield prefix + key, value

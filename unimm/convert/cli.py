@@ -38,6 +38,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "import: the config to
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "import: the row length the workdir trains and scores with.")
 _VAE = flags.DEFINE_string("vae", None, "import: a diffusers AutoencoderKL directory (or a pipeline's, with vae/) "
                            "to convert as the workdir's image codec (Transfusion from a pretrained LLM and VAE).")
+_SHARD = flags.DEFINE_boolean("shard", False, "import: write the LM's params placed as the config's mesh places them "
+                              "(config.mesh over this host's devices): a checkpoint already sharded for it.")
 _SCAN = flags.DEFINE_boolean("scan", True, "import: layers stacked for nn.scan (unimm's default for large models).")
 _DTYPE = flags.DEFINE_string("dtype", None, "export: float32 | bfloat16 | float16 (default: the source's).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest safetensors file.")
@@ -127,8 +129,25 @@ def import_any(source: str, workdir: str, base=None, **kwargs) -> dict:
                    "are not converted yet)")
 
 
+def place_for_mesh(config, params: dict, vocab: int | None) -> dict:
+  """`params` (NumPy) moved leaf by leaf onto the shardings `config`'s mesh and rules give them (each NumPy
+  leaf dropped once placed: one full copy at a time)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from unimm.train import setup  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh)
+  targets = sharding.logical_shardings(setup.abstract_params(config, vocab), mesh,
+                                       sharding.logical_rules(config.sharding))
+  flat_targets = traverse_util.flatten_dict(targets, sep="/")
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for path in list(flat):
+    flat[path] = jax.device_put(flat.pop(path), flat_targets[path])
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan: bool = True,
-              vae: str | None = None) -> dict:
+              vae: str | None = None, shard: bool = False) -> dict:
   """Hugging Face LM directory (and optionally a diffusers VAE) → unimm workdir; returns a summary (what the
   command prints)."""
   import configs.common as common  # pylint: disable=g-import-not-at-top
@@ -151,12 +170,17 @@ def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan
     if "autoencoder" not in config.model:
       raise ValueError(f"--vae needs a Transfusion config (family {config.model.family!r} has no autoencoder)")
     config.model.autoencoder.update(import_vae(vae, workdir))
+  count = sum(int(np.prod(v.shape)) for v in _leaves(params))
+  placement = None
+  if shard:
+    params = place_for_mesh(config, params, tokenizer_ids)
+    placement = {"devices": int(params["embed"]["embedding"].sharding.num_devices),
+                 "embed/embedding": str(params["embed"]["embedding"].sharding.spec)}
   save_params(config.train.init_from, params)
   config_record.write_record(workdir, config_record.make_record(config))
-  count = sum(int(np.prod(v.shape)) for v in _leaves(params))
   summary = {"workdir": workdir, "model_type": spec.model_type, "params": count,
              "vocab": [spec.vocab_size, int(config.model.vocab_size)], "tokenizer": bool(has_tokenizer),
-             "seconds": round(time.time() - t0, 2)}
+             "seconds": round(time.time() - t0, 2), **({"placement": placement} if placement else {})}
   if not has_tokenizer:
     logging.warning("%s has no tokenizer.json: set --config.data.tokenizer.path before training or sampling "
                     "(scoring token ids needs none).", source)
@@ -256,7 +280,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if _FROM_HF.value:
     summary = import_any(_FROM_HF.value, _WORKDIR.value, _CONFIG.value, seq_len=_SEQ_LEN.value, scan=_SCAN.value,
-                         vae=_VAE.value)
+                         vae=_VAE.value, shard=_SHARD.value)
   else:
     if not _OUT.value:
       raise app.UsageError("--to_hf needs --out=DIR")

@@ -264,19 +264,30 @@ class Checkpointer:
           "--config.train.restart_from_scratch=True (the damaged steps stay where they are).")
     return None, None
 
+  def _on_this_device(self, step: int, item: str):
+    """A restore target for `item` of `step`: its saved shapes and dtypes on the default device, whatever
+    devices saved it (orbax restores a target-less item onto the saving topology, which may not be here:
+    a run on 8 devices read by a 1-device eval, a checkpoint written sharded by unimm.convert)."""
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), item)).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                        if hasattr(m, "shape") and hasattr(m, "dtype") else m, metadata)
+
   def restore_params(self, step: int | None = None):
     """Only the parameters (e.g. a frozen autoencoder or a previous stage), on the default device."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    target = self._on_this_device(step, "state")
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored.state["params"]
 
   def restore_ema(self, step: int):
     """The EMA of the trainable params saved at `step` (on the default device), or None if it has none."""
     if not os.path.isdir(os.path.join(self.directory, str(step), "ema")):
       return None
-    return self._manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore())).ema
+    target = self._on_this_device(step, "ema")
+    return self._manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target))).ema
 
   def move_newer_aside(self, step: int, kind: str) -> list[str]:
     """Moves every finalised step newer than `step` to `kind/` (process 0); returns the moved names."""
