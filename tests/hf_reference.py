@@ -20,8 +20,11 @@ def tiny_tokenizer(specials=("<s>", "</s>", "<pad>"), vocab_size: int = 300):
                                               pad_token=specials[2])
 
 
-def tiny_llama(directory: str, vocab_size: int, seed: int = 0, tokenizer=None, **overrides):
-  """A random 2-layer Llama with GQA saved with save_pretrained (and `tokenizer` beside it)."""
+def tiny_llama(directory: str, vocab_size: int, seed: int = 0, tokenizer=None, silent_from: int | None = None,
+               **overrides):
+  """A random 2-layer Llama with GQA saved with save_pretrained (and `tokenizer` beside it). `silent_from`:
+  the LM head's rows from this id on are zero (logit 0): padding no tokenizer emits, which unimm never
+  samples, is then never the reference's argmax either."""
   settings = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=vocab_size, initializer_range=0.2)
   if tokenizer is not None:
@@ -30,6 +33,9 @@ def tiny_llama(directory: str, vocab_size: int, seed: int = 0, tokenizer=None, *
   settings.update(overrides)
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+  if silent_from is not None:
+    with torch.no_grad():
+      model.lm_head.weight[silent_from:] = 0
   model.save_pretrained(directory)
   return model
 

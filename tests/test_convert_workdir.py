@@ -61,6 +61,31 @@ def test_score_matches_transformers_on_a_workdir_alone(converted):
     assert row["tokens"] == len(seq) - 1 and abs(row["log_likelihood"] - expected) < 1e-3
 
 
+def test_greedy_text_generation_equals_transformers_generate(tmp_path):
+  """The sample command's KV-cached greedy decoding of a converted LM = transformers' `generate`."""
+  from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tokenizer = hf_reference.tiny_tokenizer()
+  source, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
+  tokenizer.save_pretrained(source)
+  ids = tokenizer_lib.load(source).vocab_size  # what unimm samples from; the rest is padding
+  hf_reference.tiny_llama(source, 384, seed=4, tokenizer=tokenizer, silent_from=ids)
+  cli.import_lm(source, workdir, seq_len=128)
+  prompts = ["a red circle at", "the quick brown", "Hello"]
+  requests = tmp_path / "prompts.jsonl"
+  requests.write_text("".join(json.dumps({"id": str(i), "parts": [{"text": p}], "generate": "text",
+                                          "max_tokens": 12}) + "\n" for i, p in enumerate(prompts)))
+  status, log = _run("--mode=sample", f"--workdir={workdir}", f"--prompts={requests}", f"--out={tmp_path / 's'}")
+  assert status == 0, log[-3000:]
+  got = [json.loads(line)["text"] for line in (tmp_path / "s" / "manifest.jsonl").read_text().splitlines()]
+  reference = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+  for prompt, text in zip(prompts, got):
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    with torch.no_grad():
+      out = reference.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True), prompt
+
+
 def test_export_gives_back_the_same_checkpoint(converted):
   root, source, workdir, _ = converted
   out = str(root / "exported")

@@ -203,18 +203,18 @@ class HFTokenizer:
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Iterable[int]) -> str:
-    """Text of `ids`; PAD/BOS/EOS and ids past the vocabulary dropped, BOI/EOI/IMG shown by name."""
+    """Text of `ids`; PAD/BOS/EOS and ids past the vocabulary dropped (as the reference's decode drops
+    them), BOI/EOI/IMG shown by name."""
     s = self.specials
     names = {s.boi: BOI, s.eoi: EOI, s.img: IMG}
     out, run = [], []
     for i in map(int, ids):
-      if i in names or i >= self.base_size:
+      if i in names:
         if run:
           out.append(self._tok.decode(run, skip_special_tokens=False))
           run = []
-        if i in names:
-          out.append(names[i])
-      elif i not in (s.pad, s.bos, s.eos):
+        out.append(names[i])
+      elif i not in (s.pad, s.bos, s.eos) and i < self.base_size:
         run.append(i)
     if run:
       out.append(self._tok.decode(run, skip_special_tokens=False))
