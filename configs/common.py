@@ -47,6 +47,10 @@ def base_config(family: str = "transfusion") -> mlc.ConfigDict:
   d.tokenizer.special_tokens = mlc.ConfigDict({role: "" for role in ("pad", "bos", "eos", "boi", "eoi", "img")})
   d.image_size = mlc.FieldReference(256)
   d.image_channels = 3
+  # How the sample and score commands fit a prompt's image (one the model reads) to image_size: resize
+  # (squash) | crop | pad (letterboxed on (127, 127, 127): Janus). Training data is fitted by prepare
+  # (--image_fit, per_role for Janus).
+  d.read_image_fit = "resize"
   d.image_slots = 256  # sequence slots per image: one per latent patch or code (the family's defaults derive it)
   d.seq_len = 4096
   d.batch_size = 256  # global, split over processes

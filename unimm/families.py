@@ -329,6 +329,7 @@ def code_family_defaults(config) -> None:
 def janus_defaults(config) -> None:
   code_family_defaults(config)
   config.model.vision = vision_node()
+  config.data.read_image_fit = "pad"  # Janus reads images letterboxed (its VLChatProcessor), writes them cropped
 
 
 def kl_vae_defaults(config) -> None:

@@ -1,4 +1,4 @@
-"""Writing images for people to look at: grids of uint8 images as PNG."""
+"""Images in and out: bounded opening of user images, fitting them to a square, grids as PNG."""
 
 from __future__ import annotations
 
@@ -50,3 +50,29 @@ def image_grid(images: np.ndarray, columns: int = 8, min_side: int = 64, gap: in
 def save_image_grid(images: np.ndarray, path: str, columns: int = 8) -> None:
   if len(images):
     Image.fromarray(image_grid(np.asarray(images), columns)).save(path)
+
+
+FITS = ("crop", "pad")
+PAD_FILL = 127  # Janus's pad colour: SigLIP's mean (0.5) in 8 bits
+
+
+def fit_square(im: Image.Image, size: int, fit: str = "crop", fill: int = PAD_FILL, min_side: int = 14) -> Image.Image:
+  """`im` as a size×size image. `crop`: the centred square of the short side, resized (what an image the
+  model writes is trained on); `pad`: resized so the long side is `size` (the short one rounded, at least
+  `min_side`), centred on a square of `fill` — Janus's understanding images (its VLMImageProcessor):
+  the whole picture, letterboxed."""
+  if fit not in FITS:
+    raise ValueError(f"image fit {fit!r}; expected one of {FITS}")
+  w, h = im.size
+  if fit == "crop":
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    return im if side == size else im.resize((size, size), Image.Resampling.BICUBIC)
+  scale = size / max(w, h)
+  inner = (min(size, max(round(w * scale), min_side)), min(size, max(round(h * scale), min_side)))
+  if inner != (w, h):
+    im = im.resize(inner, Image.Resampling.BICUBIC)
+  canvas = Image.new(im.mode, (size, size), fill if im.mode == "L" else (fill,) * len(im.getbands()))
+  canvas.paste(im, ((size - inner[0]) // 2, (size - inner[1]) // 2))
+  return canvas

@@ -61,7 +61,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "compile: the target (v5p-256,
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 200, "eval: test examples per task.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "sample: JSON-lines requests.")
 _OUT = flags.DEFINE_string("out", None, "sample/score: output directory.")
-_INPUTS = flags.DEFINE_string("inputs", None, "score: JSON-lines requests ({id, token_ids} or {id, parts}).")
+# A list flag, like unimm.data.prepare's --inputs: both modules may be loaded in one process (tests).
+_INPUTS = flags.DEFINE_list("inputs", None, "score: the JSON-lines requests file ({id, token_ids} or {id, parts}).",
+                            allow_override=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "config"],
                            "score: the backbone's compute dtype (config: as the config says).")
 
@@ -263,7 +265,8 @@ def sample(config, workdir: str) -> list[dict]:
     raise app.UsageError(str(e)) from e
   task, params, tokenizer, _ = load_trained(config, workdir, _EMA.value)
   check_sampler(task)
-  reqs = requests.parse_requests(_PROMPTS.value, task.image_shape)
+  reqs = requests.parse_requests(_PROMPTS.value, task.image_shape,
+                                 image_fit=str(config.data.get("read_image_fit", "resize")))
   manifest = requests.run_requests(
       families.of(config), task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len),
       rng=jax.random.key(_SEED.value),
@@ -281,15 +284,17 @@ def sample(config, workdir: str) -> list[dict]:
 
 def score(config, workdir: str) -> list[dict]:
   """--mode=score: logits and log-likelihoods of --inputs → --out (see unimm/inference/score.py)."""
-  if not _INPUTS.value or not _OUT.value:
-    raise app.UsageError("--mode=score needs --inputs=FILE and --out=DIR")
+  if not _INPUTS.value or len(_INPUTS.value) != 1 or not _OUT.value:
+    raise app.UsageError(f"--mode=score needs --inputs=FILE (one file, got {_INPUTS.value}) and --out=DIR")
+  inputs = _INPUTS.value[0]
   from unimm.data import layout  # pylint: disable=g-import-not-at-top
   from unimm.inference import score as score_lib  # pylint: disable=g-import-not-at-top
   if _DTYPE.value != "config":  # a logit checker must not be limited by bfloat16
     config = copy_config(config)
     config.model.backbone.dtype = _DTYPE.value
   try:
-    reqs = score_lib.parse(_INPUTS.value, layout.image_shape_of(config.data))
+    reqs = score_lib.parse(inputs, layout.image_shape_of(config.data),
+                           str(config.data.get("read_image_fit", "resize")))
   except OSError as e:
     raise app.UsageError(str(e)) from e
   task, params, tokenizer, _ = load_trained(config, workdir, _EMA.value)

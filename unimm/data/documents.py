@@ -37,9 +37,15 @@ class Text:
 
 @dataclasses.dataclass(frozen=True)
 class Image:
-  """An image part: uint8 [H, W, C]."""
+  """An image part: uint8 [H, W, C]. `read_pixels`: the same picture as the model reads it when that
+  differs from how it writes it (Janus: letterboxed for understanding, centre-cropped for generation;
+  `prepare --image_fit=per_role`); the layout picks by the image's role."""
 
   pixels: np.ndarray
+  read_pixels: np.ndarray | None = None
+
+  def as_read(self) -> np.ndarray:
+    return self.pixels if self.read_pixels is None else self.read_pixels
 
 
 Part = Union[Text, Image]
@@ -99,9 +105,9 @@ def check_document(doc: Document, image_shape: tuple[int, int, int]) -> Document
     if isinstance(part, Text):
       has_content |= bool(part.text)
     elif isinstance(part, Image):
-      px = part.pixels
-      if px.dtype != np.uint8 or px.shape != tuple(image_shape):
-        return Skipped(BAD_IMAGE, f"image {px.dtype}{list(px.shape)}, expected uint8{list(image_shape)}")
+      for px in (part.pixels, part.as_read()):
+        if px.dtype != np.uint8 or px.shape != tuple(image_shape):
+          return Skipped(BAD_IMAGE, f"image {px.dtype}{list(px.shape)}, expected uint8{list(image_shape)}")
       has_content = True
     else:
       return Skipped(CORRUPT, f"unknown part {type(part).__name__}")

@@ -90,7 +90,7 @@ def layout_document(doc: documents.Document, tokenizer: Tokenizer, opts: LayoutO
       token_parts.append([sp.pad] * len(ids) if part.as_padding else ids)
       target_weights += [part.loss_weight] * len(ids)
     else:
-      images.append(part.pixels)
+      images.append(part.as_read() if followed_by_text else part.pixels)  # a read image, or a written one
       t_max.append(opts.noise_limit_t if followed_by_text else opts.max_timestep)
       written.append(not followed_by_text)
       weight = opts.image_token_weight if (opts.train_read_images or not followed_by_text) else 0.0

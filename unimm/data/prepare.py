@@ -32,8 +32,11 @@ Each input file becomes one output shard ``<stem>.array_record`` (so shard
 count and parallelism follow the input files), written by a pool of worker
 processes while streaming: nothing is held whole in memory. Several hosts split
 the files with ``--host_index=i --host_count=n`` (host i takes files i, i+n, …). Images are decoded,
-converted to the channel count, centre-cropped and resized to ``image_size``
-when given, and stored as PNG.
+converted to the channel count, fitted to ``image_size`` when given and stored as
+PNG. ``--image_fit``: ``crop`` (the centred square of the short side, resized), ``pad``
+(resized on the long side and centred on a (127, 127, 127) square) or ``per_role``
+(both: the crop for an image the model writes, the padded one for an image it reads —
+Janus's preprocessing; the layout picks per example).
 
 Bad input loses nothing else. A document that cannot be converted is skipped,
 counted by reason and logged with its place (``file:line``, 1-based, for JSON
@@ -106,9 +109,12 @@ DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20  # an uncompressed 8192 x 8192 RGB image f
 _LOGGED_PER_REASON = 10  # bad documents logged per reason and file; the rest are only counted
 _IMAGE_KEYS = ("image", "image_path", "image_base64")
 
-_INPUTS = flags.DEFINE_list("inputs", None, "Input files or globs (.jsonl, .json, .parquet).")
+_INPUTS = flags.DEFINE_list("inputs", None, "Input files or globs (.jsonl, .json, .parquet).",
+                            allow_override=True)  # unimm.main's --mode=score has one too
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the shards go.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Square output size in pixels; 0 keeps the size.")
+_IMAGE_FIT = flags.DEFINE_enum("image_fit", "crop", ["crop", "pad", "per_role"],
+                               "How images become squares: crop | pad | per_role (crop written, pad read; Janus).")
 _CHANNELS = flags.DEFINE_enum("channels", "3", ["1", "3"], "Image channels to store (1 = grayscale).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes; 0 = one per core.")
 _HOST_INDEX = flags.DEFINE_integer("host_index", 0, "This host's index when several hosts split the inputs.")
@@ -132,6 +138,7 @@ class Options:
     image_root: the real path image paths resolve in; None = each input file's directory.
     max_image_pixels: images with more pixels are skipped as too_large before decoding.
     max_image_bytes: images with more encoded bytes are skipped as too_large before reading them.
+    image_fit: crop | pad | per_role (see the module doc).
   """
 
   image_size: int = 0
@@ -139,10 +146,14 @@ class Options:
   image_root: str | None = None
   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
   max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+  image_fit: str = "crop"
 
   def settings(self) -> dict:
     """What a shard written with these options records (and a resumed one must match)."""
-    return {**dataclasses.asdict(self), "record_format": records.FORMAT_VERSION}
+    out = {**dataclasses.asdict(self), "record_format": records.FORMAT_VERSION}
+    if self.image_fit == "crop":  # shards written before the option existed were crops: they still match
+      del out["image_fit"]
+    return out
 
 
 def iter_records(path: str) -> Iterator[tuple[str, dict | None, documents.BadRecord | None]]:
@@ -177,8 +188,8 @@ def iter_records(path: str) -> Iterator[tuple[str, dict | None, documents.BadRec
 
 
 def convert_image(data: bytes, image_size: int, channels: int,
-                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
-  """PNG bytes of an encoded image, converted and centre-cropped/resized to `image_size`.
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, fit: str = "crop") -> bytes:
+  """PNG bytes of an encoded image, converted and fitted to `image_size` (`imaging.fit_square`).
 
   Raises:
     BadRecord: too_large when the image has more than `max_image_pixels` pixels (checked before decoding),
@@ -195,11 +206,7 @@ def convert_image(data: bytes, image_size: int, channels: int,
     try:
       im = im.convert("L" if channels == 1 else "RGB")
       if image_size:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        im = im.crop((left, top, left + side, top + side))
-        if side != image_size:
-          im = im.resize((image_size, image_size), PILImage.Resampling.BICUBIC)
+        im = imaging.fit_square(im, image_size, fit)
       pixels = np.asarray(im, np.uint8)
     except PILImage.DecompressionBombError as e:
       raise documents.BadRecord(TOO_LARGE, str(e)) from e
@@ -311,7 +318,10 @@ def _convert_part(part, image_root: str, options: Options) -> dict | None:
   if len(images) > 1:
     raise documents.BadRecord(BAD_FIELD, f"a part with several images {images}; make them separate parts")
   data = _image_bytes(part, images[0], image_root, options)
-  return {"image": convert_image(data, options.image_size, options.channels, options.max_image_pixels)}
+  convert = lambda fit: convert_image(data, options.image_size, options.channels, options.max_image_pixels, fit)  # noqa: E731
+  if options.image_fit == "per_role":
+    return {"image": convert("crop"), "image_read": convert("pad")}
+  return {"image": convert(options.image_fit)}
 
 
 def convert_record(record: dict, image_root: str, options: Options) -> bytes:
@@ -462,7 +472,8 @@ def _convert_all(paths: list[str], output_dir: str, options: Options, workers: i
   return per_file
 
 
-def prepare(inputs: list[str], output_dir: str, *, image_size: int = 0, channels: int = 3, workers: int = 0,
+def prepare(inputs: list[str], output_dir: str, *, image_size: int = 0, channels: int = 3, image_fit: str = "crop",
+            workers: int = 0,
             host_index: int = 0, host_count: int = 1, image_root: str | None = None,
             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
             resume: bool = True) -> dict:
@@ -506,7 +517,9 @@ def prepare(inputs: list[str], output_dir: str, *, image_size: int = 0, channels
   if dupes:
     raise ValueError(f"input files share the names {dupes}; each becomes <name>.array_record, rename them")
   os.makedirs(output_dir, exist_ok=True)
-  options = Options(image_size, channels, image_root, max_image_pixels, max_image_bytes)
+  if image_fit not in ("crop", "pad", "per_role"):
+    raise ValueError(f"image_fit={image_fit!r}; expected crop, pad or per_role")
+  options = Options(image_size, channels, image_root, max_image_pixels, max_image_bytes, image_fit)
   mine = paths[host_index::host_count]
   per_file, todo = {}, []
   for path in mine:
@@ -541,7 +554,7 @@ def main(argv):
   if not _INPUTS.value or not _OUTPUT_DIR.value:
     raise app.UsageError("--inputs and --output_dir are required")
   summary = prepare(_INPUTS.value, _OUTPUT_DIR.value, image_size=_IMAGE_SIZE.value,
-                    channels=int(_CHANNELS.value), workers=_WORKERS.value, host_index=_HOST_INDEX.value,
+                    channels=int(_CHANNELS.value), image_fit=_IMAGE_FIT.value, workers=_WORKERS.value, host_index=_HOST_INDEX.value,
                     host_count=_HOST_COUNT.value, image_root=_IMAGE_ROOT.value,
                     max_image_pixels=_MAX_IMAGE_PIXELS.value, max_image_bytes=_MAX_IMAGE_BYTES.value,
                     resume=_RESUME.value)

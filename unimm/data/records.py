@@ -1,7 +1,8 @@
 """The on-disk record of a prepared document (what `unimm.data.prepare` writes).
 
 One ArrayRecord record per document, msgpack-encoded:
-``{"v": 1, "pair": bool, "parts": [{"text": str, "w": float} | {"image": <PNG bytes>}]}``.
+``{"v": 1, "pair": bool, "parts": [{"text": str, "w": float} | {"image": <PNG bytes>[, "read": <PNG
+bytes>]}]}`` (`read`: the image as the model reads it, when prepared per role).
 Images are stored encoded (compact, decoded by the reader's workers); text as
 UTF-8. `decode_document` raises `BadRecord` with the skip reason on bad input.
 """
@@ -50,6 +51,8 @@ def encode_document(parts: list[dict], is_pair: bool = False) -> bytes:
       out.append({"text": part["text"], "w": float(part.get("loss_weight", 1.0))})
     elif "image" in part:
       out.append({"image": bytes(part["image"])})
+      if part.get("image_read") is not None:
+        out[-1]["read"] = bytes(part["image_read"])
     else:
       raise ValueError(f"a part needs 'text' or 'image', got keys {sorted(part)}")
   return msgpack.packb({"v": FORMAT_VERSION, "pair": bool(is_pair), "parts": out}, use_bin_type=True)
@@ -74,7 +77,8 @@ def decode_document(record: bytes) -> documents.Document:
     if b"text" in raw:
       parts.append(documents.Text(documents.decode_text(raw[b"text"]), float(raw.get(b"w", 1.0))))
     elif b"image" in raw:
-      parts.append(documents.Image(decode_image(raw[b"image"])))
+      read = decode_image(raw[b"read"]) if raw.get(b"read") is not None else None
+      parts.append(documents.Image(decode_image(raw[b"image"]), read))
     else:
       raise documents.BadRecord(documents.CORRUPT, f"part with keys {sorted(raw)}")
   return documents.Document(tuple(parts), is_pair=bool(is_pair))

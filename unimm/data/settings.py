@@ -34,8 +34,12 @@ class DataSettings:
 
   @classmethod
   def from_config(cls, data_config) -> "DataSettings":
-    values = settings.typed_values(cls, data_config, "config.data", also_known=layout.LayoutOptions.CONFIG_KEYS,
-                                   skip=("layout",))
+    # read_image_fit is the sample/score commands' (prompt images), not the pipeline's.
+    values = settings.typed_values(cls, data_config, "config.data",
+                                   also_known=(*layout.LayoutOptions.CONFIG_KEYS, "read_image_fit"), skip=("layout",))
+    fit = data_config.get("read_image_fit", "resize")
+    if fit not in ("resize", "crop", "pad"):
+      raise ValueError(f"data.read_image_fit={fit!r}; expected resize, crop or pad")
     if values["mix_by"] not in ("documents", "tokens"):
       raise ValueError(f"data.mix_by={values['mix_by']!r}; expected 'documents' or 'tokens'")
     return cls(**values, layout=layout.LayoutOptions.from_config(data_config))

@@ -69,8 +69,9 @@ def _exception_text(e: BaseException) -> str:
   return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 1] + "…"
 
 
-def load_image(path: str, image_shape, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-  """uint8 [H, W, C] in the model's resolution and mode (converted and resized if needed).
+def load_image(path: str, image_shape, max_pixels: int = MAX_IMAGE_PIXELS, fit: str = "resize") -> np.ndarray:
+  """uint8 [H, W, C] in the model's resolution and mode: resized if needed (`fit` resize), or fitted to
+  the square as `imaging.fit_square` does (`crop`, `pad`: `data.read_image_fit`, Janus's letterbox).
 
   Raises ValueError for an image of more than `max_pixels` pixels (checked from its header, before
   decoding); OSError / PIL errors for a file that does not decode.
@@ -78,7 +79,9 @@ def load_image(path: str, image_shape, max_pixels: int = MAX_IMAGE_PIXELS) -> np
   h, w, c = image_shape
   with imaging.open_bounded(path, max_pixels) as im:
     im = im.convert("L" if c == 1 else "RGB")
-    if im.size != (w, h):
+    if fit != "resize" and h == w:
+      im = imaging.fit_square(im, h, fit)
+    elif im.size != (w, h):
       im = im.resize((w, h), PILImage.Resampling.BICUBIC)
     pixels = np.asarray(im, np.uint8)
   return pixels[..., None] if pixels.ndim == 2 else pixels
@@ -92,7 +95,8 @@ def check_requests_file(path: str) -> None:
     raise FileNotFoundError(f"--prompts={path!r}: no such file (the JSON-lines requests)")
 
 
-def parse_requests(path: str, image_shape, *, max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Request]:
+def parse_requests(path: str, image_shape, *, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                   image_fit: str = "resize") -> list[Request]:
   """Every non-blank line of FILE as a Request, in order; a line's problem becomes its request's `error`.
 
   Only a FILE that cannot be read at all raises (see `check_requests_file`); an empty FILE gives [].
@@ -104,7 +108,7 @@ def parse_requests(path: str, image_shape, *, max_image_pixels: int = MAX_IMAGE_
   out = []
   # Lines are decoded one by one, so a bad byte costs only its line; line numbers count "\n" as editors do.
   for number, raw in enumerate(data.split(b"\n"), start=1):
-    req = _parse_line(raw, number, base, image_shape, max_image_pixels)
+    req = _parse_line(raw, number, base, image_shape, max_image_pixels, image_fit)
     if req is not None:
       out.append(req)
   return out
@@ -114,7 +118,8 @@ def _reject_constant(name: str):
   raise ValueError(f"{name} is not a JSON number; numbers are finite")
 
 
-def _parse_line(raw: bytes, number: int, base: str, image_shape, max_image_pixels: int) -> Request | None:
+def _parse_line(raw: bytes, number: int, base: str, image_shape, max_image_pixels: int,
+                image_fit: str = "resize") -> Request | None:
   """The request on one line (None for a blank line)."""
   def bad(message: str) -> Request:
     return Request(f"line{number}", "", "", line=number, error=message)
@@ -139,7 +144,7 @@ def _parse_line(raw: bytes, number: int, base: str, image_shape, max_image_pixel
   errors = []  # the first is reported
   if not id_ok:
     errors.append(f"id is {_short(raw_id)}; expected a string or a number")
-  parts, texts, part_errors = parse_parts(obj.get("parts", []), base, image_shape, max_image_pixels)
+  parts, texts, part_errors = parse_parts(obj.get("parts", []), base, image_shape, max_image_pixels, image_fit)
   req.parts.extend(parts)
   errors.extend(part_errors)
   req.prompt_text = " ".join(texts)
@@ -151,10 +156,11 @@ def _parse_line(raw: bytes, number: int, base: str, image_shape, max_image_pixel
   return req
 
 
-def parse_parts(parts, base: str, image_shape, max_image_pixels: int = MAX_IMAGE_PIXELS):
+def parse_parts(parts, base: str, image_shape, max_image_pixels: int = MAX_IMAGE_PIXELS, image_fit: str = "resize"):
   """A request's `parts` list → (documents parts, their texts, errors): `{"text": str}` or
   `{"image": path}` (relative to `base`, the requests file's directory, and inside it), each image loaded
-  in the model's resolution. Shared by the sample and score commands."""
+  in the model's resolution (`image_fit`: see `load_image`; the model reads these images). Shared by the
+  sample and score commands."""
   out, texts, errors = [], [], []
   if not isinstance(parts, list):
     errors.append(f"parts is {_short(parts)}; expected a list of {{\"text\": str}} / {{\"image\": path}} parts")
@@ -177,7 +183,7 @@ def parse_parts(parts, base: str, image_shape, max_image_pixels: int = MAX_IMAGE
                       "directory and stay inside it")
         continue
       try:
-        out.append(documents.Image(load_image(full, image_shape, max_image_pixels)))
+        out.append(documents.Image(load_image(full, image_shape, max_image_pixels, image_fit)))
       except FileNotFoundError:
         errors.append(f"image file not found: {_short(rel)}")
       except Exception as e:  # PIL's many kinds of undecodable input, the pixel limit, a directory, a NUL byte

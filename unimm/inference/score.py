@@ -28,7 +28,7 @@ from unimm.inference import requests as requests_lib
 _PAD_TO = 64  # rows are padded to a multiple of this: few distinct shapes to compile
 
 
-def parse(path: str, image_shape) -> list[dict]:
+def parse(path: str, image_shape, image_fit: str = "resize") -> list[dict]:
   """The requests of a JSON-lines file: {"id", "line", and "token_ids" | "parts" | "error"}."""
   requests_lib.check_requests_file(path)
   base = os.path.dirname(os.path.abspath(path))
@@ -56,7 +56,7 @@ def parse(path: str, image_shape) -> list[dict]:
       ok = isinstance(ids, list) and len(ids) >= 1 and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
       out.append({**row, "token_ids": ids} if ok else {**row, "error": "token_ids must be a non-empty list of ints"})
     else:
-      parts, _, errors = requests_lib.parse_parts(obj["parts"], base, image_shape)
+      parts, _, errors = requests_lib.parse_parts(obj["parts"], base, image_shape, image_fit=image_fit)
       out.append({**row, "error": errors[0]} if errors else {**row, "parts": parts})
   return out
 
