@@ -84,11 +84,25 @@ def workdir_config(base, spec, source: str, tokenizer_ids: int | None, seq_len: 
 
 
 def save_params(directory: str, params: dict) -> None:
-  """A step-0 orbax checkpoint holding only `params` (what `Checkpointer.restore_params` reads)."""
+  """A step-0 orbax checkpoint holding only `params` (what `Checkpointer.restore_params` reads). NumPy
+  leaves are replaced in place (in `params` itself) by arrays one at a time, each dropped once placed, and
+  orbax writes at most 1 GB at once: the params stay the only full copy held."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True)) as m:
+  _place_in_place(params)
+  with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False),
+                             item_handlers={"state": ocp.StandardCheckpointHandler(save_concurrent_gb=1)}) as m:
     m.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
     m.wait_until_finished()
+
+
+def _place_in_place(tree: dict) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  for key in list(tree):
+    if isinstance(tree[key], dict):
+      _place_in_place(tree[key])
+    elif isinstance(tree[key], np.ndarray):
+      tree[key] = jax.device_put(tree[key])
 
 
 def import_vae(source: str, workdir: str) -> dict:

@@ -4,8 +4,8 @@ The format: 8 bytes little-endian header length N, N bytes of JSON (`{name: {"dt
 "data_offsets": [begin, end]}, "__metadata__": {...}}`), then the raw little-endian data, offsets relative
 to the end of the header. We parse it ourselves rather than through `safetensors.numpy` because that API
 cannot return bfloat16 — the dtype released checkpoints use; here a BF16 tensor is the raw bytes viewed as
-`ml_dtypes.bfloat16` (what `jnp.bfloat16` is). Each tensor is a view of a read-only memory map: reading a
-checkpoint holds one tensor at a time in memory, however large the file.
+`ml_dtypes.bfloat16` (what `jnp.bfloat16` is). Each tensor is read on its own: reading a checkpoint holds
+one tensor at a time in memory, however large the file.
 
 A sharded checkpoint is a directory with `model.safetensors.index.json` (`{"weight_map": {name: file}}`);
 `CheckpointReader` reads either layout.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from typing import Iterable, Iterator
 
@@ -47,12 +48,11 @@ def read_header(path: str) -> tuple[dict, int]:
 
 
 class SafetensorsFile:
-  """One .safetensors file: its tensor names, shapes and dtypes, and each tensor as a memory-mapped view."""
+  """One .safetensors file: its tensor names, shapes and dtypes, and each tensor read on demand."""
 
   def __init__(self, path: str):
     self.path = path
     self.header, self._data_start = read_header(path)
-    self._map = None
 
   def keys(self) -> list[str]:
     return list(self.header)
@@ -68,18 +68,19 @@ class SafetensorsFile:
     return tuple(self.header[name]["shape"])
 
   def get(self, name: str) -> np.ndarray:
-    """The tensor (a read-only view of the file's bytes; copy it to keep it past the file)."""
+    """The tensor, read from the file into memory of its own (a read, not a memory map: the pages of a
+    mapped multi-GB file would count as the process's memory until the kernel reclaims them)."""
     entry = self.header[name]
     begin, end = entry["data_offsets"]
     dtype, shape = self.dtype(name), tuple(entry["shape"])
-    if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-      raise ValueError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, but {shape} of {dtype} "
-                       f"needs {dtype.itemsize * int(np.prod(shape, dtype=np.int64))}")
-    if self._map is None:
-      self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-    if self._data_start + end > self._map.size:
-      raise ValueError(f"{self.path}: tensor {name!r} ends past the end of the file (truncated?)")
-    raw = self._map[self._data_start + begin:self._data_start + end]
+    size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if end - begin != size:
+      raise ValueError(f"{self.path}: tensor {name!r} spans {end - begin} bytes, but {shape} of {dtype} needs {size}")
+    raw = np.empty(size, np.uint8)
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + begin)
+      if f.readinto(memoryview(raw)) != size:
+        raise ValueError(f"{self.path}: tensor {name!r} ends past the end of the file (truncated?)")
     return raw.view(dtype.newbyteorder("<")).reshape(shape)
 
 
@@ -161,37 +162,59 @@ def write_file(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: d
 
 
 def write_sharded(directory: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int = 5 * 2 ** 30,
-         metadata: dict | None = None) -> list[str]:
+                  metadata: dict | None = None) -> list[str]:
   """Writes a stream of (name, array) into `model-0000i-of-0000n.safetensors` files of at most
-  `max_shard_bytes` (one file named `model.safetensors` when they all fit) with the index; holds one shard's
-  tensors at a time. Returns the files written."""
+  `max_shard_bytes` (one file named `model.safetensors` when they all fit) with the index. Holds one tensor
+  at a time: each goes to a shard's data file as it comes, and the shard is assembled (header, then the
+  data copied in blocks) once it is full. Returns the files written."""
   os.makedirs(directory, exist_ok=True)
-  shards, current, size = [], [], 0
+  shards = []  # (temporary final name, header entries, data file)
+  header, offset, data = {}, 0, None
 
   def flush():
-    nonlocal current, size
-    if current:
-      name = f"shard-{len(shards):05d}.tmp.safetensors"
-      write_file(os.path.join(directory, name), current, {"format": "pt", **(metadata or {})})
-      shards.append((name, [n for n, _ in current]))
-    current, size = [], 0
+    nonlocal header, offset, data
+    if data is None:
+      return
+    data.close()
+    name = os.path.join(directory, f"shard-{len(shards):05d}.tmp.safetensors")
+    _assemble(name, header, data.name, {"format": "pt", **(metadata or {})})
+    shards.append((name, list(header)))
+    header, offset, data = {}, 0, None
 
   for name, array in tensors:
-    if current and size + _entry_bytes(array) > max_shard_bytes:
+    size = _entry_bytes(array)
+    if header and offset + size > max_shard_bytes:
       flush()
-    current.append((name, array))
-    size += _entry_bytes(array)
+    if data is None:
+      data = open(os.path.join(directory, f"shard-{len(shards):05d}.data.tmp"), "wb")
+    if array.dtype not in NAMES:
+      raise ValueError(f"tensor {name!r}: dtype {array.dtype} has no safetensors name")
+    header[name] = {"dtype": NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + size]}
+    data.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    offset += size
   flush()
   if len(shards) == 1:
-    os.replace(os.path.join(directory, shards[0][0]), os.path.join(directory, SINGLE_FILE))
+    os.replace(shards[0][0], os.path.join(directory, SINGLE_FILE))
     return [SINGLE_FILE]
   weight_map, files = {}, []
   for i, (tmp_name, names) in enumerate(shards):
     final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    os.replace(os.path.join(directory, tmp_name), os.path.join(directory, final))
+    os.replace(tmp_name, os.path.join(directory, final))
     weight_map.update(dict.fromkeys(names, final))
     files.append(final)
   total = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
   with open(os.path.join(directory, INDEX_FILE), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   return files
+
+
+def _assemble(path: str, header: dict, data_path: str, metadata: dict) -> None:
+  """A .safetensors file from its header entries and a file holding its data; removes the data file."""
+  blob = json.dumps({**header, "__metadata__": {k: str(v) for k, v in metadata.items()}},
+                    separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as out, open(data_path, "rb") as data:
+    out.write(struct.pack("<Q", len(blob)))
+    out.write(blob)
+    shutil.copyfileobj(data, out, 64 * 2 ** 20)
+  os.remove(data_path)
