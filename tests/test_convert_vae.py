@@ -69,3 +69,15 @@ def test_refuses_what_it_cannot_map():
     diffusers_vae.read_settings({**base, "act_fn": "gelu"})
   with pytest.raises(ValueError, match="not multiples of the first"):
     diffusers_vae.read_settings({**base, "block_out_channels": [32, 48]})
+
+
+def test_export_round_trip_gives_the_same_autoencoder(tmp_path):
+  reference = _save(str(tmp_path / "source"), seed=3)
+  settings, params = diffusers_vae.load(str(tmp_path / "source"))
+  diffusers_vae.save(params, settings, str(tmp_path / "exported"))
+  reloaded = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "exported")).eval()
+  a, b = reference.state_dict(), reloaded.state_dict()
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name].numpy(), b[name].numpy(), err_msg=name)
+  assert reloaded.config.scaling_factor == 0.3 and reloaded.config.shift_factor == pytest.approx(0.1)

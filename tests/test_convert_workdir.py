@@ -132,6 +132,7 @@ def test_transfusion_from_a_pretrained_llm_and_vae_trains_then_exports(tmp_path)
   """The README's path: convert an LLM and a diffusers VAE into the tiny Transfusion config (shapes data),
   check the task's latents are diffusers' (z − shift)·scale, train a few steps on the workdir alone, export
   the trained text model, and check transformers computes what score computes."""
+  import diffusers  # pylint: disable=g-import-not-at-top
   import test_convert_vae  # pylint: disable=g-import-not-at-top
   from unimm import families  # pylint: disable=g-import-not-at-top
   tokenizer = hf_reference.tiny_tokenizer()
@@ -155,7 +156,13 @@ def test_transfusion_from_a_pretrained_llm_and_vae_trains_then_exports(tmp_path)
   assert status == 0, log[-3000:]
   assert "Started from" in log and "12 of 16 params" in log  # the LM's 12, Transfusion's patch and time fresh
   out = str(tmp_path / "exported")
-  assert cli.export_lm(workdir, out)["step"] == 3
+  exported = cli.export_lm(workdir, out)
+  assert exported["step"] == 3
+  layers = safetensors_io.CheckpointReader(os.path.join(out, "unimm_image_layers.safetensors")).keys()
+  assert len(layers) == exported["image_layers"] and {n.split("/")[0] for n in layers} == {"patch", "time"}
+  vae_back = diffusers.AutoencoderKL.from_pretrained(exported["vae"]).eval()
+  for name, value in reference_vae.state_dict().items():
+    np.testing.assert_array_equal(vae_back.state_dict()[name].numpy(), value.numpy(), err_msg=name)
   seq = [0, 9, 33, 120, 7]
   inputs = tmp_path / "score.jsonl"
   inputs.write_text(json.dumps({"id": "s", "token_ids": seq}) + "\n")

@@ -254,6 +254,7 @@ def export_lm(workdir: str, out: str, *, dtype: str | None = None, max_shard_byt
     tokenizer_ids = None
   spec = export_spec(config, tokenizer_ids)
   params, step = trained_or_converted_params(config, workdir)
+  extra = {k: v for k, v in params.items() if k not in ("embed", "decoder", "lm_head")}
   params = {k: _to_numpy(params[k]) for k in ("embed", "decoder", "lm_head")}
   params["embed"]["embedding"] = params["embed"]["embedding"][:spec.vocab_size]  # padding rows dropped
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"][:, :spec.vocab_size]
@@ -265,8 +266,40 @@ def export_lm(workdir: str, out: str, *, dtype: str | None = None, max_shard_byt
       src = os.path.join(config.data.tokenizer.path, name)
       if os.path.exists(src):
         shutil.copy(src, os.path.join(out, name))
+  beside = export_beside(config, extra, out)
   return {"out": out, "model_type": spec.model_type, "step": step, "vocab": spec.vocab_size, "files": files,
-          "seconds": round(time.time() - t0, 2)}
+          **beside, "seconds": round(time.time() - t0, 2)}
+
+
+def export_beside(config, extra: dict, out: str) -> dict:
+  """What a family holds besides its text model: a diffusers-layout VAE as an AutoencoderKL in OUT/vae,
+  and the other params (Transfusion's patch and timestep layers, …) in unimm's layout in
+  OUT/unimm_image_layers.safetensors (names are '/'-joined param paths)."""
+  from unimm.convert import diffusers_vae, safetensors_io  # pylint: disable=g-import-not-at-top
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  written = {}
+  if extra:
+    flat = sorted(_flat_items(_to_numpy(extra)))
+    safetensors_io.write_file(os.path.join(out, "unimm_image_layers.safetensors"),
+                              [(k, v.astype(np.float32)) for k, v in flat], {"format": "unimm"})
+    written["image_layers"] = len(flat)
+  ae = config.model.get("autoencoder")
+  if ae is not None and ae.kind == "kl_vae":
+    if ae.get("layout", "unimm") != "diffusers":
+      logging.warning("The KL-VAE is in unimm's own layout, which diffusers has no class for: not exported.")
+    elif ae.checkpoint:
+      vae_params = checkpoint.Checkpointer(ae.checkpoint, async_save=False).restore_params()
+      diffusers_vae.save(_to_numpy(vae_params), dict(ae), os.path.join(out, "vae"), int(config.data.image_channels))
+      written["vae"] = os.path.join(out, "vae")
+  return written
+
+
+def _flat_items(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat_items(value, f"{prefix}{key}/")
+    else:
+      yield prefix + key, value
 
 
 def _to_numpy(tree):

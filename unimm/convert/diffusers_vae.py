@@ -129,3 +129,77 @@ def load(directory: str) -> tuple[dict, dict]:
   with open(os.path.join(directory, "config.json")) as f:
     settings = read_settings(json.load(f))
   return settings, import_params(safetensors_io.CheckpointReader(directory), settings)
+
+
+def _hf_name(path: str, leaf: str, levels: int) -> str:
+  """The diffusers name of a unimm KL-VAE leaf (`_our_path`'s inverse)."""
+  parts = path.split("/")
+  if parts[0] in ("quant_conv", "post_quant_conv"):
+    return f"{parts[0]}.{_LEAF_OUT[leaf]}"
+  side, module, rest = parts[0], parts[1], parts[2:]
+  simple = {"stem": "conv_in", "out_norm": "conv_norm_out", "out": "conv_out"}
+  sub = {"skip": "conv_shortcut"}
+  attention = {"q": "to_q", "k": "to_k", "v": "to_v", "proj": "to_out.0", "norm": "group_norm"}
+  if module in simple:
+    body = simple[module]
+  elif module in ("mid", "mid2"):
+    body = f"mid_block.resnets.{0 if module == 'mid' else 1}.{sub.get(rest[0], rest[0])}"
+  elif module == "mid_attn":
+    body = f"mid_block.attentions.0.{attention[rest[0]]}"
+  else:
+    m = re.fullmatch(r"(down|up)(\d+)_(\d+)", module)
+    if m:
+      block = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
+      body = f"{m[1]}_blocks.{block}.resnets.{m[3]}.{sub.get(rest[0], rest[0])}"
+    else:
+      m = re.fullmatch(r"(down|up)sample(\d+)", module)
+      block = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
+      body = f"{m[1]}_blocks.{block}.{m[1]}samplers.0.conv"
+  return f"{side}.{body}.{_LEAF_OUT[leaf]}"
+
+
+_LEAF_OUT = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+def to_diffusers(leaf: str, array) -> np.ndarray:
+  a = np.asarray(array, np.float32)
+  if leaf == "kernel" and a.ndim == 4:  # [kh, kw, I, O] → [O, I, kh, kw]
+    return a.transpose(3, 2, 0, 1)
+  if leaf == "kernel":
+    return a.T
+  return a
+
+
+def hf_config(settings: dict, image_channels: int = 3) -> dict:
+  """The AutoencoderKL config.json of unimm autoencoder settings (layout diffusers)."""
+  if settings.get("layout") != "diffusers":
+    raise ValueError("only a KL-VAE in the diffusers layout (model.autoencoder.layout=diffusers) exports as "
+                     "an AutoencoderKL; unimm's own layout has no diffusers equivalent")
+  blocks = [settings["channels"] * m for m in settings["channel_mults"]]
+  return {"_class_name": "AutoencoderKL", "in_channels": image_channels, "out_channels": image_channels,
+          "down_block_types": ["DownEncoderBlock2D"] * len(blocks), "up_block_types": ["UpDecoderBlock2D"] * len(blocks),
+          "block_out_channels": blocks, "layers_per_block": settings["blocks_per_level"], "act_fn": "silu",
+          "latent_channels": settings["latent_channels"], "norm_num_groups": settings["norm_groups"],
+          "scaling_factor": settings["scale"], "shift_factor": settings["shift"] or None,
+          "use_quant_conv": settings["quant_conv"], "use_post_quant_conv": settings["quant_conv"],
+          "mid_block_add_attention": settings["mid_attention"]}
+
+
+def save(params: dict, settings: dict, directory: str, image_channels: int = 3) -> None:
+  """Writes a KL-VAE (diffusers layout) as a diffusers AutoencoderKL directory (from_pretrained loads it)."""
+  from unimm.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  levels = len(settings["channel_mults"])
+  config = hf_config(settings, image_channels)
+
+  def walk(tree, prefix=""):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from walk(value, f"{prefix}{key}/")
+      else:
+        yield prefix.rstrip("/"), key, value
+  os.makedirs(directory, exist_ok=True)
+  tensors = ((_hf_name(path, leaf, levels), to_diffusers(leaf, value)) for path, leaf, value in walk(params))
+  files = safetensors_io.write_sharded(directory, tensors, 2 ** 40)
+  os.replace(os.path.join(directory, files[0]), os.path.join(directory, WEIGHTS_FILE))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
