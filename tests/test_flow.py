@@ -156,6 +156,32 @@ def test_the_flow_objective_in_the_transfusion_loss_matches_numpy():
     assert (t[t_max == 500] <= 0.5).all() and (t[t_max == 1000] > 0).all()
     per_image = ((np.asarray(out, np.float64) - (noise - x0)) ** 2).reshape(b, m, -1).mean(-1)
     np.testing.assert_allclose(float(sums["diffusion"]), (per_image * valid).sum(), rtol=1e-5)
+    # x0 prediction: the head's output is x̂₀; the loss is the velocity loss of v̂ = (x_t − x̂₀) / max(t, 0.05)
+    task = flow_task(flow_times=times, prediction="x0")
+    task.model = RecordingModel(out)
+    sums = task.loss_terms(None, batch, key)
+    v_hat = (x_t - np.asarray(out, np.float64)) / np.maximum(t, flow.X0_MIN_T)[..., None, None, None]
+    per_image = ((v_hat - (noise - x0)) ** 2).reshape(b, m, -1).mean(-1)
+    np.testing.assert_allclose(float(sums["diffusion"]), (per_image * valid).sum(), rtol=1e-4)
+    # … which is ‖x̂₀ − x₀‖² / t² where t ≥ 0.05: a perfect x̂₀ has no loss there
+    task.model = RecordingModel(jnp.asarray(x0, jnp.float32))
+    exact = task.loss_terms(None, batch, key)["diffusion"]
+    floor = ((x_t - x0) / np.maximum(t, flow.X0_MIN_T)[..., None, None, None] - (noise - x0)) ** 2
+    np.testing.assert_allclose(float(exact), (floor.reshape(b, m, -1).mean(-1) * valid).sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_x0_prediction_samples_through_its_velocity():
+  """Sampling an x̂₀ head: v̂ = (x_t − clip(x̂₀)) / max(t, 0.05); an oracle x̂₀ = x₀ lands on x₀ exactly."""
+  task = flow_task(prediction="x0")
+  x_t = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 1)), jnp.float32)
+  x0_hat = jnp.full((2, 4, 4, 1), 1.7, jnp.float32)
+  got = task.sampler_input(x0_hat, x_t, jnp.array([500.0, 10.0]))  # t = 0.5 and 0.01 (floored at 0.05)
+  want = (np.asarray(x_t) - 1.0) / np.array([0.5, 0.05])[:, None, None, None]  # pixels: x̂₀ clipped to 1
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  target = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
+  x = task.sample_latents(lambda x, time: task.sampler_input(target, x, time), jnp.ones((2, 4, 4, 1)), None,
+                          num_steps=8, guidance=None, sampler="euler")
+  np.testing.assert_allclose(x, target, atol=1e-5)
 
 
 def test_flow_settings_are_checked():
@@ -163,7 +189,7 @@ def test_flow_settings_are_checked():
   assert task.sampler(None) == "euler" and task.sampler("heun") == "heun"
   with pytest.raises(ValueError, match="ddim.*does not sample objective='flow'"):
     task.sampler("ddim")
-  with pytest.raises(ValueError, match="objective=flow always predicts the velocity"):
+  with pytest.raises(ValueError, match="prediction='v' with objective=flow"):
     flow_task(prediction="v")
   with pytest.raises(ValueError, match="model.objective='rf'"):
     flow_task().__class__(None, None, None, objective="rf")

@@ -307,7 +307,9 @@ def transfusion_defaults(config) -> None:
   m.diffusion_weight = 5.0  # λ in loss = LM + λ·diffusion
   m.num_timesteps = 1000
   m.objective = "ddpm"  # ddpm (the paper) | flow (rectified flow x_t = (1−t)x₀ + tε, velocity target ε − x₀)
-  m.prediction = "epsilon"  # ddpm's patch head output: epsilon (the paper) | v (well posed at high noise)
+  # the patch head's output: ddpm epsilon (the paper) | v (well posed at high noise); flow epsilon (the
+  # velocity) | x0 (the clean image; its implied velocity is trained and sampled: unimm/flow.py)
+  m.prediction = "epsilon"
   # flow's training times: uniform | logit_normal (SD3: σ(N(logit_mean, logit_std²))), then shifted
   # t ↦ s·t / (1 + (s−1)·t) (s > 1: more time at high noise; the samplers' time grid uses the same s)
   # read_shift: the shift of images that are read (captioning examples; 0: `shift`) — they are read clean at

@@ -15,7 +15,12 @@ time grid. A captioning example's image stays readable by capping its t at `t_li
 `noise_limit_t / max_timestep`, 0.5 by default).
 
 `model.objective=flow` selects it for Transfusion (`TransfusionTask`): the model reads float time
-t·T (T = `model.num_timesteps`, so the timestep embedding sees DDPM's range) and its patch head outputs v.
+t·T (T = `model.num_timesteps`, so the timestep embedding sees DDPM's range) and its patch head outputs v
+(`model.prediction=epsilon`, the default), or the clean x̂₀ (`model.prediction=x0`; Li & He 2025, "Back to
+Basics: Let Denoising Generative Models Denoise"): the loss and the samplers then use the velocity it
+implies, v̂ = (x_t − x̂₀) / max(t, X0_MIN_T) — the same velocity loss, i.e. ‖x̂₀ − x₀‖² / max(t, t_min)²,
+with a network that outputs an image (on the data manifold) rather than noise; the samplers clip x̂₀ to
+the latent bound first (pixels).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import numpy as np
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun")
+PREDICTIONS = ("epsilon", "x0")  # what the head outputs: the velocity ("epsilon": the default name) | x̂₀
+X0_MIN_T = 0.05  # x̂₀ → v̂ divides by max(t, this): near t = 0 the velocity is ill-posed from x̂₀ alone
 
 
 def _bcast(values, x):
@@ -43,6 +50,14 @@ def interpolate(x0, noise, t):
 def velocity(x0, noise):
   """The target: v = ε − x₀."""
   return noise - x0
+
+
+def velocity_from_x0(x0_hat, x_t, t, clip: float | None = None):
+  """v̂ = (x_t − x̂₀) / max(t, X0_MIN_T) for t [...] broadcast over the latent dims; x̂₀ clipped to
+  [−clip, clip] first when `clip` is given (sampling pixels)."""
+  if clip is not None:
+    x0_hat = jnp.clip(x0_hat, -clip, clip)
+  return (x_t - x0_hat) / _bcast(jnp.maximum(jnp.asarray(t, jnp.float32), X0_MIN_T), x_t)
 
 
 def shift_time(t, shift: float):

@@ -97,7 +97,7 @@ class TransfusionTask:
   z_loss: float = 0.0
   frozen_autoencoder: Any = None  # kl_vae params, or None for identity
   image_shape: tuple[int, int, int] = (0, 0, 0)  # H, W, C of the pixels the autoencoder takes
-  prediction: str = "epsilon"  # what the patch head outputs: epsilon (the paper) | v
+  prediction: str = "epsilon"  # the patch head's output: DDPM epsilon (the paper) | v; flow: epsilon (v) | x0
   lm_loss_chunk: int = 0  # > 0: the LM loss in chunks of this many positions, no [B, T, V] logits
   tokenizer_ids: int = 0  # ids the tokenizer emits; [tokenizer_ids, vocab_size) is padding, never sampled
   clip_x0: float = -1.0  # model.clip_x0: -1 auto (pixels 1.0, a KL-VAE's unbounded latents off), 0 off, c > 0
@@ -140,8 +140,16 @@ class TransfusionTask:
 
   def sampler_input(self, output, x_t, time):
     """The model's image output at x_t and time input [...] → what the sampler integrates: ε for DDPM
-    (converted from v), the velocity itself for flow."""
-    return output if self.objective == "flow" else self.to_epsilon(output, x_t, time)
+    (converted from v), the velocity for flow (as output, or implied by an x̂₀, clipped to the bound)."""
+    if self.objective == "flow":
+      return self.flow_velocity(output, x_t, time, clip=self.x0_clip)
+    return self.to_epsilon(output, x_t, time)
+
+  def flow_velocity(self, output, x_t, time, clip: float | None = None):
+    """Flow: the velocity the head's output means at x_t and the model's time input (t·T)."""
+    if self.prediction != "x0":
+      return output
+    return flow.velocity_from_x0(output, x_t, time / self.schedule.num_timesteps, clip)
 
   def sample_latents(self, denoiser, noise, rng, *, num_steps: int, guidance: float | None,
                      sampler: str | None = None):
@@ -157,12 +165,13 @@ class TransfusionTask:
                             num_steps=num_steps, clip=self.x0_clip, guidance=guidance, sampler=sampler, rng=rng)
 
   def __post_init__(self):
-    diffusion.check_prediction(self.prediction)
     if self.objective not in OBJECTIVES:
       raise ValueError(f"model.objective={self.objective!r}; expected one of {OBJECTIVES}")
-    if self.objective == "flow" and self.prediction != "epsilon":
-      raise ValueError(f"model.prediction={self.prediction!r} is DDPM's choice; objective=flow always predicts "
-                       "the velocity ε − x₀: drop the override (or set model.prediction=epsilon)")
+    if self.objective == "flow" and self.prediction not in flow.PREDICTIONS:
+      raise ValueError(f"model.prediction={self.prediction!r} with objective=flow: the head predicts the velocity "
+                       f"ε − x₀ (epsilon, the default) or the clean image (x0); expected one of {flow.PREDICTIONS}")
+    if self.objective == "ddpm":
+      diffusion.check_prediction(self.prediction)
     diffusion.x0_clip(self.clip_x0, latents_bounded=True)  # a bad setting fails here, not when sampling
 
     def image_output(params, rows, latents, t):
@@ -220,6 +229,8 @@ class TransfusionTask:
                                                    dtype=self.model.backbone.compute_dtype)
     else:
       lm_sum, z_sum = losses.cross_entropy(logits_or_hidden[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
+    if self.objective == "flow":  # x̂₀ heads are trained through the velocity they imply
+      out = self.flow_velocity(out, noisy, t)
     per_image = diffusion.per_image_error(out, target)
     valid = batch["image_valid"].astype(jnp.float32)
     return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}
