@@ -26,9 +26,10 @@ def base_config(family: str = "transfusion") -> mlc.ConfigDict:
       rope_theta=10000.0, norm_eps=1e-5, dtype="bfloat16", remat="dots_no_batch", scan=True,
       bidirectional_images=True, attention="auto", dropout=0.0, norm_order="pre",
       mot=(),  # Mixture-of-Transformers: parts with an image-slot copy, of ("qkv", "out", "mlp", "norms")
-      # What converted Hugging Face LMs need (unimm.convert): biased q/k/v (Qwen2), RoPE scaling
-      # none | linear | llama3 with its factors (Hugging Face's definitions).
-      qkv_bias=False, rope_scaling="none", rope_scaling_factor=1.0, rope_low_freq_factor=1.0,
+      # What converted Hugging Face LMs need (unimm.convert): biased q/k/v (Qwen2), QK-norm as a LayerNorm
+      # per head (qk_norm_kind=head_layernorm, Chameleon's), RoPE scaling none | linear | llama3 with its
+      # factors (Hugging Face's definitions).
+      qkv_bias=False, qk_norm_kind="rms", rope_scaling="none", rope_scaling_factor=1.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_original_max_positions=8192))
   m.guidance = 3.0  # classifier-free guidance scale for sampling and eval (--guidance overrides; Janus: 5)
   m.z_loss = 0.0  # weight of log²Z (Chameleon uses 1e-5)

@@ -142,6 +142,38 @@ def test_export_round_trip_same_tensors_and_logits(tmp_path):
   assert np.abs(_reference_logits(str(tmp_path / "untied"), ids) - _unimm_logits(spec, params, ids, False)).max() <= TOL
 
 
+@pytest.mark.parametrize("swin", [False, True])
+def test_chameleon_language_model_matches_transformers(tmp_path, swin):
+  """Chameleon's LM: QK-norm as a LayerNorm per head with its own weight and bias, optionally the Swin norm
+  order; logits on a sequence mixing text ids and image-token ids (the VQ model is not read here)."""
+  image_ids = {f"IMGIMG{''.join(chr(ord('A') + int(d)) for d in str(i))}Z": 40 + i for i in range(32)}
+  config = transformers.ChameleonConfig(
+      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, swin_norm=swin, initializer_range=0.2, vocabulary_map={"<image>": 3, **image_ids},
+      vq_config={"embed_dim": 8, "num_embeddings": 32, "latent_channels": 8, "resolution": 32, "base_channels": 32,
+                 "channel_multiplier": [1, 2], "num_res_blocks": 1, "attn_resolutions": []})
+  torch.manual_seed(0)
+  model = transformers.ChameleonForConditionalGeneration(config).eval()
+  _randomise(model, 0)  # the per-head QK LayerNorms' weights ≠ 1 and biases ≠ 0 too
+  directory = str(tmp_path / "chameleon")
+  model.save_pretrained(directory)
+  spec, params = llama.load(directory, seq_len=64, scan=True)
+  assert spec.backbone["qk_norm_kind"] == "head_layernorm" and spec.backbone["norm_order"] == ("swin" if swin else "pre")
+  ids = np.concatenate([_ids(5, 8), 40 + np.random.default_rng(6).integers(0, 32, (2, 16)), _ids(7, 8)], axis=1)
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  ours = _unimm_logits(spec, params, ids, True)
+  text_columns = np.setdiff1d(np.arange(VOCAB), list(image_ids.values()))
+  assert (ref[..., list(image_ids.values())] == np.finfo(np.float32).min).all()  # transformers masks image tokens
+  assert np.abs(ours - ref)[..., text_columns].max() <= TOL
+  ref = ref[..., text_columns]
+  # unimm's own QK-norm (an RMSNorm shared by the heads) is a different function: it misses
+  shared = {**params, "decoder": {"layers": {**params["decoder"]["layers"], "attn": {
+      **params["decoder"]["layers"]["attn"], "q_norm": {"scale": np.ones((2, 16), np.float32)},
+      "k_norm": {"scale": np.ones((2, 16), np.float32)}}}, "final_norm": params["decoder"]["final_norm"]}}
+  assert np.abs(_unimm_logits(spec, shared, ids, True, qk_norm_kind="rms")[..., text_columns] - ref).max() > 100 * TOL
+
+
 def test_refusals_name_the_problem(tmp_path):
   base = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               vocab_size=VOCAB)

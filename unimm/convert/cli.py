@@ -86,12 +86,15 @@ def workdir_config(base, spec, source: str, tokenizer_ids: int | None, seq_len: 
 def save_params(directory: str, params: dict) -> None:
   """A step-0 orbax checkpoint holding only `params` (what `Checkpointer.restore_params` reads). NumPy
   leaves are replaced in place (in `params` itself) by arrays one at a time, each dropped once placed, and
-  orbax writes at most 1 GB at once: the params stay the only full copy held."""
+  orbax writes about the largest array's size (≥ 1 GB) at once: the params stay the only full copy held."""
+  import math  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _place_in_place(params)
+  # orbax's limit (whole GB, 10⁹ bytes) must hold the largest array: a 128k × 2048 float32 embedding is 1.05.
+  limit = max(1, math.ceil(max(int(v.nbytes) for v in _leaves(params)) / 1e9))
   with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=False),
-                             item_handlers={"state": ocp.StandardCheckpointHandler(save_concurrent_gb=1)}) as m:
+                             item_handlers={"state": ocp.StandardCheckpointHandler(save_concurrent_gb=limit)}) as m:
     m.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
     m.wait_until_finished()
 

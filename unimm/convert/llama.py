@@ -1,4 +1,5 @@
-"""Hugging Face causal LMs of the Llama kind (`llama`, `mistral`, `qwen2`) ⇄ unimm's backbone and LM head.
+"""Hugging Face causal LMs of the Llama kind (`llama`, `mistral`, `qwen2`, and Chameleon's language model) ⇄
+unimm's backbone and LM head.
 
 A converted LM is the `embed` / `decoder` / `lm_head` params every family shares (`TextLM` runs exactly
 those), so it serves as the text model of any family. What maps where:
@@ -12,6 +13,10 @@ those), so it serves as the text model of any family. What maps where:
 | layers.i.{input,post_attention}_layernorm     | attn_norm/scale, mlp_norm/scale                       |
 | model.norm.weight, lm_head.weight [V, D]      | decoder/final_norm/scale, lm_head/kernel [D, V]       |
 
+Chameleon adds a QK-norm per head (`self_attn.{q,k}_norm.{weight,bias}` [N, H] → `attn/{q,k}_norm/{scale,bias}`,
+unimm's `qk_norm_kind=head_layernorm`) and, with `swin_norm`, the Swin norm order; its VQ model is not read
+here (its image tokens are ids of this vocabulary).
+
 No permutation of q/k is needed: Hugging Face's Llama applies RoPE in the half-split layout unimm uses.
 Tied embeddings (`tie_word_embeddings`) import as an LM head equal to the embedding's transpose (unimm
 trains them untied); export writes them tied only when they are still equal.
@@ -24,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "chameleon")
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}  # Hugging Face's rope_type → ours
 
 
@@ -71,7 +76,7 @@ def _refuse(hf: dict, seq_len: int) -> None:
     raise ValueError(f"{model_type}: hidden_act={act!r}; unimm's MLP is SwiGLU (silu)")
   if hf.get("mlp_bias"):
     raise ValueError(f"{model_type}: mlp_bias=True is not supported (unimm's MLP has no biases)")
-  if model_type == "llama" and hf.get("attention_bias"):
+  if model_type in ("llama", "chameleon") and hf.get("attention_bias"):
     raise ValueError("llama: attention_bias=True (biased q/k/v/o projections) is not supported; unimm's q/k/v "
                      "biases (Qwen2's) leave o_proj without one")
   window = hf.get("sliding_window")
@@ -92,8 +97,9 @@ def read_spec(hf: dict, seq_len: int) -> LMSpec:
       num_layers=int(hf["num_hidden_layers"]), dim=int(hf["hidden_size"]), num_heads=heads,
       num_kv_heads=int(hf.get("num_key_value_heads") or heads),
       head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads), mlp_hidden=int(hf["intermediate_size"]),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=hf["model_type"] == "qwen2", qk_norm=False,
-      norm_order="pre", **_rope(hf))
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=hf["model_type"] == "qwen2",
+      qk_norm=hf["model_type"] == "chameleon", qk_norm_kind="head_layernorm" if hf["model_type"] == "chameleon" else "rms",
+      norm_order="swin" if hf.get("swin_norm") else "pre", **_rope(hf))
   special = {k: hf.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
   dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
   return LMSpec(hf["model_type"], int(hf["vocab_size"]), backbone, bool(hf.get("tie_word_embeddings", False)),
@@ -109,6 +115,10 @@ _LAYER = (
     ("self_attn.k_proj.bias", "attn/k/bias", "bias"),
     ("self_attn.v_proj.bias", "attn/v/bias", "bias"),
     ("self_attn.o_proj.weight", "attn/o/kernel", "out_heads"),
+    ("self_attn.q_norm.weight", "attn/q_norm/scale", "head_norm"),
+    ("self_attn.q_norm.bias", "attn/q_norm/bias", "head_norm"),
+    ("self_attn.k_norm.weight", "attn/k_norm/scale", "head_norm"),
+    ("self_attn.k_norm.bias", "attn/k_norm/bias", "head_norm"),
     ("mlp.gate_proj.weight", "mlp/gate/kernel", "transpose"),
     ("mlp.up_proj.weight", "mlp/up/kernel", "transpose"),
     ("mlp.down_proj.weight", "mlp/down/kernel", "transpose"),
@@ -118,11 +128,12 @@ _LAYER = (
 
 
 def _layer_entries(backbone: dict):
-  return [e for e in _LAYER if backbone["qkv_bias"] or e[2] != "bias"]
+  return [e for e in _LAYER
+          if (backbone["qkv_bias"] or e[2] != "bias") and (backbone["qk_norm"] or e[2] != "head_norm")]
 
 
 def _heads_of(path: str, backbone: dict) -> int:
-  return backbone["num_heads"] if "/q/" in path or "/o/" in path else backbone["num_kv_heads"]
+  return backbone["num_heads"] if "/q" in path or "/o/" in path else backbone["num_kv_heads"]
 
 
 def to_unimm(array: np.ndarray, kind: str, heads: int, head_dim: int) -> np.ndarray:

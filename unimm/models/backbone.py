@@ -51,6 +51,7 @@ REMAT_POLICIES = {
 
 
 MOT_PARTS = ("qkv", "out", "mlp", "norms")
+QK_NORM_KINDS = ("rms", "head_layernorm")
 IMAGE_COPY = "_image"  # the suffix of a module's image-slot copy
 
 
@@ -107,6 +108,9 @@ class BackboneConfig:
   norm_order: str = "pre"  # pre: x + f(norm(x)) (Llama) | swin: x + norm(f(x)) (Chameleon-7B/34B)
   mot: tuple[str, ...] = ()  # parts with an image-slot copy (Mixture-of-Transformers): of MOT_PARTS; (): dense
   qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+  # QK-norm's kind: rms (an RMSNorm over head_dim shared by the heads, unimm's) | head_layernorm (a LayerNorm
+  # per head with its own scale and bias [heads, head_dim], Chameleon's)
+  qk_norm_kind: str = "rms"
   rope_scaling: str = "none"  # none | linear | llama3 (layers.RopeScaling, Hugging Face's definitions)
   rope_scaling_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
@@ -119,6 +123,8 @@ class BackboneConfig:
     if out.norm_order not in ("pre", "swin"):
       raise ValueError(f"backbone.norm_order {out.norm_order!r}; expected 'pre' or 'swin'")
     out = dataclasses.replace(out, mot=tuple(out.mot))
+    if out.qk_norm_kind not in QK_NORM_KINDS:
+      raise ValueError(f"backbone.qk_norm_kind {out.qk_norm_kind!r}; expected one of {QK_NORM_KINDS}")
     _ = out.rope  # an unknown scaling is refused here, not at the first trace
     unknown = [p for p in out.mot if p not in MOT_PARTS]
     if unknown:
@@ -178,9 +184,12 @@ class Attention(nn.Module):
     k = by_modality(proj(c.kv_heads, kv_axes), "k", c.untied("qkv"), is_image, x)
     v = by_modality(proj(c.kv_heads, kv_axes), "v", c.untied("qkv"), is_image, x)
     if c.qk_norm:
-      head_norm = lambda name: layers.RMSNorm(c.norm_eps, dt, axis_name=axes.HEAD_DIM, name=name)
-      q = by_modality(head_norm, "q_norm", c.untied("norms"), is_image, q)
-      k = by_modality(head_norm, "k_norm", c.untied("norms"), is_image, k)
+      def head_norm(heads_axis):
+        if c.qk_norm_kind == "head_layernorm":
+          return lambda name: layers.HeadLayerNorm(dtype=dt, heads_axis=heads_axis, name=name)
+        return lambda name: layers.RMSNorm(c.norm_eps, dt, axis_name=axes.HEAD_DIM, name=name)
+      q = by_modality(head_norm(axes.HEADS), "q_norm", c.untied("norms"), is_image, q)
+      k = by_modality(head_norm(axes.KV_HEADS), "k_norm", c.untied("norms"), is_image, k)
     q = layers.rope(q, positions, theta=c.rope_theta, scaling=c.rope)
     k = layers.rope(k, positions, theta=c.rope_theta, scaling=c.rope)
     q = layers.constrain(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))

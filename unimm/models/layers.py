@@ -46,6 +46,26 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
+class HeadLayerNorm(nn.Module):
+  """LayerNorm of each head's vector [..., N, H] with a scale and bias per head [N, H] (Chameleon's QK-norm,
+  as its reference computes it: statistics over H, eps 1e-5)."""
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  heads_axis: str = axes.HEADS
+
+  @nn.compact
+  def __call__(self, x):
+    shape = x.shape[-2:]
+    names = (self.heads_axis, axes.HEAD_DIM)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, names), shape, jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, names), shape, jnp.float32)
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+    return (y * scale + bias).astype(self.dtype)
+
+
 class DenseGeneral(nn.Module):
   """A projection of the last `len(in_axes)` axes onto `features`, with logical names; bias-free unless
   `use_bias` (Qwen2's q/k/v)."""
