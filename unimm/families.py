@@ -286,7 +286,8 @@ def vq_node() -> mlc.ConfigDict:
   families through `checkpoint`."""
   return mlc.ConfigDict(dict(
       channels=128, channel_mults=(1, 1, 2, 2, 4), blocks_per_level=2, attention=True, z_channels=256,
-      codebook_size=16384, code_dim=8, l2_normalized=True, beta=0.25, entropy_temperature=0.01, checkpoint=""))
+      codebook_size=16384, code_dim=8, l2_normalized=True, beta=0.25, entropy_temperature=0.01, checkpoint="",
+      norm_groups=8, attention_levels=()))  # Chameleon's VQGAN: 32 groups, attention at some encoder levels
 
 
 def vision_node() -> mlc.ConfigDict:

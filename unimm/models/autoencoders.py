@@ -151,6 +151,7 @@ class ConvEncoder(nn.Module):
   out_channels: int
   attention: bool = False  # self-attention at the lowest resolution
   groups: int = 8
+  attention_levels: tuple[int, ...] = ()  # levels with self-attention after each of their blocks (Chameleon's VQ)
 
   @nn.compact
   def __call__(self, x):
@@ -158,6 +159,8 @@ class ConvEncoder(nn.Module):
     for i, mult in enumerate(self.channel_mults):
       for j in range(self.blocks_per_level):
         x = ResBlock(self.channels * mult, self.groups, name=f"down{i}_{j}")(x)
+        if i in self.attention_levels:
+          x = SpatialAttention(self.groups, name=f"down{i}_{j}_attn")(x)
       if i < len(self.channel_mults) - 1:
         # SAME on an even side pads 0 before and 1 after: diffusers' asymmetric (0, 1, 0, 1) padding.
         x = layers.conv(self.channels * mult, strides=(2, 2), name=f"downsample{i}")(x)

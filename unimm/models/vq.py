@@ -44,6 +44,10 @@ class VQConfig:
   beta: float = 0.25
   entropy_temperature: float = 0.01
   checkpoint: str = ""  # a trained tokenizer's checkpoint dir, for families that use it frozen
+  # Chameleon's VQGAN (unimm.convert): GroupNorm over 32 groups, attention after the blocks of these
+  # encoder levels; with l2_normalized=False its unnormalised Euclidean codebook.
+  norm_groups: int = 8
+  attention_levels: tuple[int, ...] = ()
 
   @classmethod
   def from_config(cls, cfg) -> "VQConfig":
@@ -73,13 +77,14 @@ class VQModel(nn.Module):
   def setup(self):
     c = self.cfg
     self.encoder = autoencoders.ConvEncoder(c.channels, c.channel_mults, c.blocks_per_level, c.z_channels,
-                                            attention=c.attention)
+                                            attention=c.attention, groups=c.norm_groups,
+                                            attention_levels=tuple(c.attention_levels))
     self.quant_proj = layers.dense(c.code_dim, axes.CONV_IN, axes.CODE_DIM)
     self.quantizer = quantizer.VectorQuantizer(c.codebook_size, c.code_dim, l2_normalized=c.l2_normalized,
                                                beta=c.beta, entropy_temperature=c.entropy_temperature)
     self.post_quant_proj = layers.dense(c.z_channels, axes.CODE_DIM, axes.CONV_OUT)
     self.decoder = autoencoders.ConvDecoder(c.channels, c.channel_mults, c.blocks_per_level, self.image_channels,
-                                            attention=c.attention)
+                                            attention=c.attention, groups=c.norm_groups)
 
   def features(self, images):
     """uint8 images [N, H, W, C] → pre-quantisation features [N, h, w, code_dim]."""
