@@ -356,3 +356,32 @@ def test_masks():
   both = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)))
   np.testing.assert_allclose(np.asarray(codes.guided(both, 2.0)),
                              np.asarray(both[2:] + 2.0 * (both[:2] - both[2:])), atol=1e-6)
+
+
+def test_score_writes_the_image_heads_logits_at_code_positions(tmp_path):
+  """--mode=score on a code family: O/<id>.image.npy holds the code range of the logits at the positions
+  that predict an image slot, in order; O/<id>.npy the text range everywhere."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from unimm.inference import score  # pylint: disable=g-import-not-at-top
+  task, params = tiny_task()
+  config = ml_collections.ConfigDict({"data": {
+      "image_size": IMAGE[0], "image_channels": IMAGE[2], "image_slots": SLOTS, "caption_first_prob": 1.0,
+      "caption_dropout": 0.0, "max_timestep": 1000, "noise_limit_t": 500, "image_token_weight": 1.0,
+      "train_read_images": True, "caption_dropout_mode": "drop", "max_images_per_row": 2, "seq_len": 64}})
+  image = random_images(1, 3)[0]
+  request = {"id": "r", "line": 1, "parts": [documents.Text("1 2"), documents.Image(image), documents.Text("3")]}
+  (row,) = score.run(task, params, FakeTokenizer(), config, [request], str(tmp_path), TEXT_VOCAB)
+  text, codes = np.load(tmp_path / "r.npy"), np.load(tmp_path / "r.image.npy")
+  # the reference: the same row through the model directly, BOS 11 12 BOI <4 codes> EOI 13 EOS
+  p = prompts_lib.encode(request["parts"], FakeTokenizer(), SLOTS)
+  tokens = p.tokens + [SPECIALS.eos]
+  ids = np.asarray(p.image_ids + [0])
+  batch = {"tokens": np.asarray([tokens]), "positions": np.arange(len(tokens))[None],
+           "segment_ids": np.ones((1, len(tokens)), np.int32), "image_ids": ids[None],
+           "images": np.stack([image, np.zeros_like(image)])[None]}
+  full = np.asarray(task.logits(params, {k: jnp.asarray(v) for k, v in batch.items()}))[0]
+  np.testing.assert_allclose(text, full[:, :TEXT_VOCAB], rtol=1e-5, atol=1e-5)
+  at_codes = np.nonzero(ids[1:] > 0)[0]
+  assert len(at_codes) == SLOTS and codes.shape == (SLOTS, CODEBOOK)
+  np.testing.assert_allclose(codes, full[at_codes, TEXT_VOCAB:], rtol=1e-5, atol=1e-5)
+  assert row["tokens"] == len(tokens) - 1 - SLOTS - 1  # text targets: not the codes, not EOI

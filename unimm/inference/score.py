@@ -8,6 +8,8 @@ as a reference model is called) or `{"id": str, "parts": [{"text": …} | {"imag
 training lays out a document: BOS, the parts, EOS; images read clean). Written: `O/<id>.npy`, float32
 [T, V], the text head's next-token logits at every position (V: the model's vocabulary without its
 padding rows, i.e. the larger of a converted checkpoint's vocabulary and the tokenizer's ids), and
+`O/<id>.image.npy` for code families (Chameleon, Janus): float32 [C, codebook], the image head's logits at
+the C positions that predict an image code (those followed by an image slot, in order), and
 `O/manifest.jsonl`, one line per request: `{"id", "line", "file", "tokens", "log_likelihood"}` — the sum
 of log p(next token) over its text targets (token_ids: every next token; parts: the text, BOI and EOS,
 not image slots nor EOI) and their count — or `{"id", "line", "error"}` for a request that cannot run
@@ -83,6 +85,7 @@ def run(task, params, tokenizer, config, reqs: list[dict], out_dir: str, vocab: 
   max_images, seq_len = int(config.data.max_images_per_row), int(config.data.seq_len)
   model_vocab = task_vocabulary(task, params)
   logits_fn = jax.jit(task.logits)
+  image_logits_fn = jax.jit(task.image_logits) if hasattr(task, "image_logits") else None
   eoi = tokenizer.specials.eoi
   manifest, used = [], set()
   for req in reqs:
@@ -108,6 +111,10 @@ def run(task, params, tokenizer, config, reqs: list[dict], out_dir: str, vocab: 
     logits = np.asarray(logits_fn(params, batch)[0, :n, :min(vocab, model_vocab)], np.float32)
     name = requests_lib.safe_name(req["id"], used, ".npy")
     np.save(os.path.join(out_dir, name), logits)
+    if image_logits_fn is not None and (fragment["image_ids"][1:] > 0).any():
+      at_codes = np.nonzero(fragment["image_ids"][1:] > 0)[0]  # positions whose next slot is a code
+      image = np.asarray(image_logits_fn(params, batch)[0], np.float32)[at_codes]
+      np.save(os.path.join(out_dir, name[:-len(".npy")] + ".image.npy"), image)
     log_probs = logits - _logsumexp(logits)
     targets = fragment["tokens"][1:]
     if "token_ids" in req:

@@ -103,6 +103,10 @@ class ChameleonTask:
     return self.model.apply({"params": params}, *self.batch_inputs(batch),
                             rngs=None if rng is None else {"dropout": rng})
 
+  def image_logits(self, params, batch: dict):
+    """The logits over image codes [B, T, codebook] (the joint head's code range)."""
+    return self.logits(params, batch)[..., self.codes.text_vocab:self.codes.text_vocab + self.codes.codebook_size]
+
   def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
     del step
     (rows,) = self.batch_inputs(batch)

@@ -169,6 +169,10 @@ class JanusTask:
     del rng
     return self.model.apply({"params": params}, *self.batch_inputs(batch))[..., :self.model.text_vocab]
 
+  def image_logits(self, params, batch: dict):
+    """The generation head's logits over image codes [B, T, codebook]."""
+    return self.model.apply({"params": params}, *self.batch_inputs(batch))[..., self.model.text_vocab:]
+
   def loss_terms(self, params, batch: dict, rng, step=0) -> dict:
     del step
     rows, images = self.batch_inputs(batch)
