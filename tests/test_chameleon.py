@@ -171,7 +171,8 @@ def test_attention_is_causal_inside_images():
   np.testing.assert_allclose(a[0, start:first + SLOTS - 1], b[0, start:first + SLOTS - 1], atol=1e-5)
   assert np.abs(a[0, first + SLOTS - 1] - b[0, first + SLOTS - 1]).max() > 1e-3
   with pytest.raises(ValueError, match="bidirectional_images=False"):
-    bad = chameleon.ChameleonModel(TEXT_VOCAB + CODEBOOK, backbone.BackboneConfig(2, 32, 4), 2, SLOTS)
+    bad = chameleon.ChameleonModel(vocab_size=TEXT_VOCAB + CODEBOOK, backbone=backbone.BackboneConfig(2, 32, 4),
+                                  max_images=2, slots=SLOTS)
     ids = jnp.zeros((1, 4), jnp.int32)
     bad.init(jax.random.key(0), packed.Rows(ids, ids, ids, ids))
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from flax import traverse_util
 import numpy as np
 import pytest
 
@@ -189,15 +190,8 @@ def test_a_conversion_sharded_over_8_devices_equals_the_unsharded_one(tmp_path):
   cli.import_lm(source, str(tmp_path / "w1"), seq_len=256, scan=True)
   sharded = cli.trained_or_converted_params(config_record.load_config(str(tmp_path / "w8")), str(tmp_path / "w8"))[0]
   plain = cli.trained_or_converted_params(config_record.load_config(str(tmp_path / "w1")), str(tmp_path / "w1"))[0]
-  flat_sharded, flat_plain = (dict(_flat(p)) for p in (sharded, plain))
+  flat_sharded, flat_plain = (traverse_util.flatten_dict(p, sep="/") for p in (sharded, plain))
   assert sorted(flat_sharded) == sorted(flat_plain)
   for path, value in flat_plain.items():
     np.testing.assert_array_equal(np.asarray(flat_sharded[path]), np.asarray(value), err_msg=path)
 
-
-def _flat(tree, prefix=""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat(value, f"{prefix}{key}/")
-    else:
-      yield prefix + key, value

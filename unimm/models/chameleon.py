@@ -20,37 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
-import jax.numpy as jnp
-
 from unimm.data import packed
-from unimm.models import axes, backbone, code_images, layers
+from unimm.models import code_images, text_lm
 
 
-class ChameleonModel(nn.Module):
-  vocab_size: int  # text ids + image codes
-  backbone: backbone.BackboneConfig
-  max_images: int
-  slots: int  # codes per image
-  decode: bool = False  # run the backbone through its KV cache (inference)
+class ChameleonModel(text_lm.TextLM):
+  """The text model over the joint vocabulary (text ids + image codes): `vocab_size` counts both."""
+
+  max_images: int = 1
+  slots: int = 0  # codes per image
 
   def setup(self):
-    c = self.backbone
-    if c.bidirectional_images:
+    if self.backbone.bidirectional_images:
       raise ValueError("Chameleon predicts image codes left to right: set config.model.backbone."
                        "bidirectional_images=False (attention must stay causal inside images).")
-    self.embed = layers.Embed(self.vocab_size, c.dim, dtype=c.compute_dtype)
-    self.decoder = backbone.Backbone(c, decode=self.decode)
-    self.lm_head = layers.DenseGeneral((self.vocab_size,), (axes.EMBED,), (axes.VOCAB,), dtype=c.compute_dtype,
-                                       out_dtype=jnp.float32)
-
-  def dummy_inputs(self, batch: int, length: int) -> tuple:
-    return (packed.Rows.one_document(batch, length),)
-
-  def __call__(self, rows: packed.Rows):
-    """Rows (codes already in the image slots) → logits [B, T, V] (float32)."""
-    h = self.decoder(self.embed(rows.tokens), rows.positions, rows.segment_ids, rows.image_ids)
-    return layers.constrain(self.lm_head(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+    super().setup()
 
 
 @dataclasses.dataclass
