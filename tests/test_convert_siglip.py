@@ -46,13 +46,13 @@ def test_a_converted_tower_is_janus_understanding_encoder(tmp_path):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from configs.janus import tiny  # pylint: disable=g-import-not-at-top
-  from unimm.convert import cli  # pylint: disable=g-import-not-at-top
+  from unimm.convert import workdir as convert_workdir  # pylint: disable=g-import-not-at-top
   from unimm.train import loop, setup  # pylint: disable=g-import-not-at-top
   config = transformers.SiglipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=32, patch_size=4)  # Janus tiny: 64 slots
   torch.manual_seed(2)
   transformers.SiglipVisionModel(config).save_pretrained(str(tmp_path / "hf"))
-  summary = cli.import_any(str(tmp_path / "hf"), str(tmp_path / "w"))
+  summary = convert_workdir.import_any(str(tmp_path / "hf"), str(tmp_path / "w"))
   c = tiny.get_config()
   c.model.vision.update(summary["vision"], feature_layer=-1, dtype="float32")
   c.model.vq.checkpoint = ""  # the VQ is another part; random here

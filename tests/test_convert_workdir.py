@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hf_reference  # noqa: E402
-from unimm.convert import cli, safetensors_io  # noqa: E402
+from unimm.convert import safetensors_io, workdir as convert_workdir  # noqa: E402
 from unimm.train import config_record  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,7 @@ def converted(tmp_path_factory):
   tokenizer = hf_reference.tiny_tokenizer()
   source, workdir = str(root / "hf"), str(root / "workdir")
   hf_reference.tiny_llama(source, 384, tokenizer=tokenizer)
-  summary = cli.import_lm(source, workdir, seq_len=128)
+  summary = convert_workdir.import_lm(source, workdir, seq_len=128)
   assert summary["vocab"] == [384, 384] and summary["tokenizer"]
   return root, source, workdir, tokenizer
 
@@ -70,7 +70,7 @@ def test_greedy_text_generation_equals_transformers_generate(tmp_path):
   tokenizer.save_pretrained(source)
   ids = tokenizer_lib.load(source).vocab_size  # what unimm samples from; the rest is padding
   hf_reference.tiny_llama(source, 384, seed=4, tokenizer=tokenizer, silent_from=ids)
-  cli.import_lm(source, workdir, seq_len=128)
+  convert_workdir.import_lm(source, workdir, seq_len=128)
   prompts = ["a red circle at", "the quick brown", "Hello"]
   requests = tmp_path / "prompts.jsonl"
   requests.write_text("".join(json.dumps({"id": str(i), "parts": [{"text": p}], "generate": "text",
@@ -90,7 +90,7 @@ def test_greedy_text_generation_equals_transformers_generate(tmp_path):
 def test_export_gives_back_the_same_checkpoint(converted):
   root, source, workdir, _ = converted
   out = str(root / "exported")
-  summary = cli.export_lm(workdir, out)
+  summary = convert_workdir.export_lm(workdir, out)
   assert summary["vocab"] == 384 and summary["step"] is None
   a, b = safetensors_io.CheckpointReader(source), safetensors_io.CheckpointReader(out)
   assert sorted(a.keys()) == sorted(b.keys())
@@ -106,14 +106,14 @@ def test_a_vocabulary_without_room_grows_by_the_mean_and_exports_its_tokens(tmp_
   tokenizer = hf_reference.tiny_tokenizer()
   source, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
   hf_reference.tiny_llama(source, 256, seed=1, tokenizer=tokenizer)
-  summary = cli.import_lm(source, workdir, seq_len=128, scan=False)
+  summary = convert_workdir.import_lm(source, workdir, seq_len=128, scan=False)
   ids = summary["vocab"]
   assert ids[0] == 256 and ids[1] == 384
-  params, _ = cli.trained_or_converted_params(config_record.load_config(workdir), workdir)
+  params, _ = convert_workdir.trained_or_converted_params(config_record.load_config(workdir), workdir)
   embedding = np.asarray(params["embed"]["embedding"])
   np.testing.assert_allclose(embedding[300], embedding[:256].mean(0), rtol=1e-6)
   out = str(tmp_path / "exported")
-  exported = cli.export_lm(workdir, out)
+  exported = convert_workdir.export_lm(workdir, out)
   tokenizer_ids = exported["vocab"]
   assert 256 < tokenizer_ids < 384  # the tokenizer's ids kept, the padding to 384 dropped
   seq = [0, 7, 250, 40]
@@ -125,7 +125,7 @@ def test_export_refuses_what_a_llama_checkpoint_cannot_hold(converted):
   config = config_record.load_config(workdir)
   config.model.backbone.qk_norm = True
   with pytest.raises(ValueError, match=r"\['qk_norm'\].*cannot be written"):
-    cli.export_spec(config, None)
+    convert_workdir.export_spec(config, None)
 
 
 @pytest.mark.slow
@@ -157,7 +157,7 @@ def test_transfusion_from_a_pretrained_llm_and_vae_trains_then_exports(tmp_path)
   assert status == 0, log[-3000:]
   assert "Started from" in log and "12 of 16 params" in log  # the LM's 12, Transfusion's patch and time fresh
   out = str(tmp_path / "exported")
-  exported = cli.export_lm(workdir, out)
+  exported = convert_workdir.export_lm(workdir, out)
   assert exported["step"] == 3
   layers = safetensors_io.CheckpointReader(os.path.join(out, "unimm_image_layers.safetensors")).keys()
   assert len(layers) == exported["image_layers"] and {n.split("/")[0] for n in layers} == {"patch", "time"}
@@ -187,9 +187,9 @@ def test_a_conversion_sharded_over_8_devices_equals_the_unsharded_one(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   placement = json.loads(proc.stdout.strip().splitlines()[-1])["placement"]
   assert placement == {"devices": 8, "embed/embedding": "P('tensor', 'fsdp')"}  # embed axis over fsdp=8
-  cli.import_lm(source, str(tmp_path / "w1"), seq_len=256, scan=True)
-  sharded = cli.trained_or_converted_params(config_record.load_config(str(tmp_path / "w8")), str(tmp_path / "w8"))[0]
-  plain = cli.trained_or_converted_params(config_record.load_config(str(tmp_path / "w1")), str(tmp_path / "w1"))[0]
+  convert_workdir.import_lm(source, str(tmp_path / "w1"), seq_len=256, scan=True)
+  sharded = convert_workdir.trained_or_converted_params(config_record.load_config(str(tmp_path / "w8")), str(tmp_path / "w8"))[0]
+  plain = convert_workdir.trained_or_converted_params(config_record.load_config(str(tmp_path / "w1")), str(tmp_path / "w1"))[0]
   flat_sharded, flat_plain = (traverse_util.flatten_dict(p, sep="/") for p in (sharded, plain))
   assert sorted(flat_sharded) == sorted(flat_plain)
   for path, value in flat_plain.items():

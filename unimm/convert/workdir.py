@@ -1,0 +1,306 @@
+"""Hugging Face checkpoints ⇄ unimm workdirs: what `python -m unimm.convert` (unimm/convert/cli.py) runs.
+
+    python -m unimm.convert --from_hf=/models/Qwen2.5-0.5B --workdir=/runs/qwen [--seq_len=4096]
+    python -m unimm.convert --to_hf --workdir=/runs/qwen --out=/models/qwen-continued
+
+Import writes a workdir: `config.json` (a Transfusion config whose text model is the checkpoint's, its
+tokenizer the checkpoint's `tokenizer.json`, `train.init_from` the converted weights; `--config=FILE`
+starts from another config, e.g. a recipe, whose backbone and vocabulary are then replaced) and
+`converted/0` (an orbax checkpoint of the `embed` / `decoder` / `lm_head` params). A SigLIP vision tower
+or a diffusers AutoencoderKL converts to `converted/0` (resp. `converted_vae/0`) and prints the
+`config.model.vision` / `config.model.autoencoder` settings that read it. Every mode of
+`unimm.main` then works on the workdir alone (`--workdir=W`, no `--config`): `score`, `sample` and `eval`
+read the converted weights until training wrote its first checkpoint (the image layers start fresh);
+`train` starts from them.
+
+Vocabulary: ids the checkpoint lacks (unimm's roles appended after the tokenizer's vocabulary: BOI, EOI,
+IMG, reserved) get new rows initialised to the mean of the checkpoint's embeddings (and of its head's
+columns), and the model's rows are padded to a multiple of 128. Export writes the rows up to the larger
+of the checkpoint's vocabulary and the tokenizer's ids: padding is dropped, unimm's trained specials kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import logging
+import numpy as np
+
+CONVERTED_DIR = "converted"  # the converted weights inside the workdir (an orbax checkpoints directory, step 0)
+CONVERTED_VAE_DIR = "converted_vae"  # a converted AutoencoderKL (the Transfusion codec's `checkpoint`)
+
+
+def _hf_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face model directory")
+  with open(path) as f:
+    return json.load(f)
+
+
+def grow_vocabulary(params: dict, rows: int) -> dict:
+  """`params` with the embedding and LM head grown to `rows` ids, the new ones at the mean of the old."""
+  embedding, head = params["embed"]["embedding"], params["lm_head"]["kernel"]
+  old = embedding.shape[0]
+  if rows <= old:
+    return params
+  grown_embedding = np.concatenate([embedding, np.repeat(embedding.mean(0, keepdims=True), rows - old, 0)], 0)
+  grown_head = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), rows - old, 1)], 1)
+  return {**params, "embed": {"embedding": grown_embedding}, "lm_head": {"kernel": grown_head}}
+
+
+def workdir_config(base, spec, source: str, tokenizer_ids: int | None, seq_len: int, scan: bool):
+  """`base` with the converted LM as its text model."""
+  from unimm import families  # pylint: disable=g-import-not-at-top
+  c = base
+  c.model.backbone.update(spec.backbone, scan=scan)
+  c.model.vocab_size = families.padded_vocabulary(max(spec.vocab_size, tokenizer_ids or 0))
+  c.data.seq_len = seq_len
+  if tokenizer_ids is not None:
+    c.data.tokenizer.path = source
+  with c.unlocked():  # config files come locked (config_flags); `hf` is a new node
+    c.hf = {"model_type": spec.model_type, "vocab_size": spec.vocab_size, "torch_dtype": spec.torch_dtype,
+            "tied_embeddings": spec.tied_embeddings, "max_positions": spec.max_positions, "source": source,
+            **{f"{k}_token_id": (-1 if v is None else int(v)) for k, v in spec.special_ids.items()}}
+  return c
+
+
+def save_params(directory: str, params: dict) -> None:
+  """A step-0 orbax checkpoint holding only `params` (what `Checkpointer.restore_params` reads). NumPy
+  leaves are replaced in place (in `params` itself) by arrays one at a time, each dropped once placed, and
+  orbax writes about the largest array's size (≥ 1 GB) at once: the params stay the only full copy held."""
+  import math  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _place_in_place(params)
+  # orbax's limit (whole GB, 10⁹ bytes) must hold the largest array: a 128k × 2048 float32 embedding is 1.05.
+  limit = max(1, math.ceil(max(int(v.nbytes) for v in _leaves(params)) / 1e9))
+  with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False),
+                             item_handlers={"state": ocp.StandardCheckpointHandler(save_concurrent_gb=limit)}) as m:
+    m.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+    m.wait_until_finished()
+
+
+def _place_in_place(tree: dict) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  for key in list(tree):
+    if isinstance(tree[key], dict):
+      _place_in_place(tree[key])
+    elif isinstance(tree[key], np.ndarray):
+      tree[key] = jax.device_put(tree[key])
+
+
+def import_vae(source: str, workdir: str) -> dict:
+  """A diffusers AutoencoderKL → `WORKDIR/converted_vae` (an orbax checkpoint of the KL-VAE's params); returns
+  the `config.model.autoencoder` settings that read it (layout diffusers, its pinned scale and shift)."""
+  from unimm.convert import diffusers_vae  # pylint: disable=g-import-not-at-top
+  settings, params = diffusers_vae.load(source)
+  directory = os.path.join(os.path.abspath(workdir), CONVERTED_VAE_DIR)
+  save_params(directory, params)
+  return {**settings, "checkpoint": directory}
+
+
+def import_vision(source: str, workdir: str) -> dict:
+  """A SigLIP vision tower → `WORKDIR/converted` (the `image_encoder` / `map_head` params a family-siglip
+  checkpoint holds); returns the `config.model.vision` overrides that read it (Janus: model.vision.*)."""
+  from unimm.convert import siglip  # pylint: disable=g-import-not-at-top
+  settings, params = siglip.load(source)
+  directory = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
+  save_params(directory, params)
+  keys = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "gelu_exact")
+  return {"vision": {**{k: settings[k] for k in keys}, "checkpoint": directory}, "image_size": settings["image_size"]}
+
+
+def import_any(source: str, workdir: str, base=None, **kwargs) -> dict:
+  """Dispatches on what `source` holds: a Llama-kind LM (a workdir), a SigLIP vision tower or a diffusers
+  AutoencoderKL (converted weights and the config overrides that read them)."""
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  hf = _hf_config(source)
+  model_type, class_name = hf.get("model_type"), hf.get("_class_name")
+  if model_type in llama.ARCHITECTURES:
+    return import_lm(source, workdir, base, **kwargs)
+  if model_type in ("siglip_vision_model", "siglip"):
+    return import_vision(source, workdir)
+  if class_name == "AutoencoderKL":
+    return {"autoencoder": import_vae(source, workdir)}
+  raise ValueError(f"{source}: model_type {model_type!r} / _class_name {class_name!r}; unimm.convert imports "
+                   f"{llama.ARCHITECTURES}, siglip_vision_model and diffusers' AutoencoderKL (Chameleon and Janus "
+                   "are not converted yet)")
+
+
+def place_for_mesh(config, params: dict, vocab: int | None) -> dict:
+  """`params` (NumPy) moved leaf by leaf onto the shardings `config`'s mesh and rules give them (each NumPy
+  leaf dropped once placed: one full copy at a time)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from unimm.train import setup  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh)
+  targets = sharding.logical_shardings(setup.abstract_params(config, vocab), mesh,
+                                       sharding.logical_rules(config.sharding))
+  flat_targets = traverse_util.flatten_dict(targets, sep="/")
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for path in list(flat):
+    flat[path] = jax.device_put(flat.pop(path), flat_targets[path])
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan: bool = True,
+              vae: str | None = None, shard: bool = False) -> dict:
+  """Hugging Face LM directory (and optionally a diffusers VAE) → unimm workdir; returns a summary (what the
+  command prints)."""
+  import configs.common as common  # pylint: disable=g-import-not-at-top
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  hf = _hf_config(source)
+  if hf.get("model_type") not in llama.ARCHITECTURES:
+    raise ValueError(f"{source}: model_type {hf.get('model_type')!r}; unimm.convert imports {llama.ARCHITECTURES} "
+                     "(Chameleon, Janus, SigLIP and AutoencoderKL are not converted yet)")
+  has_tokenizer = os.path.exists(os.path.join(source, "tokenizer.json"))
+  tokenizer_ids = tokenizer_lib.HFTokenizer.load(source).vocab_size if has_tokenizer else None
+  spec, params = llama.load(source, seq_len=seq_len, scan=scan)
+  config = workdir_config(base or common.base_config("transfusion"), spec, source, tokenizer_ids, seq_len, scan)
+  params = grow_vocabulary(params, int(config.model.vocab_size))
+  config.train.init_from = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
+  os.makedirs(workdir, exist_ok=True)
+  if vae:
+    if "autoencoder" not in config.model:
+      raise ValueError(f"--vae needs a Transfusion config (family {config.model.family!r} has no autoencoder)")
+    config.model.autoencoder.update(import_vae(vae, workdir))
+  count = sum(int(np.prod(v.shape)) for v in _leaves(params))
+  placement = None
+  if shard:
+    params = place_for_mesh(config, params, tokenizer_ids)
+    placement = {"devices": int(params["embed"]["embedding"].sharding.num_devices),
+                 "embed/embedding": str(params["embed"]["embedding"].sharding.spec)}
+  save_params(config.train.init_from, params)
+  config_record.write_record(workdir, config_record.make_record(config))
+  summary = {"workdir": workdir, "model_type": spec.model_type, "params": count,
+             "vocab": [spec.vocab_size, int(config.model.vocab_size)], "tokenizer": bool(has_tokenizer),
+             "seconds": round(time.time() - t0, 2), **({"placement": placement} if placement else {})}
+  if not has_tokenizer:
+    logging.warning("%s has no tokenizer.json: set --config.data.tokenizer.path before training or sampling "
+                    "(scoring token ids needs none).", source)
+  return summary
+
+
+def _leaves(tree):
+  for v in tree.values():
+    if isinstance(v, dict):
+      yield from _leaves(v)
+    else:
+      yield v
+
+
+def export_spec(config, tokenizer_ids: int | None):
+  """The Hugging Face LM a unimm config's text model is; refuses, by name, what the format cannot hold."""
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  b = config.model.backbone
+  unsupported = {"qk_norm": b.qk_norm, "norm_order": b.norm_order != "pre", "mot": tuple(b.get("mot", ())),
+                 "dropout": float(b.dropout) > 0}
+  refused = [k for k, v in unsupported.items() if v]
+  if refused:
+    raise ValueError(f"the backbone's {refused} ({', '.join(f'{k}={b[k]!r}' for k in refused)}) cannot be written "
+                     "as a Llama/Qwen2 checkpoint (Hugging Face's have no such option); export refuses rather than "
+                     "drop it")
+  hf = config.get("hf") or {}
+  source_vocab = int(hf.get("vocab_size", 0))
+  vocab = max(source_vocab, tokenizer_ids or 0) or int(config.model.vocab_size)
+  keys = ("num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden", "norm_eps", "qkv_bias",
+          "qk_norm", "norm_order", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+          "rope_high_freq_factor", "rope_original_max_positions")
+  backbone = {k: b[k] for k in keys}
+  backbone["num_kv_heads"] = backbone["num_kv_heads"] or backbone["num_heads"]
+  backbone["head_dim"] = backbone["head_dim"] or backbone["dim"] // backbone["num_heads"]
+  if not backbone["mlp_hidden"]:
+    from unimm.models import layers  # pylint: disable=g-import-not-at-top
+    backbone["mlp_hidden"] = layers.mlp_hidden(backbone["dim"])
+  model_type = hf.get("model_type") or ("qwen2" if b.qkv_bias else "llama")
+  if b.qkv_bias and model_type != "qwen2":
+    raise ValueError(f"q/k/v biases export as qwen2, but the source was {model_type!r}")
+  special = {k: (None if int(hf.get(f"{k}_token_id", -1)) < 0 else int(hf[f"{k}_token_id"]))
+             for k in ("bos", "eos", "pad")}
+  return llama.LMSpec(model_type, vocab, backbone, bool(hf.get("tied_embeddings", False)),
+                      str(hf.get("torch_dtype", "float32")), special, int(hf.get("max_positions", config.data.seq_len)))
+
+
+def export_lm(workdir: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> dict:
+  """The workdir's text model (its latest checkpoint, else its converted weights) → a Hugging Face LM."""
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  config = config_record.load_config(workdir)
+  try:
+    tokenizer_ids = pipeline.load_tokenizer(config.data).vocab_size
+  except (FileNotFoundError, OSError):
+    tokenizer_ids = None
+  spec = export_spec(config, tokenizer_ids)
+  params, step = trained_or_converted_params(config, workdir)
+  extra = {k: v for k, v in params.items() if k not in ("embed", "decoder", "lm_head")}
+  params = {k: _to_numpy(params[k]) for k in ("embed", "decoder", "lm_head")}
+  params["embed"]["embedding"] = params["embed"]["embedding"][:spec.vocab_size]  # padding rows dropped
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"][:, :spec.vocab_size]
+  files = llama.save(params, spec, out, scan=bool(config.model.backbone.scan), dtype=dtype,
+                     max_shard_bytes=max_shard_bytes)
+  if os.path.isdir(str(config.data.tokenizer.path)):  # the tokenizer travels with the model
+    import shutil  # pylint: disable=g-import-not-at-top
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+      src = os.path.join(config.data.tokenizer.path, name)
+      if os.path.exists(src):
+        shutil.copy(src, os.path.join(out, name))
+  beside = export_beside(config, extra, out)
+  return {"out": out, "model_type": spec.model_type, "step": step, "vocab": spec.vocab_size, "files": files,
+          **beside, "seconds": round(time.time() - t0, 2)}
+
+
+def export_beside(config, extra: dict, out: str) -> dict:
+  """What a family holds besides its text model: a diffusers-layout VAE as an AutoencoderKL in OUT/vae,
+  and the other params (Transfusion's patch and timestep layers, …) in unimm's layout in
+  OUT/unimm_image_layers.safetensors (names are '/'-joined param paths)."""
+  from unimm.convert import diffusers_vae, safetensors_io  # pylint: disable=g-import-not-at-top
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  written = {}
+  if extra:
+    flat = sorted(_flat_items(_to_numpy(extra)))
+    safetensors_io.write_file(os.path.join(out, "unimm_image_layers.safetensors"),
+                              [(k, v.astype(np.float32)) for k, v in flat], {"format": "unimm"})
+    written["image_layers"] = len(flat)
+  ae = config.model.get("autoencoder")
+  if ae is not None and ae.kind == "kl_vae":
+    if ae.get("layout", "unimm") != "diffusers":
+      logging.warning("The KL-VAE is in unimm's own layout, which diffusers has no class for: not exported.")
+    elif ae.checkpoint:
+      vae_params = checkpoint.Checkpointer(ae.checkpoint, async_save=False).restore_params()
+      diffusers_vae.save(_to_numpy(vae_params), dict(ae), os.path.join(out, "vae"), int(config.data.image_channels))
+      written["vae"] = os.path.join(out, "vae")
+  return written
+
+
+def _flat_items(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat_items(value, f"{prefix}{key}/")
+    else:
+      yield prefix + key, value
+
+
+def _to_numpy(tree):
+  return {k: _to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+
+
+def trained_or_converted_params(config, workdir: str):
+  """(params, step): the workdir's latest training checkpoint; before training wrote one, the weights
+  `train.init_from` names (step None)."""
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  step = ckpt.latest_step()
+  if step is not None:
+    return ckpt.restore_params(step), step
+  if not config.train.init_from:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints and no train.init_from: nothing to export")
+  return checkpoint.Checkpointer(config.train.init_from, async_save=False).restore_params(), None
