@@ -199,7 +199,8 @@ def load_trained(config, workdir: str, ema: bool = True):
   task = families.build_task(config, tokenizer.vocab_size, frozen_codec=families.load_frozen_codec(config))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = ckpt.latest_step()
-  if step is None and config.train.init_from:
+  converted = os.path.join(os.path.abspath(workdir), "converted")  # unimm.convert's weights of this workdir
+  if step is None and config.train.init_from and os.path.abspath(config.train.init_from) == converted:
     return task, starting_params(config, task), tokenizer, 0
   if step is None:
     raise app.UsageError(f"no checkpoint in {workdir}/checkpoints: train first (--mode=train)")
@@ -265,8 +266,7 @@ def sample(config, workdir: str) -> list[dict]:
     raise app.UsageError(str(e)) from e
   task, params, tokenizer, _ = load_trained(config, workdir, _EMA.value)
   check_sampler(task)
-  reqs = requests.parse_requests(_PROMPTS.value, task.image_shape,
-                                 image_fit=str(config.data.get("read_image_fit", "resize")))
+  reqs = requests.parse_requests(_PROMPTS.value, task.image_shape, image_fit=read_image_fit(config))
   manifest = requests.run_requests(
       families.of(config), task, params, tokenizer, reqs, _OUT.value, context=int(config.data.seq_len),
       rng=jax.random.key(_SEED.value),
@@ -282,6 +282,13 @@ def sample(config, workdir: str) -> list[dict]:
   return manifest
 
 
+def read_image_fit(config) -> str:
+  fit = str(config.data.get("read_image_fit", "resize"))
+  if fit not in ("resize", "crop", "pad"):
+    raise app.UsageError(f"config.data.read_image_fit={fit!r}; expected resize, crop or pad")
+  return fit
+
+
 def score(config, workdir: str) -> list[dict]:
   """--mode=score: logits and log-likelihoods of --inputs → --out (see unimm/inference/score.py)."""
   if not _INPUTS.value or len(_INPUTS.value) != 1 or not _OUT.value:
@@ -293,8 +300,7 @@ def score(config, workdir: str) -> list[dict]:
     config = copy_config(config)
     config.model.backbone.dtype = _DTYPE.value
   try:
-    reqs = score_lib.parse(inputs, layout.image_shape_of(config.data),
-                           str(config.data.get("read_image_fit", "resize")))
+    reqs = score_lib.parse(inputs, layout.image_shape_of(config.data), read_image_fit(config))
   except OSError as e:
     raise app.UsageError(str(e)) from e
   task, params, tokenizer, _ = load_trained(config, workdir, _EMA.value)

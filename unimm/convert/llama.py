@@ -44,6 +44,7 @@ class LMSpec:
   torch_dtype: str  # the checkpoint's declared dtype (export writes it back)
   special_ids: dict  # bos / eos / pad ids the config declares (None where absent)
   max_positions: int = 4096  # max_position_embeddings (informational: RoPE has no table)
+  sliding_window: int | None = None  # Mistral's / Qwen2's, written back on export as the source had it
 
 
 def _rope(hf: dict) -> dict:
@@ -77,8 +78,8 @@ def _refuse(hf: dict, seq_len: int) -> None:
   if hf.get("mlp_bias"):
     raise ValueError(f"{model_type}: mlp_bias=True is not supported (unimm's MLP has no biases)")
   if model_type in ("llama", "chameleon") and hf.get("attention_bias"):
-    raise ValueError("llama: attention_bias=True (biased q/k/v/o projections) is not supported; unimm's q/k/v "
-                     "biases (Qwen2's) leave o_proj without one")
+    raise ValueError(f"{model_type}: attention_bias=True (biased q/k/v/o projections) is not supported; unimm's "
+                     "q/k/v biases (Qwen2's) leave o_proj without one")
   window = hf.get("sliding_window")
   uses_window = model_type == "mistral" or hf.get("use_sliding_window", False)
   if window and uses_window and seq_len > int(window):
@@ -103,7 +104,7 @@ def read_spec(hf: dict, seq_len: int) -> LMSpec:
   special = {k: hf.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
   dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
   return LMSpec(hf["model_type"], int(hf["vocab_size"]), backbone, bool(hf.get("tie_word_embeddings", False)),
-                dtype, special, int(hf.get("max_position_embeddings") or 4096))
+                dtype, special, int(hf.get("max_position_embeddings") or 4096), hf.get("sliding_window"))
 
 
 # (Hugging Face name under model.layers.{i}., unimm path under the layer, kind)
@@ -260,7 +261,9 @@ def hf_config(spec: LMSpec, *, tied: bool, dtype: str) -> dict:
   if model_type == "llama":
     out.update(attention_bias=False, mlp_bias=False)
   if model_type == "qwen2":
-    out.update(use_sliding_window=False, sliding_window=None)
+    out.update(use_sliding_window=False, sliding_window=spec.sliding_window)
+  if model_type == "mistral":  # its config defaults to a 4096 window: write the source's (None: none)
+    out.update(sliding_window=spec.sliding_window)
   return out
 
 

@@ -30,6 +30,7 @@ DTYPES = {
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+PREFERRED_FILES = (SINGLE_FILE, "diffusion_pytorch_model.safetensors")
 _MAX_HEADER = 100 * 2 ** 20  # the format's own limit: a larger "header" means a damaged or foreign file
 
 
@@ -104,9 +105,12 @@ class CheckpointReader:
         if not found:
           raise FileNotFoundError(f"{path}: no *.safetensors (and no {INDEX_FILE}); unimm reads "
                                   "safetensors checkpoints only (convert .bin files with transformers first)")
-        if len(found) > 1 and SINGLE_FILE not in found:
-          raise FileNotFoundError(f"{path}: several .safetensors files {found} but no {INDEX_FILE}")
-        single = os.path.join(path, SINGLE_FILE if SINGLE_FILE in found else found[0])
+        # the main weights before variants (diffusers ships e.g. diffusion_pytorch_model.fp16.safetensors beside)
+        preferred = [n for n in PREFERRED_FILES if n in found]
+        plain = [n for n in found if n.count(".") == 1]
+        if not preferred and len(plain) != 1:
+          raise FileNotFoundError(f"{path}: several .safetensors files {found}, no index and none of {PREFERRED_FILES}")
+        single = os.path.join(path, (preferred or plain)[0])
         self.weight_map = {name: single for name in SafetensorsFile(single).keys()}
       files = dict.fromkeys(self.weight_map.values())
     self._files = {p: SafetensorsFile(p) for p in files}
@@ -168,6 +172,9 @@ def write_sharded(directory: str, tensors: Iterator[tuple[str, np.ndarray]], max
   at a time: each goes to a shard's data file as it comes, and the shard is assembled (header, then the
   data copied in blocks) once it is full. Returns the files written."""
   os.makedirs(directory, exist_ok=True)
+  stale = [n for n in os.listdir(directory) if n.endswith(".safetensors") or n.endswith(".safetensors.index.json")]
+  if stale:  # old shards or an old index beside new weights: a reader would take the wrong ones
+    raise FileExistsError(f"{directory} already holds {stale[:3]}: export into an empty directory")
   shards = []  # (temporary final name, header entries, data file)
   header, offset, data = {}, 0, None
 

@@ -13,14 +13,17 @@ or a diffusers AutoencoderKL converts to `converted/0` (resp. `converted_vae/0`)
 read the converted weights until training wrote its first checkpoint (the image layers start fresh);
 `train` starts from them.
 
-Vocabulary: ids the checkpoint lacks (unimm's roles appended after the tokenizer's vocabulary: BOI, EOI,
-IMG, reserved) get new rows initialised to the mean of the checkpoint's embeddings (and of its head's
-columns), and the model's rows are padded to a multiple of 128. Export writes the rows up to the larger
+Vocabulary: ids the checkpoint lacks (≥ its vocab_size: unimm's roles appended after the tokenizer's
+vocabulary — BOI, EOI, IMG, reserved — where the checkpoint has no spare rows for them) get new rows
+initialised to the mean of the checkpoint's embeddings (and of its head's columns); roles that land in a
+padded checkpoint's spare rows (Qwen2's) keep those rows, so a round trip gives back the same tensors. The
+model's rows are padded to a multiple of 128. Export writes the rows up to the larger
 of the checkpoint's vocabulary and the tokenizer's ids: padding is dropped, unimm's trained specials kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -30,6 +33,7 @@ import numpy as np
 
 CONVERTED_DIR = "converted"  # the converted weights inside the workdir (an orbax checkpoints directory, step 0)
 CONVERTED_VAE_DIR = "converted_vae"  # a converted AutoencoderKL (the Transfusion codec's `checkpoint`)
+CONVERTED_VISION_DIR = "converted_vision"  # a converted SigLIP tower (Janus's `model.vision.checkpoint`)
 
 
 def _hf_config(directory: str) -> dict:
@@ -63,8 +67,18 @@ def workdir_config(base, spec, source: str, tokenizer_ids: int | None, seq_len: 
   with c.unlocked():  # config files come locked (config_flags); `hf` is a new node
     c.hf = {"model_type": spec.model_type, "vocab_size": spec.vocab_size, "torch_dtype": spec.torch_dtype,
             "tied_embeddings": spec.tied_embeddings, "max_positions": spec.max_positions, "source": source,
+            "sliding_window": -1 if spec.sliding_window is None else int(spec.sliding_window),
             **{f"{k}_token_id": (-1 if v is None else int(v)) for k, v in spec.special_ids.items()}}
   return c
+
+
+def _fresh(directory: str) -> str:
+  """`directory` (absolute) when it does not hold converted weights yet; a second conversion into the same
+  workdir is refused before any work (orbax would refuse step 0 at the end)."""
+  directory = os.path.abspath(directory)
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise FileExistsError(f"{directory} already holds converted weights: convert into a new --workdir (or remove it)")
+  return directory
 
 
 def save_params(directory: str, params: dict) -> None:
@@ -96,8 +110,8 @@ def import_vae(source: str, workdir: str) -> dict:
   """A diffusers AutoencoderKL → `WORKDIR/converted_vae` (an orbax checkpoint of the KL-VAE's params); returns
   the `config.model.autoencoder` settings that read it (layout diffusers, its pinned scale and shift)."""
   from unimm.convert import diffusers_vae  # pylint: disable=g-import-not-at-top
+  directory = _fresh(os.path.join(workdir, CONVERTED_VAE_DIR))
   settings, params = diffusers_vae.load(source)
-  directory = os.path.join(os.path.abspath(workdir), CONVERTED_VAE_DIR)
   save_params(directory, params)
   return {**settings, "checkpoint": directory}
 
@@ -106,8 +120,8 @@ def import_vision(source: str, workdir: str) -> dict:
   """A SigLIP vision tower → `WORKDIR/converted` (the `image_encoder` / `map_head` params a family-siglip
   checkpoint holds); returns the `config.model.vision` overrides that read it (Janus: model.vision.*)."""
   from unimm.convert import siglip  # pylint: disable=g-import-not-at-top
+  directory = _fresh(os.path.join(workdir, CONVERTED_VISION_DIR))
   settings, params = siglip.load(source)
-  directory = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
   save_params(directory, params)
   keys = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "gelu_exact")
   return {"vision": {**{k: settings[k] for k in keys}, "checkpoint": directory}, "image_size": settings["image_size"]}
@@ -126,8 +140,8 @@ def import_any(source: str, workdir: str, base=None, **kwargs) -> dict:
   if class_name == "AutoencoderKL":
     return {"autoencoder": import_vae(source, workdir)}
   raise ValueError(f"{source}: model_type {model_type!r} / _class_name {class_name!r}; unimm.convert imports "
-                   f"{llama.ARCHITECTURES}, siglip_vision_model and diffusers' AutoencoderKL (Chameleon and Janus "
-                   "are not converted yet)")
+                   f"{llama.ARCHITECTURES} (Chameleon: its language model), siglip_vision_model and diffusers' "
+                   "AutoencoderKL (Janus is not converted yet)")
 
 
 def place_for_mesh(config, params: dict, vocab: int | None) -> dict:
@@ -156,10 +170,11 @@ def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan
   from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from unimm.train import config_record  # pylint: disable=g-import-not-at-top
   t0 = time.time()
+  _fresh(os.path.join(workdir, CONVERTED_DIR))
   hf = _hf_config(source)
   if hf.get("model_type") not in llama.ARCHITECTURES:
-    raise ValueError(f"{source}: model_type {hf.get('model_type')!r}; unimm.convert imports {llama.ARCHITECTURES} "
-                     "(Chameleon, Janus, SigLIP and AutoencoderKL are not converted yet)")
+    raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a language model unimm.convert imports "
+                     f"({llama.ARCHITECTURES})")
   has_tokenizer = os.path.exists(os.path.join(source, "tokenizer.json"))
   tokenizer_ids = tokenizer_lib.HFTokenizer.load(source).vocab_size if has_tokenizer else None
   spec, params = llama.load(source, seq_len=seq_len, scan=scan)
@@ -213,7 +228,9 @@ def export_spec(config, tokenizer_ids: int | None):
   keys = ("num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden", "norm_eps", "qkv_bias",
           "qk_norm", "norm_order", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
           "rope_high_freq_factor", "rope_original_max_positions")
-  backbone = {k: b[k] for k in keys}
+  from unimm.models import backbone as backbone_lib  # pylint: disable=g-import-not-at-top
+  defaults = dataclasses.asdict(backbone_lib.BackboneConfig(1, 1, 1))  # keys a workdir from before them lacks
+  backbone = {k: b.get(k, defaults[k]) for k in keys}
   backbone["num_kv_heads"] = backbone["num_kv_heads"] or backbone["num_heads"]
   backbone["head_dim"] = backbone["head_dim"] or backbone["dim"] // backbone["num_heads"]
   if not backbone["mlp_hidden"]:
@@ -224,8 +241,10 @@ def export_spec(config, tokenizer_ids: int | None):
     raise ValueError(f"q/k/v biases export as qwen2, but the source was {model_type!r}")
   special = {k: (None if int(hf.get(f"{k}_token_id", -1)) < 0 else int(hf[f"{k}_token_id"]))
              for k in ("bos", "eos", "pad")}
+  window = int(hf.get("sliding_window", -1))
   return llama.LMSpec(model_type, vocab, backbone, bool(hf.get("tied_embeddings", False)),
-                      str(hf.get("torch_dtype", "float32")), special, int(hf.get("max_positions", config.data.seq_len)))
+                      str(hf.get("torch_dtype", "float32")), special, int(hf.get("max_positions", config.data.seq_len)),
+                      None if window < 0 else window)
 
 
 def export_lm(workdir: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> dict:

@@ -150,7 +150,7 @@ def load_pairs(spec, split: str, data_dir: str, limit: int, image_shape) -> tupl
       skipped[doc.reason] = skipped.get(doc.reason, 0) + 1
     elif doc.is_pair:
       captions.append(next(p.text for p in doc.parts if isinstance(p, documents.Text)))
-      images.append(doc.images[0])
+      images.append(next(p for p in doc.parts if isinstance(p, documents.Image)).as_read())  # as the model reads it
   if any(skipped.values()):
     logging.warning("Evaluation data %s/%s: skipped %s.", spec.get("tfds_name") or spec.get("path"), split,
                     {k: v for k, v in skipped.items() if v})

@@ -83,7 +83,7 @@ def run(task, params, tokenizer, config, reqs: list[dict], out_dir: str, vocab: 
   opts = layout.LayoutOptions.from_config(config.data)
   image_shape = layout.image_shape_of(config.data)
   max_images, seq_len = int(config.data.max_images_per_row), int(config.data.seq_len)
-  model_vocab = task_vocabulary(task, params)
+  vocab = min(vocab, task_vocabulary(task, params))  # the rows a request may name: no padding, none past the head
   logits_fn = jax.jit(task.logits)
   image_logits_fn = jax.jit(task.image_logits) if hasattr(task, "image_logits") else None
   eoi = tokenizer.specials.eoi
@@ -108,7 +108,7 @@ def run(task, params, tokenizer, config, reqs: list[dict], out_dir: str, vocab: 
                              pad_id=tokenizer.specials.pad)
     batch.pop("stats", None)
     batch = {k: np.asarray(v)[None] for k, v in batch.items()}
-    logits = np.asarray(logits_fn(params, batch)[0, :n, :min(vocab, model_vocab)], np.float32)
+    logits = np.asarray(logits_fn(params, batch)[0, :n, :vocab], np.float32)
     name = requests_lib.safe_name(req["id"], used, ".npy")
     np.save(os.path.join(out_dir, name), logits)
     if image_logits_fn is not None and (fragment["image_ids"][1:] > 0).any():

@@ -229,8 +229,10 @@ class TransfusionTask:
                                                    dtype=self.model.backbone.compute_dtype)
     else:
       lm_sum, z_sum = losses.cross_entropy(logits_or_hidden[:, :-1], batch["tokens"][:, 1:], weights, self.z_loss)
-    if self.objective == "flow":  # x̂₀ heads are trained through the velocity they imply
-      out = self.flow_velocity(out, noisy, t)
+    if self.objective == "flow" and self.prediction == "x0":
+      # x̂₀ heads train through the velocity they imply, against the true x₀'s with the same clamped t
+      # (= ε − x₀ where t ≥ X0_MIN_T): the loss is ‖x̂₀ − x₀‖² / max(t, X0_MIN_T)², minimal at x̂₀ = x₀ for all t.
+      out, target = self.flow_velocity(out, noisy, t), self.flow_velocity(latents, noisy, t)
     per_image = diffusion.per_image_error(out, target)
     valid = batch["image_valid"].astype(jnp.float32)
     return {"lm": lm_sum, "z": z_sum, "diffusion": jnp.sum(per_image * valid)}

@@ -268,7 +268,8 @@ class Checkpointer:
     """A restore target for `item` of `step`: its saved shapes and dtypes on the default device, whatever
     devices saved it (orbax restores a target-less item onto the saving topology, which may not be here:
     a run on 8 devices read by a 1-device eval, a checkpoint written sharded by unimm.convert)."""
-    metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), item)).item_metadata
+    with ocp.StandardCheckpointer() as reader:
+      metadata = reader.metadata(os.path.join(self.directory, str(step), item)).item_metadata
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
                         if hasattr(m, "shape") and hasattr(m, "dtype") else m, metadata)
@@ -278,16 +279,24 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-    target = self._on_this_device(step, "state")
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored.state["params"]
+    return self._restore_item(step, "state")["params"]
+
+  def _restore_item(self, step: int, item: str):
+    """`item` of `step` placed as it was saved; on this device when the saving topology is not here."""
+    try:
+      return getattr(self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})), item)
+    except ValueError as e:  # orbax: "devices are different" / "topology mismatch"
+      logging.info("Checkpoint %s/%d was saved on other devices (%s); restoring %s onto %s.", self.directory, step,
+                   str(e).splitlines()[0][:200], item, jax.local_devices()[0])
+      target = self._on_this_device(step, item)
+      return getattr(self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})),
+                     item)
 
   def restore_ema(self, step: int):
     """The EMA of the trainable params saved at `step` (on the default device), or None if it has none."""
     if not os.path.isdir(os.path.join(self.directory, str(step), "ema")):
       return None
-    target = self._on_this_device(step, "ema")
-    return self._manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target))).ema
+    return self._restore_item(step, "ema")
 
   def move_newer_aside(self, step: int, kind: str) -> list[str]:
     """Moves every finalised step newer than `step` to `kind/` (process 0); returns the moved names."""
