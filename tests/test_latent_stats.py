@@ -164,7 +164,7 @@ def test_samplers_clip_pixels_but_never_vae_latents(monkeypatch):
   noise), the latents the sampler returns. Then the same model behind the identity autoencoder (pixels)."""
   config = load_config("configs/transfusion/tiny.py", "shapes_vae")
   config.model.backbone.update(num_layers=1, dim=32, num_heads=2, mlp_hidden=64)
-  config.model.objective = "ddpm"  # x̂₀ clipping is DDPM's (the flow samplers clip nothing)
+  config.model.objective, config.model.prediction = "ddpm", "epsilon"  # x̂₀ clipping here is DDPM's
   # Bare VAE params: its encode/decode are stubbed below, as they play no part in the clipping (and its
   # convolutions take ~30 s to compile on a CPU).
   vae_task = families.build_task(config, 128, frozen_codec=autoencoders.FrozenVAE({}, shift=0.0, scale=1.0))
