@@ -7,7 +7,7 @@ Import writes a workdir: `config.json` (a Transfusion config whose text model is
 tokenizer the checkpoint's `tokenizer.json`, `train.init_from` the converted weights; `--config=FILE`
 starts from another config, e.g. a recipe, whose backbone and vocabulary are then replaced) and
 `converted/0` (an orbax checkpoint of the `embed` / `decoder` / `lm_head` params). A SigLIP vision tower
-or a diffusers AutoencoderKL converts to `converted/0` (resp. `converted_vae/0`) and prints the
+or a diffusers AutoencoderKL converts to `converted_vision/0` (resp. `converted_vae/0`) and prints the
 `config.model.vision` / `config.model.autoencoder` settings that read it. Every mode of
 `unimm.main` then works on the workdir alone (`--workdir=W`, no `--config`): `score`, `sample` and `eval`
 read the converted weights until training wrote its first checkpoint (the image layers start fresh);
@@ -84,7 +84,8 @@ def _fresh(directory: str) -> str:
 def save_params(directory: str, params: dict) -> None:
   """A step-0 orbax checkpoint holding only `params` (what `Checkpointer.restore_params` reads). NumPy
   leaves are replaced in place (in `params` itself) by arrays one at a time, each dropped once placed, and
-  orbax writes about the largest array's size (≥ 1 GB) at once: the params stay the only full copy held."""
+  orbax is asked to write about the largest array's size (≥ 1 GB) at once. Measured (bench/convert.py), its
+  save path still holds about a second copy at its peak."""
   import math  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _place_in_place(params)
@@ -117,7 +118,7 @@ def import_vae(source: str, workdir: str) -> dict:
 
 
 def import_vision(source: str, workdir: str) -> dict:
-  """A SigLIP vision tower → `WORKDIR/converted` (the `image_encoder` / `map_head` params a family-siglip
+  """A SigLIP vision tower → `WORKDIR/converted_vision` (the `image_encoder` / `map_head` params a family-siglip
   checkpoint holds); returns the `config.model.vision` overrides that read it (Janus: model.vision.*)."""
   from unimm.convert import siglip  # pylint: disable=g-import-not-at-top
   directory = _fresh(os.path.join(workdir, CONVERTED_VISION_DIR))
