@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from unimm.convert import llama
+
 GELU = {"gelu_pytorch_tanh": False, "gelu": True}  # hidden_act → ViTConfig.gelu_exact
 
 
@@ -40,12 +42,12 @@ def read_settings(hf: dict) -> dict:
 
 
 def _linear(array, heads: int | None = None, into_heads: bool = True) -> np.ndarray:
-  a = np.asarray(array, np.float32)
+  """A torch [out, in] weight in unimm's layout: transposed, or split into heads as the backbone's q/k/v/o
+  (`llama.to_unimm`)."""
   if heads is None:
-    return a.T
-  if into_heads:  # [N·H, W] → [W, N, H]
-    return a.T.reshape(a.shape[1], heads, -1)
-  return a.T.reshape(heads, -1, a.shape[0])  # [W, N·H] → [N, H, W]
+    return llama.to_unimm(array, "transpose", 0, 0)
+  width = np.shape(array)[0 if into_heads else 1]
+  return llama.to_unimm(array, "in_heads" if into_heads else "out_heads", heads, width // heads)
 
 
 def _attention(get, prefix: str, heads: int, packed_in: bool = False) -> dict:

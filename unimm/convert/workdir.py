@@ -29,6 +29,7 @@ import os
 import time
 
 from absl import logging
+from flax import traverse_util
 import numpy as np
 
 CONVERTED_DIR = "converted"  # the converted weights inside the workdir (an orbax checkpoints directory, step 0)
@@ -87,10 +88,11 @@ def save_params(directory: str, params: dict) -> None:
   orbax is asked to write about the largest array's size (≥ 1 GB) at once. Measured (bench/convert.py), its
   save path still holds about a second copy at its peak."""
   import math  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _place_in_place(params)
   # orbax's limit (whole GB, 10⁹ bytes) must hold the largest array: a 128k × 2048 float32 embedding is 1.05.
-  limit = max(1, math.ceil(max(int(v.nbytes) for v in _leaves(params)) / 1e9))
+  limit = max(1, math.ceil(max(int(v.nbytes) for v in jax.tree.leaves(params)) / 1e9))
   with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=False),
                              item_handlers={"state": ocp.StandardCheckpointHandler(save_concurrent_gb=limit)}) as m:
@@ -187,7 +189,7 @@ def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan
     if "autoencoder" not in config.model:
       raise ValueError(f"--vae needs a Transfusion config (family {config.model.family!r} has no autoencoder)")
     config.model.autoencoder.update(import_vae(vae, workdir))
-  count = sum(int(np.prod(v.shape)) for v in _leaves(params))
+  count = sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(params).values())
   placement = None
   if shard:
     params = place_for_mesh(config, params, tokenizer_ids)
@@ -202,14 +204,6 @@ def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan
     logging.warning("%s has no tokenizer.json: set --config.data.tokenizer.path before training or sampling "
                     "(scoring token ids needs none).", source)
   return summary
-
-
-def _leaves(tree):
-  for v in tree.values():
-    if isinstance(v, dict):
-      yield from _leaves(v)
-    else:
-      yield v
 
 
 def export_spec(config, tokenizer_ids: int | None):
@@ -286,7 +280,7 @@ def export_beside(config, extra: dict, out: str) -> dict:
   from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
   written = {}
   if extra:
-    flat = sorted(_flat_items(_to_numpy(extra)))
+    flat = sorted(traverse_util.flatten_dict(_to_numpy(extra), sep="/").items())
     safetensors_io.write_file(os.path.join(out, "unimm_image_layers.safetensors"),
                               [(k, v.astype(np.float32)) for k, v in flat], {"format": "unimm"})
     written["image_layers"] = len(flat)
@@ -301,16 +295,8 @@ def export_beside(config, extra: dict, out: str) -> dict:
   return written
 
 
-def _flat_items(tree, prefix=""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat_items(value, f"{prefix}{key}/")
-    else:
-      yield prefix + key, value
-
-
 def _to_numpy(tree):
-  return {k: _to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+  return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()})
 
 
 def trained_or_converted_params(config, workdir: str):
