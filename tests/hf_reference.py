@@ -44,3 +44,38 @@ def logits(directory: str, ids) -> "np.ndarray":  # noqa: F821
   model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
   with torch.no_grad():
     return model(torch.tensor([list(ids)], dtype=torch.long)).logits[0].numpy()
+
+
+JANUS_SPECIALS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<begin_of_image>", "<end_of_image>",
+                  "<image_placeholder>")
+
+
+def tiny_janus(directory: str, seed: int = 0, vocab_size: int = 384):
+  """A random Janus (2-layer Llama, 2-layer SigLIP-style ViT reading 32 px images as 4×4 patches, a VQGAN
+  with 4×4 codes of 64) and a tokenizer holding Janus's special tokens, saved with save_pretrained. Norms
+  are perturbed off 1/0 (a swapped scale and bias shows) and the codebook rows have unit norm (LlamaGen's
+  codebook is looked up by cosine: see unimm/convert/janus.py). Returns (model, tokenizer, ids of the
+  specials)."""
+  tokenizer = tiny_tokenizer(JANUS_SPECIALS)
+  tokenizer.save_pretrained(directory)
+  ids = [tokenizer.convert_tokens_to_ids(t) for t in JANUS_SPECIALS]
+  text = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=vocab_size, initializer_range=0.2, bos_token_id=ids[0],
+              eos_token_id=ids[1], pad_token_id=ids[2])
+  vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                projection_dim=64, num_image_tokens=16, initializer_range=0.2)
+  vq = dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+            num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, initializer_range=0.2)
+  config = transformers.JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids[5],
+                                    tie_word_embeddings=False)
+  torch.manual_seed(seed)
+  model = transformers.JanusForConditionalGeneration(config).eval()
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    codebook = model.model.vqmodel.quantize.embedding.weight
+    codebook.copy_(codebook / codebook.norm(dim=-1, keepdim=True))
+  model.save_pretrained(directory)
+  return model, tokenizer, dict(zip(("bos", "eos", "pad", "boi", "eoi", "img"), ids))

@@ -28,7 +28,7 @@ def test_codes_of_random_images_equal_transformers(tmp_path):
   model.save_pretrained(str(tmp_path))
   settings = chameleon.vq_settings(config.vq_config.to_dict())
   assert settings["attention_levels"] == (1,)  # 32 px → level 1 is at 16 px
-  params = chameleon.import_vq(safetensors_io.CheckpointReader(str(tmp_path)))
+  params = chameleon.import_vq(safetensors_io.CheckpointReader(str(tmp_path)), len(settings["channel_mults"]))
   tokenizer = vq.VQModel(vq.VQConfig(**settings), 3)
   fresh = tokenizer.init(jax_key(), np.zeros((1, 32, 32, 3), np.uint8))["params"]
   params = {**params, "decoder": fresh["decoder"]}  # transformers has no decoder: unimm trains it

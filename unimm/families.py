@@ -287,7 +287,7 @@ def vq_node() -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
       channels=128, channel_mults=(1, 1, 2, 2, 4), blocks_per_level=2, attention=True, z_channels=256,
       codebook_size=16384, code_dim=8, l2_normalized=True, beta=0.25, entropy_temperature=0.01, checkpoint="",
-      norm_groups=8, attention_levels=()))  # Chameleon's VQGAN: 32 groups, attention at some encoder levels
+      norm_groups=8, attention_levels=(), layout="unimm"))  # converted VQGANs' switches (unimm/models/vq.py)
 
 
 def vision_node() -> mlc.ConfigDict:
@@ -332,6 +332,7 @@ def code_family_defaults(config) -> None:
 def janus_defaults(config) -> None:
   code_family_defaults(config)
   config.model.vision = vision_node()
+  config.model.adaptor_gelu_exact = False  # the aligners' and image head's GELU: erf (a converted Janus) or tanh
   config.data.read_image_fit = "pad"  # Janus reads images letterboxed (its VLChatProcessor), writes them cropped
 
 

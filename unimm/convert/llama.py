@@ -184,26 +184,27 @@ def _require(reader, name: str) -> None:
                    f"{sorted(reader.keys())[:3]})")
 
 
-def import_params(reader, spec: LMSpec, *, scan: bool) -> dict:
+def import_params(reader, spec: LMSpec, *, scan: bool, prefix: str = "model.") -> dict:
   """{embed, decoder, lm_head} params (float32 NumPy) from a checkpoint reader, tensor by tensor: the result
-  is the only full copy held (a scanned stack is allocated once and filled layer by layer)."""
+  is the only full copy held (a scanned stack is allocated once and filled layer by layer). `prefix`: where
+  the decoder's tensors are (Janus: `model.language_model.`); the head is `lm_head.weight`."""
   b = spec.backbone
   params: dict = {}
-  _require(reader, "model.embed_tokens.weight")
-  embedding = np.asarray(reader.get("model.embed_tokens.weight"), np.float32)
+  _require(reader, f"{prefix}embed_tokens.weight")
+  embedding = np.asarray(reader.get(f"{prefix}embed_tokens.weight"), np.float32)
   if embedding.shape != (spec.vocab_size, b["dim"]):
-    raise ValueError(f"model.embed_tokens.weight has shape {embedding.shape}; config.json says "
+    raise ValueError(f"{prefix}embed_tokens.weight has shape {embedding.shape}; config.json says "
                      f"({spec.vocab_size}, {b['dim']})")
   _set(params, "embed/embedding", embedding)
-  head = "model.embed_tokens.weight" if spec.tied_embeddings and "lm_head.weight" not in reader else "lm_head.weight"
+  head = f"{prefix}embed_tokens.weight" if spec.tied_embeddings and "lm_head.weight" not in reader else "lm_head.weight"
   _require(reader, head)
   _set(params, "lm_head/kernel", np.ascontiguousarray(np.asarray(reader.get(head), np.float32).T))
-  _require(reader, "model.norm.weight")
-  _set(params, "decoder/final_norm/scale", np.asarray(reader.get("model.norm.weight"), np.float32))
+  _require(reader, f"{prefix}norm.weight")
+  _set(params, "decoder/final_norm/scale", np.asarray(reader.get(f"{prefix}norm.weight"), np.float32))
   for hf_name, path, kind in _layer_entries(b):
     stack = None
     for i in range(b["num_layers"]):
-      name = f"model.layers.{i}.{hf_name}"
+      name = f"{prefix}layers.{i}.{hf_name}"
       _require(reader, name)
       value = to_unimm(reader.get(name), kind, _heads_of(path, b), b["head_dim"])
       if not scan:
@@ -217,16 +218,17 @@ def import_params(reader, spec: LMSpec, *, scan: bool) -> dict:
   return params
 
 
-def export_tensors(params: dict, spec: LMSpec, *, scan: bool, dtype) -> Iterator[tuple[str, np.ndarray]]:
+def export_tensors(params: dict, spec: LMSpec, *, scan: bool, dtype,
+                   prefix: str = "model.") -> Iterator[tuple[str, np.ndarray]]:
   """(Hugging Face name, array in `dtype`) for every tensor of the LM, one at a time."""
   b = spec.backbone
   cast = lambda a: np.ascontiguousarray(np.asarray(a, np.float32).astype(dtype))  # noqa: E731
-  yield "model.embed_tokens.weight", cast(_get(params, "embed/embedding"))
+  yield f"{prefix}embed_tokens.weight", cast(_get(params, "embed/embedding"))
   for i in range(b["num_layers"]):
     for hf_name, path, kind in _layer_entries(b):
       value = _get(params, f"decoder/layers/{path}")[i] if scan else _get(params, f"decoder/layer_{i}/{path}")
-      yield f"model.layers.{i}.{hf_name}", cast(to_hf(value, kind))
-  yield "model.norm.weight", cast(_get(params, "decoder/final_norm/scale"))
+      yield f"{prefix}layers.{i}.{hf_name}", cast(to_hf(value, kind))
+  yield f"{prefix}norm.weight", cast(_get(params, "decoder/final_norm/scale"))
   if not spec.tied_embeddings:
     yield "lm_head.weight", cast(to_hf(_get(params, "lm_head/kernel"), "transpose"))
 

@@ -50,16 +50,16 @@ def _linear(array, heads: int | None = None, into_heads: bool = True) -> np.ndar
   return llama.to_unimm(array, "in_heads" if into_heads else "out_heads", heads, width // heads)
 
 
-def _attention(get, prefix: str, heads: int, packed_in: bool = False) -> dict:
-  """A biased multi-head attention's params; `packed_in`: torch's nn.MultiheadAttention (in_proj)."""
+def _attention(get, prefix: str, heads: int, packed_in: bool = False, out_proj: str = "out_proj") -> dict:
+  """A biased multi-head attention's params; `packed_in`: torch's nn.MultiheadAttention (in_proj); `out_proj`
+  the output projection's name (Janus's vision tower: projection_layer)."""
   out = {}
   if packed_in:
     w, b = np.asarray(get(prefix + "in_proj_weight"), np.float32), np.asarray(get(prefix + "in_proj_bias"), np.float32)
     pieces = zip("qkv", np.split(w, 3), np.split(b, 3))
-    o_name = prefix + "out_proj."
   else:
     pieces = ((n, get(f"{prefix}{n}_proj.weight"), get(f"{prefix}{n}_proj.bias")) for n in "qkv")
-    o_name = prefix + "out_proj."
+  o_name = f"{prefix}{out_proj}."
   for name, weight, bias in pieces:
     out[name] = {"kernel": _linear(weight, heads)}
     out[f"{name}_bias"] = np.asarray(bias, np.float32).reshape(heads, -1)
@@ -76,12 +76,17 @@ def _dense(get, prefix: str) -> dict:
   return {"kernel": _linear(get(prefix + "weight")), "bias": np.asarray(get(prefix + "bias"), np.float32)}
 
 
-def import_params(reader, settings: dict) -> dict:
-  """{"image_encoder": ViT params[, "map_head": MAP head params]} from a checkpoint reader."""
-  prefix = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in reader else ""
+def import_params(reader, settings: dict, prefix: str | None = None, out_proj: str = "out_proj") -> dict:
+  """{"image_encoder": ViT params[, "map_head": MAP head params]} from a checkpoint reader; `prefix` (default:
+  `vision_model.` where the checkpoint has it) and `out_proj` name Janus's tower inside its checkpoint.
+  Projections without biases (Janus's attention_bias=False) get zero biases."""
+  if prefix is None:
+    prefix = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in reader else ""
 
   def get(name):
     if prefix + name not in reader:
+      if name.endswith("_proj.bias") and prefix + name.removesuffix("bias") + "weight" in reader:
+        return np.zeros(np.shape(reader.get(prefix + name.removesuffix("bias") + "weight"))[0], np.float32)
       raise KeyError(f"tensor {prefix + name!r} is missing from the SigLIP checkpoint")
     return reader.get(prefix + name)
 
@@ -93,7 +98,7 @@ def import_params(reader, settings: dict) -> dict:
   for i in range(settings["depth"]):
     p = f"encoder.layers.{i}."
     vit[f"block_{i}"] = {"attn_norm": _norm(get, p + "layer_norm1."), "mlp_norm": _norm(get, p + "layer_norm2."),
-                         "attn": _attention(get, p + "self_attn.", heads),
+                         "attn": _attention(get, p + "self_attn.", heads, out_proj=out_proj),
                          "mlp": {"fc1": _dense(get, p + "mlp.fc1."), "fc2": _dense(get, p + "mlp.fc2.")}}
   out = {"image_encoder": vit}
   if settings["use_head"]:

@@ -35,6 +35,7 @@ import numpy as np
 CONVERTED_DIR = "converted"  # the converted weights inside the workdir (an orbax checkpoints directory, step 0)
 CONVERTED_VAE_DIR = "converted_vae"  # a converted AutoencoderKL (the Transfusion codec's `checkpoint`)
 CONVERTED_VISION_DIR = "converted_vision"  # a converted SigLIP tower (Janus's `model.vision.checkpoint`)
+CONVERTED_VQ_DIR = "converted_vq"  # a converted VQGAN (a code family's frozen `model.vq.checkpoint`)
 
 
 def _hf_config(directory: str) -> dict:
@@ -138,13 +139,15 @@ def import_any(source: str, workdir: str, base=None, **kwargs) -> dict:
   model_type, class_name = hf.get("model_type"), hf.get("_class_name")
   if model_type in llama.ARCHITECTURES:
     return import_lm(source, workdir, base, **kwargs)
+  if model_type == "janus":
+    return import_janus(source, workdir, base, **kwargs)
   if model_type in ("siglip_vision_model", "siglip"):
     return import_vision(source, workdir)
   if class_name == "AutoencoderKL":
     return {"autoencoder": import_vae(source, workdir)}
   raise ValueError(f"{source}: model_type {model_type!r} / _class_name {class_name!r}; unimm.convert imports "
-                   f"{llama.ARCHITECTURES} (Chameleon: its language model), siglip_vision_model and diffusers' "
-                   "AutoencoderKL (Janus is not converted yet)")
+                   f"{llama.ARCHITECTURES} (Chameleon: its language model), janus, siglip_vision_model and "
+                   "diffusers' AutoencoderKL")
 
 
 def place_for_mesh(config, params: dict, vocab: int | None) -> dict:
@@ -204,6 +207,54 @@ def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan
     logging.warning("%s has no tokenizer.json: set --config.data.tokenizer.path before training or sampling "
                     "(scoring token ids needs none).", source)
   return summary
+
+
+def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, scan: bool = True,
+                 vae: str | None = None, shard: bool = False) -> dict:
+  """A transformers Janus / Janus-Pro directory → a Janus-family workdir: `converted/0` (language model, ViT,
+  adaptors, generation embeddings and head), `converted_vq/0` (the frozen VQ tokenizer, as a family-vq run
+  holds it), config.json (`base`, default the Janus base config, with the checkpoint's sizes, switches and
+  tokenizer; `--config=configs/janus/pro_1b.py:stage2` keeps a recipe's data mix and schedule)."""
+  import configs.common as common  # pylint: disable=g-import-not-at-top
+  from unimm.convert import janus  # pylint: disable=g-import-not-at-top
+  from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  if vae:
+    raise ValueError("--vae is for Transfusion workdirs; Janus writes its images with its own VQ tokenizer")
+  t0 = time.time()
+  _fresh(os.path.join(workdir, CONVERTED_DIR))
+  _fresh(os.path.join(workdir, CONVERTED_VQ_DIR))
+  settings, params, vq_params = janus.load(source, seq_len=seq_len, scan=scan)
+  spec = settings["spec"]
+  config = base or common.base_config("janus")
+  if config.model.family != "janus":
+    raise ValueError(f"a Janus checkpoint converts into a family-janus config, not {config.model.family!r}")
+  tokenizer_ids = None
+  if os.path.exists(os.path.join(source, "tokenizer.json")):
+    roles = janus.special_tokens(tokenizer_lib.HFTokenizer.load(source).vocabulary())
+    config.data.tokenizer.special_tokens.update(roles)
+    tokenizer_ids = tokenizer_lib.HFTokenizer.load(source, roles).vocab_size
+  config = workdir_config(config, spec, source, tokenizer_ids, seq_len, scan)
+  config.model.backbone.bidirectional_images = False
+  config.model.vision.update(settings["vision"], checkpoint="")
+  config.model.adaptor_gelu_exact = settings["adaptor_gelu_exact"]
+  config.data.image_size = settings["image_size"]
+  config.data.image_slots = (settings["image_size"] // settings["vision"]["patch_size"]) ** 2
+  config.hf.image_token_id = settings["image_token_id"]
+  rows = int(config.model.vocab_size)
+  params = grow_vocabulary(params, rows)
+  os.makedirs(workdir, exist_ok=True)
+  vq_dir = os.path.join(os.path.abspath(workdir), CONVERTED_VQ_DIR)
+  config.model.vq.update(settings["vq"], checkpoint=vq_dir)
+  config.train.init_from = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
+  save_params(vq_dir, {"vq": vq_params})
+  count = sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(params).values())
+  if shard:
+    params = place_for_mesh(config, params, tokenizer_ids)
+  save_params(config.train.init_from, params)
+  config_record.write_record(workdir, config_record.make_record(config))
+  return {"workdir": workdir, "model_type": "janus", "params": count, "vocab": [spec.vocab_size, rows],
+          "tokenizer": tokenizer_ids is not None, "seconds": round(time.time() - t0, 2)}
 
 
 def export_spec(config, tokenizer_ids: int | None):

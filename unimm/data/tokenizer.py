@@ -199,6 +199,10 @@ class HFTokenizer:
     roles = {role: find_or_append(role, self._token(role)) for role in ("pad", "bos", "eos", "boi", "eoi", "img")}
     return SpecialIds(**roles, reserved=tuple(find_or_append("", r) for r in RESERVED)), next_free
 
+  def vocabulary(self) -> dict[str, int]:
+    """{token: id} of the tokenizer, its added tokens included."""
+    return self._tok.get_vocab(with_added_tokens=True)
+
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -183,6 +183,10 @@ class CodeImageGenerator:
     """uint8 images [N, H, W, C], one per prompt. `num_steps`/`sampler` are diffusion settings (the same
     call serves every family); codes are sampled with this generator's `options` and `guidance`."""
     del num_steps, sampler
+    return self.steps.to_pixels(self.code_tokens(prompts, rng, guidance=guidance))
+
+  def code_tokens(self, prompts: list[prompts_lib.Prompt], rng, *, guidance: float | None = 3.0) -> np.ndarray:
+    """The code tokens [N, slots] (`text_vocab + c`) drawn for each prompt's image."""
     steps = self.steps
     options = dataclasses.replace(steps.options, guidance=guidance)
     s, n = steps.specials, len(prompts)
@@ -198,5 +202,4 @@ class CodeImageGenerator:
     rows, images = prompts_lib.batch(both, pad_id=s.pad, max_images=m, image_shape=steps.task.image_shape)
     cache = cache_lib.empty(steps.model, len(both), cache_lib.bucket(rows.tokens.shape[1] + slots), steps.placement)
     logits, cache = steps.prefill(cache, rows, images)
-    codes = steps.draw(cache, logits, np.array([len(p) for p in both]), new_image, rng, options)
-    return steps.to_pixels(codes[:n])
+    return np.asarray(steps.draw(cache, logits, np.array([len(p) for p in both]), new_image, rng, options))[:n]

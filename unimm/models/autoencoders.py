@@ -178,9 +178,10 @@ class ConvDecoder(nn.Module):
   out_channels: int
   attention: bool = False
   groups: int = 8
-  # diffusers: blocks_per_level + 1 ResBlocks a level, ×2 upsampling by nearest neighbour then a 3×3 conv
-  # that keeps the width (the next level's first ResBlock changes it).
+  # diffusers (and taming's VQGAN): blocks_per_level + 1 ResBlocks a level, ×2 upsampling by nearest
+  # neighbour then a 3×3 conv that keeps the width (the next level's first ResBlock changes it).
   diffusers: bool = False
+  attention_levels: tuple[int, ...] = ()  # levels with self-attention after each of their blocks (VQGANs)
 
   @nn.compact
   def __call__(self, z):
@@ -189,6 +190,8 @@ class ConvDecoder(nn.Module):
     for i in reversed(range(len(self.channel_mults))):
       for j in range(self.blocks_per_level + int(self.diffusers)):
         x = ResBlock(self.channels * self.channel_mults[i], self.groups, name=f"up{i}_{j}")(x)
+        if i in self.attention_levels:
+          x = SpatialAttention(self.groups, name=f"up{i}_{j}_attn")(x)
       if i > 0 and self.diffusers:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         x = layers.conv(x.shape[-1], name=f"upsample{i}")(x)

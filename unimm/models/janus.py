@@ -46,12 +46,13 @@ class Adaptor(nn.Module):
   dtype: jnp.dtype
   out_name: str = axes.EMBED
   out_dtype: jnp.dtype | None = None  # float32 for the image head (logits), as the LM head's
+  gelu_exact: bool = False  # erf GELU (DeepSeek's nn.GELU(), transformers' "gelu"); default: tanh approximation
 
   @nn.compact
   def __call__(self, x):
     h = layers.dense(self.hidden, axes.EMBED_IN, axes.MLP, dtype=self.dtype, name="fc1")(x.astype(self.dtype))
     return layers.dense(self.features, axes.MLP, self.out_name, dtype=self.dtype, out_dtype=self.out_dtype,
-                        name="fc2")(nn.gelu(h))
+                        name="fc2")(nn.gelu(h, approximate=not self.gelu_exact))
 
 
 class JanusModel(nn.Module):
@@ -64,6 +65,7 @@ class JanusModel(nn.Module):
   slots: int  # slots per image: the ViT's patches = the tokenizer's codes
   image_shape: tuple[int, int, int] = (384, 384, 3)
   decode: bool = False
+  adaptor_gelu_exact: bool = False  # the aligners' and image head's GELU (config.model.adaptor_gelu_exact)
 
   @property
   def vocab_size(self) -> int:
@@ -77,14 +79,16 @@ class JanusModel(nn.Module):
     dt = c.compute_dtype
     self.embed = layers.Embed(self.text_vocab, c.dim, dtype=dt)
     self.vision_encoder = vit_lib.ViT(self.vision)
-    self.und_aligner = Adaptor(c.dim, c.dim, dt)
+    exact = self.adaptor_gelu_exact
+    self.und_aligner = Adaptor(c.dim, c.dim, dt, gelu_exact=exact)
     self.gen_embed = self.param("gen_embed", _named(nn.initializers.normal(1.0), (axes.CODES, axes.CODE_DIM)),
                                 (self.codebook_size, self.code_dim), jnp.float32)
-    self.gen_aligner = Adaptor(c.dim, c.dim, dt)
+    self.gen_aligner = Adaptor(c.dim, c.dim, dt, gelu_exact=exact)
     self.decoder = backbone.Backbone(c, decode=self.decode)
     self.lm_head = layers.DenseGeneral((self.text_vocab,), (axes.EMBED,), (axes.VOCAB,), dtype=dt,
                                        out_dtype=jnp.float32)
-    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name=axes.VOCAB, out_dtype=jnp.float32)
+    self.gen_head = Adaptor(c.dim, self.codebook_size, dt, out_name=axes.VOCAB, out_dtype=jnp.float32,
+                           gelu_exact=exact)
 
   def dummy_inputs(self, batch: int, length: int) -> tuple:
     return packed.Rows.one_document(batch, length), jnp.zeros((batch, self.max_images, *self.image_shape), jnp.uint8)
@@ -203,6 +207,7 @@ def build(config, text_vocab: int, frozen_tokenizer, image_shape, tokenizer_ids:
   model = JanusModel(text_vocab=text_vocab, codebook_size=cfg.codebook_size, code_dim=cfg.code_dim,
                      backbone=backbone.BackboneConfig.from_config(m.backbone),
                      vision=vit_lib.ViTConfig.from_config(m.vision), max_images=int(d.max_images_per_row),
-                     slots=int(d.image_slots), image_shape=tuple(image_shape))
+                     slots=int(d.image_slots), image_shape=tuple(image_shape),
+                     adaptor_gelu_exact=bool(m.get("adaptor_gelu_exact", False)))
   codes = code_images.CodeImages(vq.VQModel(cfg, image_shape[-1]), frozen_tokenizer, text_vocab, tuple(image_shape))
   return JanusTask(model=model, codes=codes, z_loss=float(m.z_loss), tokenizer_ids=tokenizer_ids or 0)

@@ -44,10 +44,16 @@ class VQConfig:
   beta: float = 0.25
   entropy_temperature: float = 0.01
   checkpoint: str = ""  # a trained tokenizer's checkpoint dir, for families that use it frozen
-  # Chameleon's VQGAN (unimm.convert): GroupNorm over 32 groups, attention after the blocks of these
-  # encoder levels; with l2_normalized=False its unnormalised Euclidean codebook.
+  # Converted VQGANs (unimm.convert: Chameleon's, Janus's): GroupNorm over 32 groups, attention after the
+  # blocks of these levels (encoder and decoder), layout "taming" (the decoder has one more block a level
+  # and upsamples by nearest neighbour + conv); Chameleon's codebook is Euclidean (l2_normalized=False).
   norm_groups: int = 8
   attention_levels: tuple[int, ...] = ()
+  layout: str = "unimm"  # unimm | taming
+
+  def __post_init__(self):
+    if self.layout not in ("unimm", "taming"):
+      raise ValueError(f"model.vq.layout={self.layout!r}; expected 'unimm' or 'taming'")
 
   @classmethod
   def from_config(cls, cfg) -> "VQConfig":
@@ -84,7 +90,9 @@ class VQModel(nn.Module):
                                                beta=c.beta, entropy_temperature=c.entropy_temperature)
     self.post_quant_proj = layers.dense(c.z_channels, axes.CODE_DIM, axes.CONV_OUT)
     self.decoder = autoencoders.ConvDecoder(c.channels, c.channel_mults, c.blocks_per_level, self.image_channels,
-                                            attention=c.attention, groups=c.norm_groups)
+                                            attention=c.attention, groups=c.norm_groups,
+                                            diffusers=c.layout == "taming",
+                                            attention_levels=tuple(c.attention_levels))
 
   def features(self, images):
     """uint8 images [N, H, W, C] → pre-quantisation features [N, h, w, code_dim]."""

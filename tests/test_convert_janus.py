@@ -1,0 +1,105 @@
+"""transformers' Janus → a unimm Janus workdir, judged by transformers' own JanusForConditionalGeneration:
+understanding logits (an image through SigLIP + aligner), generation-head logits over codes, VQ encode and
+decode, greedy image codes with classifier-free guidance, and the round trip back to Hugging Face."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import hf_reference  # noqa: E402
+from unimm import families, main  # noqa: E402
+from unimm.convert import workdir as convert_workdir  # noqa: E402
+from unimm.data import packed, pipeline  # noqa: E402
+from unimm.inference import codes as codes_lib, prompts as prompts_lib  # noqa: E402
+from unimm.train import config_record  # noqa: E402
+
+TOL = 1e-4
+VOCAB = 384
+
+
+@pytest.fixture(scope="module")
+def janus(tmp_path_factory):
+  """(reference model, specials, the converted workdir, its task and params in float32)."""
+  root = tmp_path_factory.mktemp("janus")
+  source, workdir = str(root / "hf"), str(root / "workdir")
+  model, _, ids = hf_reference.tiny_janus(source, vocab_size=VOCAB)
+  summary = convert_workdir.import_any(source, workdir, seq_len=128)
+  assert summary["model_type"] == "janus" and summary["vocab"] == [VOCAB, VOCAB] and summary["tokenizer"]
+  config = config_record.load_config(workdir)
+  config.model.backbone.dtype = config.model.vision.dtype = "float32"
+  tokenizer = pipeline.load_tokenizer(config.data)
+  assert (tokenizer.specials.boi, tokenizer.specials.eoi, tokenizer.specials.img, tokenizer.specials.pad) == (
+      ids["boi"], ids["eoi"], ids["img"], ids["pad"])  # Janus's own markers in unimm's roles
+  task = families.build_task(config, tokenizer.vocab_size, frozen_codec=families.load_frozen_codec(config))
+  return model, ids, workdir, task, main.starting_params(config, task), tokenizer
+
+
+def _rows(tokens, image_ids):
+  t = len(tokens)
+  return packed.Rows(tokens=jnp.array([tokens]), positions=jnp.arange(t)[None], segment_ids=jnp.ones((1, t), jnp.int32),
+                     image_ids=jnp.array([image_ids]))
+
+
+def _pixels(images):
+  return torch.tensor(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+
+
+def test_understanding_logits_with_an_image(janus):
+  model, ids, _, task, params, _ = janus
+  image = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3)).astype(np.uint8)
+  tokens = [ids["bos"], 17, 33, ids["boi"]] + [ids["img"]] * 16 + [ids["eoi"], 40, 41, 42]
+  with torch.no_grad():
+    reference = model(input_ids=torch.tensor([tokens]), pixel_values=_pixels(image)).logits[0].numpy()
+  rows = _rows(tokens, [int(t == ids["img"]) for t in tokens])
+  ours = np.asarray(task.model.apply({"params": params}, rows, jnp.asarray(image[:, None]))[0, :, :VOCAB])
+  assert np.abs(ours - reference).max() <= TOL
+
+
+def test_generation_head_logits_over_codes(janus):
+  model, ids, _, task, params, _ = janus
+  codes = np.random.default_rng(1).integers(0, 64, 16)
+  text = [ids["bos"], 17, 33, ids["boi"]]
+  with torch.no_grad():
+    embeds = torch.cat([model.get_input_embeddings()(torch.tensor([text])),
+                        model.prepare_embeddings_for_image_generation(torch.tensor(codes[None]))], 1)
+    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    reference = model.model.generation_head(hidden)[0].numpy()
+  rows = _rows(text + [VOCAB + int(c) for c in codes], [0] * 4 + [1] * 16)
+  ours = np.asarray(task.model.apply({"params": params}, rows)[0, :, VOCAB:])
+  assert np.abs(ours - reference).max() <= TOL
+
+
+def test_vq_codes_and_decodes(janus):
+  model, _, _, task, _, _ = janus
+  images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+  tokenizer, params = task.codes.tokenizer, task.codes.params
+  ours = np.asarray(tokenizer.apply({"params": params}, images, method=tokenizer.encode)).reshape(3, -1)
+  with torch.no_grad():
+    reference = model.model.vqmodel.encode(_pixels(images)).image_tokens.reshape(3, -1).numpy()
+    decoded = model.model.vqmodel.decode(torch.tensor(reference)).permute(0, 2, 3, 1).numpy()
+  assert np.array_equal(ours, reference) and len(np.unique(reference)) > 8
+  pixels = np.asarray(tokenizer.apply({"params": params}, jnp.asarray(reference.reshape(3, 4, 4)),
+                                      method=tokenizer.decode_codes))
+  assert np.abs(pixels - decoded).max() <= 1e-4 * max(1.0, np.abs(decoded).max())
+
+
+def test_greedy_image_codes_with_guidance_equal_generate(janus):
+  model, ids, _, task, params, tokenizer = janus
+  generator = codes_lib.CodeImageGenerator(task, params, tokenizer.specials,
+                                           options=codes_lib.CodeSampling(temperature=0.0))
+  texts = [[17, 33, 40], [50, 60, 70, 80, 90], [100]]
+  prompts = [prompts_lib.Prompt([ids["bos"]] + t, [0] * (len(t) + 1), []) for t in texts]
+  ours = generator.code_tokens(prompts, jax.random.key(0), guidance=4.0) - VOCAB
+  settings = transformers.GenerationConfig(do_sample=False, guidance_scale=4.0, bos_token_id=ids["bos"],
+                                           pad_token_id=ids["pad"], generation_kwargs={"boi_token_id": ids["boi"]})
+  for text, codes in zip(texts, ours):
+    prompt = torch.tensor([[ids["bos"]] + text + [ids["boi"]]])
+    with torch.no_grad():
+      reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image",
+                                 generation_config=settings)[0].numpy()
+    assert np.array_equal(codes, reference), (codes, reference)
+  assert len(np.unique(ours)) > 8
