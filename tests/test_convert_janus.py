@@ -103,3 +103,62 @@ def test_greedy_image_codes_with_guidance_equal_generate(janus):
                                  generation_config=settings)[0].numpy()
     assert np.array_equal(codes, reference), (codes, reference)
   assert len(np.unique(ours)) > 8
+
+
+def test_export_round_trip_gives_the_same_tensors_and_logits(janus, tmp_path):
+  """HF → unimm → HF (`python -m unimm.convert --to_hf`): every tensor back as it was, and
+  `from_pretrained` of the export computes the reference's logits."""
+  import subprocess, sys, os  # pylint: disable=g-import-not-at-top,multiple-imports
+  from unimm.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  model, ids, workdir, _, _, _ = janus
+  out = tmp_path / "exported"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "unimm.convert", "--to_hf", f"--workdir={workdir}", f"--out={out}"],
+                        cwd=repo, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  source = safetensors_io.CheckpointReader(os.path.join(os.path.dirname(workdir), "hf"))
+  exported = safetensors_io.CheckpointReader(str(out))
+  assert sorted(exported.keys()) == sorted(source.keys())
+  for name in source.keys():
+    assert np.array_equal(np.asarray(exported.get(name)), np.asarray(source.get(name))), name
+  reloaded = transformers.JanusForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+  image = np.random.default_rng(3).integers(0, 256, (1, 32, 32, 3)).astype(np.uint8)
+  tokens = torch.tensor([[ids["bos"], 9, ids["boi"]] + [ids["img"]] * 16 + [ids["eoi"], 12]])
+  with torch.no_grad():
+    a = reloaded(input_ids=tokens, pixel_values=_pixels(image)).logits
+    b = model(input_ids=tokens, pixel_values=_pixels(image)).logits
+  assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_converted_janus_trains_a_stage_then_exports(tmp_path):
+  """The README's path: Janus into the tiny recipe's stage II (shapes data), three steps on the workdir
+  alone, export; transformers' logits of the export are what `--mode=score` computes on the workdir."""
+  import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  source, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
+  hf_reference.tiny_janus(source, seed=5, vocab_size=VOCAB)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(module, *args):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
+  run("unimm.convert", f"--from_hf={source}", f"--workdir={workdir}", "--config=configs/janus/tiny.py:stage2",
+      "--seq_len=256")
+  log = run("unimm.main", f"--workdir={workdir}", "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
+            "--config.train.final_eval_examples=0", "--config.train.sample_every=0")
+  assert "62 of 62 params" in log  # every param from the checkpoint, none fresh
+  out = tmp_path / "exported"
+  run("unimm.convert", "--to_hf", f"--workdir={workdir}", f"--out={out}")
+  seq = [0, 9, 33, 120, 7]
+  (tmp_path / "score.jsonl").write_text(json.dumps({"id": "s", "token_ids": seq}) + "\n")
+  run("unimm.main", "--mode=score", f"--workdir={workdir}", f"--inputs={tmp_path / 'score.jsonl'}",
+      f"--out={tmp_path / 'o'}")
+  trained = np.load(tmp_path / "o" / "s.npy")
+  exported = transformers.JanusForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+  original = transformers.JanusForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+  with torch.no_grad():
+    after, before = (m(input_ids=torch.tensor([seq])).logits[0].numpy() for m in (exported, original))
+  assert np.abs(trained - after).max() <= TOL
+  assert np.abs(trained - before).max() > 100 * TOL  # training moved the weights

@@ -41,7 +41,7 @@ def main(argv):
   else:
     if not _OUT.value:
       raise app.UsageError("--to_hf needs --out=DIR")
-    summary = workdir.export_lm(_WORKDIR.value, _OUT.value, dtype=_DTYPE.value,
+    summary = workdir.export(_WORKDIR.value, _OUT.value, dtype=_DTYPE.value,
                                 max_shard_bytes=int(_MAX_SHARD_GB.value * 2 ** 30))
   print(json.dumps(summary))
 

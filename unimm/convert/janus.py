@@ -129,3 +129,63 @@ def load(directory: str, *, seq_len: int, scan: bool = True) -> tuple[dict, dict
 def special_tokens(vocabulary: dict) -> dict:
   """`data.tokenizer.special_tokens` for a Janus tokenizer: the image markers and PAD it has."""
   return {role: token for role, token in SPECIAL_TOKENS.items() if token in vocabulary}
+
+
+def _export_refusals(config) -> list[str]:
+  """The settings of a Janus config that transformers' Janus cannot hold."""
+  m = config.model
+  vq, vision, mults = m.vq, m.vision, tuple(m.vq.channel_mults)
+  checks = {"model.vq.layout": (vq.get("layout", "unimm"), "taming"),
+            "model.vq.norm_groups": (int(vq.norm_groups), 32),
+            "model.vq.attention_levels": (tuple(vq.attention_levels), (len(mults) - 1,)),
+            "model.vq.attention": (bool(vq.attention), True),
+            "model.vq.l2_normalized": (bool(vq.l2_normalized), True),
+            "model.vision.feature_layer": (int(vision.feature_layer), -1),
+            "model.adaptor_gelu_exact": (bool(m.get("adaptor_gelu_exact", False)), bool(vision.gelu_exact))}
+  return [f"{k}={v!r} (transformers' Janus has {want!r})" for k, (v, want) in checks.items() if v != want]
+
+
+def hf_config(config, spec: "llama.LMSpec", *, dtype: str) -> dict:
+  """A JanusForConditionalGeneration config.json for a unimm Janus config; refuses, by name, what the
+  format cannot hold."""
+  refused = _export_refusals(config)
+  if refused:
+    raise ValueError(f"cannot export as transformers' Janus: {'; '.join(refused)}")
+  m, d = config.model, config.data
+  dim, act = spec.backbone["dim"], "gelu" if m.vision.gelu_exact else "gelu_pytorch_tanh"
+  text = llama.hf_config(spec, tied=False, dtype=dtype)
+  text.pop("architectures")
+  image_size, patch = int(d.image_size), int(m.vision.patch_size)
+  vision = dict(model_type="janus_vision_model", hidden_size=int(m.vision.width),
+                num_hidden_layers=int(m.vision.depth), num_attention_heads=int(m.vision.num_heads),
+                image_size=image_size, patch_size=patch, mlp_ratio=int(m.vision.mlp_dim) / int(m.vision.width),
+                hidden_act=act, layer_norm_eps=1e-6, attention_bias=True, use_qk_norm=False, projection_dim=dim,
+                depth=2, num_image_tokens=(image_size // patch) ** 2)
+  mults = [int(x) for x in m.vq.channel_mults]
+  vq = dict(model_type="janus_vqgan", embed_dim=int(m.vq.code_dim), num_embeddings=int(m.vq.codebook_size),
+            latent_channels=int(m.vq.z_channels), base_channels=int(m.vq.channels), channel_multiplier=mults,
+            num_res_blocks=int(m.vq.blocks_per_level), in_channels=int(d.image_channels),
+            out_channels=int(d.image_channels), projection_dim=dim, image_token_embed_dim=dim, num_hidden_layers=2,
+            hidden_act=act, num_patches=image_size // 2 ** (len(mults) - 1))
+  hf = config.get("hf") or {}
+  return {"architectures": ["JanusForConditionalGeneration"], "model_type": "janus", "text_config": text,
+          "vision_config": vision, "vq_config": vq, "image_token_id": int(hf.get("image_token_id", -1)),
+          "tie_word_embeddings": False, "torch_dtype": dtype}
+
+
+def export_tensors(params: dict, vq_params: dict, spec: "llama.LMSpec", config, *, scan: bool, dtype):
+  """(transformers name, array in `dtype`) for every tensor of the Janus model, one at a time."""
+  cast = lambda a: np.ascontiguousarray(np.asarray(a, np.float32).astype(dtype))  # noqa: E731
+  yield from llama.export_tensors(params, spec, scan=scan, dtype=dtype, prefix=LM_PREFIX)
+  for name, a in siglip.export_tensors(params["vision_encoder"], VISION_PREFIX, "projection_layer"):
+    yield name, cast(a)
+  adaptors = {"und_aligner": ("model.aligner.fc1", "model.aligner.hidden_layers.0"),
+              "gen_aligner": ("model.generation_aligner.fc1", "model.generation_aligner.hidden_layers.0"),
+              "gen_head": ("model.generation_head.proj_out", "model.generation_head.vision_head")}
+  for ours, names in adaptors.items():
+    for fc, name in zip(("fc1", "fc2"), names):
+      yield f"{name}.weight", cast(np.asarray(params[ours][fc]["kernel"]).T)
+      yield f"{name}.bias", cast(params[ours][fc]["bias"])
+  yield "model.generation_embeddings.weight", cast(params["gen_embed"])
+  for name, a in vqgan.export_tensors(vq_params, VQ_PREFIX, len(config.model.vq.channel_mults)):
+    yield name, cast(a)

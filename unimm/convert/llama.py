@@ -279,6 +279,15 @@ def load(directory: str, *, seq_len: int, scan: bool = True) -> tuple[LMSpec, di
   return spec, import_params(safetensors_io.CheckpointReader(directory), spec, scan=scan)
 
 
+def numpy_dtype(name: str):
+  """The NumPy dtype an export writes for a Hugging Face dtype name."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  out = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(name)
+  if out is None:
+    raise ValueError(f"export dtype {name!r}; expected float32, bfloat16 or float16")
+  return out
+
+
 def save(params: dict, spec: LMSpec, directory: str, *, scan: bool, dtype: str | None = None,
          max_shard_bytes: int = 5 * 2 ** 30) -> list[str]:
   """Writes the LM as a Hugging Face model directory (config.json + safetensors, sharded past
@@ -286,12 +295,9 @@ def save(params: dict, spec: LMSpec, directory: str, *, scan: bool, dtype: str |
   spec's (the source checkpoint's). Returns the weight files written."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
   from unimm.convert import safetensors_io  # pylint: disable=g-import-not-at-top
   dtype = dtype or spec.torch_dtype
-  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(dtype)
-  if np_dtype is None:
-    raise ValueError(f"export dtype {dtype!r}; expected float32, bfloat16 or float16")
+  np_dtype = numpy_dtype(dtype)
   tied = spec.tied_embeddings and heads_tied(params)
   spec = dataclasses.replace(spec, tied_embeddings=tied)
   os.makedirs(directory, exist_ok=True)

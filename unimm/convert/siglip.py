@@ -121,3 +121,32 @@ def vit_config(settings: dict, **overrides):
   from unimm.models import vit  # pylint: disable=g-import-not-at-top
   keys = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "gelu_exact")
   return vit.ViTConfig(**{k: settings[k] for k in keys}, **overrides)
+
+
+def export_tensors(vit: dict, prefix: str = "vision_model.", out_proj: str = "out_proj"):
+  """(Hugging Face name, float32 array) for every tensor of a unimm ViT (`image_encoder` params): the
+  inverse of `import_params`' tower (no MAP head)."""
+  f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))  # noqa: E731
+
+  def norm(name, node):
+    yield f"{prefix}{name}.weight", f32(node["scale"])
+    yield f"{prefix}{name}.bias", f32(node["bias"])
+
+  yield f"{prefix}embeddings.patch_embedding.weight", f32(np.asarray(vit["patch_embed"]["kernel"]).transpose(3, 2, 0, 1))
+  yield f"{prefix}embeddings.patch_embedding.bias", f32(vit["patch_embed"]["bias"])
+  yield f"{prefix}embeddings.position_embedding.weight", f32(vit["pos_embedding"])
+  depth = sum(1 for k in vit if k.startswith("block_"))
+  for i in range(depth):
+    block, p = vit[f"block_{i}"], f"encoder.layers.{i}."
+    yield from norm(p + "layer_norm1", block["attn_norm"])
+    yield from norm(p + "layer_norm2", block["mlp_norm"])
+    attn = block["attn"]
+    for n in "qkv":
+      yield f"{prefix}{p}self_attn.{n}_proj.weight", f32(llama.to_hf(attn[n]["kernel"], "in_heads"))
+      yield f"{prefix}{p}self_attn.{n}_proj.bias", f32(np.reshape(attn[f"{n}_bias"], -1))
+    yield f"{prefix}{p}self_attn.{out_proj}.weight", f32(llama.to_hf(attn["o"]["kernel"], "out_heads"))
+    yield f"{prefix}{p}self_attn.{out_proj}.bias", f32(attn["o_bias"])
+    for fc in ("fc1", "fc2"):
+      yield f"{prefix}{p}mlp.{fc}.weight", f32(np.asarray(block["mlp"][fc]["kernel"]).T)
+      yield f"{prefix}{p}mlp.{fc}.bias", f32(block["mlp"][fc]["bias"])
+  yield from norm("post_layernorm", vit["final_norm"])

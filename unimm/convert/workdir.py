@@ -240,7 +240,8 @@ def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, s
   config.model.adaptor_gelu_exact = settings["adaptor_gelu_exact"]
   config.data.image_size = settings["image_size"]
   config.data.image_slots = (settings["image_size"] // settings["vision"]["patch_size"]) ** 2
-  config.hf.image_token_id = settings["image_token_id"]
+  with config.unlocked():
+    config.hf.image_token_id = settings["image_token_id"]  # the text model's keys, and Janus's placeholder
   rows = int(config.model.vocab_size)
   params = grow_vocabulary(params, rows)
   os.makedirs(workdir, exist_ok=True)
@@ -293,34 +294,81 @@ def export_spec(config, tokenizer_ids: int | None):
                       None if window < 0 else window)
 
 
-def export_lm(workdir: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> dict:
-  """The workdir's text model (its latest checkpoint, else its converted weights) → a Hugging Face LM."""
-  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+def export(workdir: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> dict:
+  """The workdir's model (its latest checkpoint, else its converted weights) → a Hugging Face directory: a
+  Janus workdir as `JanusForConditionalGeneration`, any other family's text model as a Llama-kind LM (with
+  what it holds besides: `export_beside`)."""
   from unimm.train import config_record  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
   config = config_record.load_config(workdir)
+  if config.model.family == "janus":
+    return export_janus(config, workdir, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  return export_lm(workdir, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def _text_model(config, workdir: str):
+  """(spec, params as NumPy with padding rows dropped, step) of the workdir's text model."""
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     tokenizer_ids = pipeline.load_tokenizer(config.data).vocab_size
   except (FileNotFoundError, OSError):
     tokenizer_ids = None
   spec = export_spec(config, tokenizer_ids)
   params, step = trained_or_converted_params(config, workdir)
-  extra = {k: v for k, v in params.items() if k not in ("embed", "decoder", "lm_head")}
-  params = {k: _to_numpy(params[k]) for k in ("embed", "decoder", "lm_head")}
+  params = _to_numpy(params)
   params["embed"]["embedding"] = params["embed"]["embedding"][:spec.vocab_size]  # padding rows dropped
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"][:, :spec.vocab_size]
-  files = llama.save(params, spec, out, scan=bool(config.model.backbone.scan), dtype=dtype,
-                     max_shard_bytes=max_shard_bytes)
-  if os.path.isdir(str(config.data.tokenizer.path)):  # the tokenizer travels with the model
-    import shutil  # pylint: disable=g-import-not-at-top
+  return spec, params, step
+
+
+def _copy_tokenizer(config, out: str) -> None:
+  """The tokenizer travels with the model."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(str(config.data.tokenizer.path)):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
       src = os.path.join(config.data.tokenizer.path, name)
       if os.path.exists(src):
         shutil.copy(src, os.path.join(out, name))
+
+
+def export_lm(workdir: str, out: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2 ** 30) -> dict:
+  """The workdir's text model (its latest checkpoint, else its converted weights) → a Hugging Face LM."""
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  config = config_record.load_config(workdir)
+  spec, params, step = _text_model(config, workdir)
+  extra = {k: v for k, v in params.items() if k not in ("embed", "decoder", "lm_head")}
+  files = llama.save(params, spec, out, scan=bool(config.model.backbone.scan), dtype=dtype,
+                     max_shard_bytes=max_shard_bytes)
+  _copy_tokenizer(config, out)
   beside = export_beside(config, extra, out)
   return {"out": out, "model_type": spec.model_type, "step": step, "vocab": spec.vocab_size, "files": files,
           **beside, "seconds": round(time.time() - t0, 2)}
+
+
+def export_janus(config, workdir: str, out: str, *, dtype: str | None = None,
+                 max_shard_bytes: int = 5 * 2 ** 30) -> dict:
+  """A Janus workdir → a `JanusForConditionalGeneration` directory (its frozen VQ tokenizer included)."""
+  from unimm.convert import janus, llama, safetensors_io  # pylint: disable=g-import-not-at-top
+  from unimm.models import code_images  # pylint: disable=g-import-not-at-top
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  spec, params, step = _text_model(config, workdir)
+  dtype = dtype or spec.torch_dtype
+  hf = janus.hf_config(config, spec, dtype=dtype)  # refuses before anything is written
+  if not config.model.vq.checkpoint:
+    raise ValueError("the Janus workdir names no model.vq.checkpoint: its VQ tokenizer cannot be exported")
+  vq_params = _to_numpy(code_images.tokenizer_params(
+      checkpoint.Checkpointer(config.model.vq.checkpoint, async_save=False).restore_params()))
+  os.makedirs(out, exist_ok=True)
+  files = safetensors_io.write_sharded(out, janus.export_tensors(
+      params, vq_params, spec, config, scan=bool(config.model.backbone.scan), dtype=llama.numpy_dtype(dtype)),
+                                       max_shard_bytes)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  _copy_tokenizer(config, out)
+  return {"out": out, "model_type": "janus", "step": step, "vocab": spec.vocab_size, "files": files,
+          "seconds": round(time.time() - t0, 2)}
 
 
 def export_beside(config, extra: dict, out: str) -> dict:
