@@ -45,6 +45,52 @@ def _lm_diff(model, directory: str) -> float:
   return float(np.abs(ours - ref)[finite].max())
 
 
+def _janus(tmp: str) -> dict:
+  """Janus: understanding logits (an image through SigLIP + aligner), generation-head logits over codes, VQ
+  codes (fraction equal) and decodes, against transformers' JanusForConditionalGeneration."""
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  import hf_reference  # pylint: disable=g-import-not-at-top
+  from unimm import families, main as unimm_main  # pylint: disable=g-import-not-at-top
+  from unimm.convert import workdir  # pylint: disable=g-import-not-at-top
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  model, _, ids = hf_reference.tiny_janus(os.path.join(tmp, "hf"))
+  workdir.import_janus(os.path.join(tmp, "hf"), os.path.join(tmp, "w"), seq_len=128)
+  config = config_record.load_config(os.path.join(tmp, "w"))
+  config.model.backbone.dtype = config.model.vision.dtype = "float32"
+  task = families.build_task(config, pipeline.load_tokenizer(config.data).vocab_size,
+                             frozen_codec=families.load_frozen_codec(config))
+  params = unimm_main.starting_params(config, task)
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, (1, 32, 32, 3)).astype(np.uint8)
+  pixels = torch.tensor(image.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+  codes = rng.integers(0, 64, 16)
+  tokens = [ids["bos"], 17, ids["boi"]] + [ids["img"]] * 16 + [ids["eoi"], 40, ids["boi"]]
+  written = tokens + [384 + int(c) for c in codes]
+  t = len(written)
+  image_ids = [int(x == ids["img"]) for x in tokens] + [2] * 16
+  rows = packed.Rows(np.array([written], np.int32), np.arange(t, dtype=np.int32)[None], np.ones((1, t), np.int32),
+                     np.array([image_ids], np.int32))
+  ours = np.asarray(task.model.apply({"params": params}, rows, np.stack([image, image], 1)))[0]
+  with torch.no_grad():
+    embeds = model.get_input_embeddings()(torch.tensor([tokens]))
+    embeds[0, 3:19] = model.model.get_image_features(pixels).pooler_output[0]
+    embeds = torch.cat([embeds, model.prepare_embeddings_for_image_generation(torch.tensor(codes[None]))], 1)
+    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    text_logits, code_logits = model.lm_head(hidden)[0].numpy(), model.model.generation_head(hidden)[0].numpy()
+    images = rng.integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+    ref_codes = model.model.vqmodel.encode(torch.tensor(images.astype(np.float32) / 127.5 - 1).permute(
+        0, 3, 1, 2)).image_tokens.reshape(4, -1).numpy()
+    ref_pixels = model.model.vqmodel.decode(torch.tensor(ref_codes)).permute(0, 2, 3, 1).numpy()
+  vq, vq_params = task.codes.tokenizer, task.codes.params
+  our_codes = np.asarray(vq.apply({"params": vq_params}, images, method=vq.encode)).reshape(4, -1)
+  decoded = np.asarray(vq.apply({"params": vq_params}, ref_codes.reshape(4, 4, 4), method=vq.decode_codes))
+  return {"janus_text_logits_with_image": float(np.abs(ours[:, :384] - text_logits).max()),
+          "janus_generation_head_logits": float(np.abs(ours[:, 384:] - code_logits).max()),
+          "janus_vq_codes_equal_fraction": float((our_codes == ref_codes).mean()),
+          "janus_vq_decode": float(np.abs(decoded - ref_pixels).max())}
+
+
 def main():
   torch.manual_seed(0)
   out = {}
@@ -96,6 +142,7 @@ def main():
     decoded = ours.apply({"params": params}, (ref_mean.permute(0, 2, 3, 1).numpy() - 0.1) * 0.3, method=ours.decode)
     out["autoencoder_kl_latent_mean"] = float(np.abs(np.asarray(mean) - ref_mean.permute(0, 2, 3, 1).numpy()).max())
     out["autoencoder_kl_decode"] = float(np.abs(np.asarray(decoded) - ref_decoded).max())
+    out.update(_janus(os.path.join(tmp, "janus")))
   print(json.dumps({k: float(f"{v:.3g}") for k, v in out.items()}))
 
 
