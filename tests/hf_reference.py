@@ -79,3 +79,33 @@ def tiny_janus(directory: str, seed: int = 0, vocab_size: int = 384):
     codebook.copy_(codebook / codebook.norm(dim=-1, keepdim=True))
   model.save_pretrained(directory)
   return model, tokenizer, dict(zip(("bos", "eos", "pad", "boi", "eoi", "img"), ids))
+
+
+CHAMELEON_IMAGE_TOKENS = [f"IMGIMG{''.join(chr(ord('A') + int(d)) for d in str(c))}Z" for c in range(64)]
+
+
+def tiny_chameleon(directory: str, seed: int = 0, vocab_size: int = 384, swin: bool = False, silent=()):
+  """A random Chameleon (2 layers, per-head LayerNorm QK-norm; a VQGAN with 8×8 codes of 64 for 32 px
+  images) whose tokenizer holds its specials and its 64 image tokens (ids 6..69, as Chameleon's image tokens
+  are a range of its vocabulary), saved with save_pretrained. `silent` ids get zero LM-head rows (logit 0:
+  ids unimm never samples as text). Returns (model, tokenizer, {code: BPE id})."""
+  specials = ("<s>", "</s>", "<pad>", "<racm3:break>", "<eoss>", "<image>", *CHAMELEON_IMAGE_TOKENS)
+  tokenizer = tiny_tokenizer(specials, vocab_size=330)
+  tokenizer.save_pretrained(directory)
+  vocabulary = tokenizer.get_vocab()
+  config = transformers.ChameleonConfig(
+      vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, initializer_range=0.2, swin_norm=swin, bos_token_id=vocabulary["<s>"],
+      eos_token_id=vocabulary["</s>"], pad_token_id=vocabulary["<pad>"], vocabulary_map=vocabulary,
+      vq_config={"embed_dim": 8, "num_embeddings": 64, "latent_channels": 32, "resolution": 32, "base_channels": 32,
+                 "channel_multiplier": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [8]})
+  torch.manual_seed(seed)
+  model = transformers.ChameleonForConditionalGeneration(config).eval()
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    model.lm_head.weight[list(silent)] = 0
+  model.save_pretrained(directory)
+  return model, tokenizer, {c: vocabulary[t] for c, t in enumerate(CHAMELEON_IMAGE_TOKENS)}

@@ -231,7 +231,8 @@ def chameleon_task(config, vocab_size: int, frozen_codec=None) -> chameleon.Cham
       vocab_size=text_vocab + cfg.codebook_size, backbone=backbone.BackboneConfig.from_config(m.backbone),
       max_images=int(d.max_images_per_row), slots=int(d.image_slots))
   codes = code_images.CodeImages(vq.VQModel(cfg, image_shape[-1]), frozen_codec, text_vocab, image_shape)
-  return chameleon.ChameleonTask(model=model, codes=codes, z_loss=float(m.z_loss), tokenizer_ids=vocab_size or 0)
+  return chameleon.ChameleonTask(model=model, codes=codes, z_loss=float(m.z_loss), tokenizer_ids=vocab_size or 0,
+                                 image_token_range=tuple(int(i) for i in m.get("image_token_range", (0, 0))))
 
 
 def tokenizer_task(config, vocab_size: int, frozen_codec=None) -> vq.TokenizerTask:
@@ -327,6 +328,9 @@ def code_family_defaults(config) -> None:
   """Chameleon's and Janus's own keys: the frozen VQ tokenizer whose codes are their images (`model.vq`);
   Janus also reads images with a ViT (`model.vision`, added by `janus_defaults`)."""
   config.model.vq = vq_node()
+  # [start, stop): text ids that are image tokens in a converted Chameleon's vocabulary (its codes live at
+  # text_vocab + c as well): never sampled as text. (0, 0): none.
+  config.model.image_token_range = (0, 0)
 
 
 def janus_defaults(config) -> None:

@@ -12,6 +12,8 @@ vq` with `train.trainable=("decoder", "post_quant_proj")`).
 
 from __future__ import annotations
 
+import numpy as np
+
 from unimm.convert import vqgan
 
 PREFIX = "model.vqmodel."
@@ -45,3 +47,55 @@ def import_vq(reader, levels: int) -> dict:
   """The VQ tokenizer's encoder, projections and codebook (float32 NumPy) from a Chameleon checkpoint
   (`levels`: len(channel_multiplier))."""
   return vqgan.import_params(reader, PREFIX, levels, parts=("encoder",))
+
+
+# The released tokenizer's image markers, mapped to unimm's roles where the tokenizer has them.
+SPECIAL_TOKENS = {"boi": "<racm3:break>", "eoi": "<eoss>", "img": "<image>"}
+
+
+def read_settings(hf: dict, seq_len: int) -> dict:
+  """unimm's settings for a Chameleon config.json: the LM spec, `model.vq`, the image size, and the BPE ids of
+  the codes (`code_ids[c]`, an array over the codebook)."""
+  from unimm.convert import llama  # pylint: disable=g-import-not-at-top
+  spec = llama.read_spec(hf, seq_len)
+  vq = vq_settings(hf["vq_config"])
+  codes = code_vocabulary(hf.get("vocabulary_map") or {})
+  if sorted(codes) != list(range(vq["codebook_size"])):
+    raise ValueError(f"Chameleon vocabulary_map names {len(codes)} image tokens (IMGIMG…Z) for a codebook of "
+                     f"{vq['codebook_size']}: every code needs its BPE id")
+  code_ids = np.array([codes[c] for c in range(vq["codebook_size"])], np.int64)
+  if code_ids.max() - code_ids.min() + 1 != len(code_ids) or code_ids.max() >= spec.vocab_size:
+    raise ValueError("Chameleon's image tokens are not one contiguous range of its vocabulary; unimm keeps "
+                     "them out of text sampling as a range")
+  return {"spec": spec, "vq": vq, "code_ids": code_ids, "image_size": int(hf["vq_config"]["resolution"]),
+          "image_token_range": (int(code_ids.min()), int(code_ids.max()) + 1)}
+
+
+def codes_into_vocabulary(params: dict, code_ids: np.ndarray, text_vocab: int) -> dict:
+  """The LM's embedding and head in unimm's Chameleon layout: text ids [0, text_vocab) (rows the checkpoint
+  lacks at the mean), then code c at `text_vocab + c`, its row the checkpoint's row of BPE id `code_ids[c]`
+  (which also stays at its text id: never sampled as text, `image_token_range`)."""
+  embedding, head = params["embed"]["embedding"], params["lm_head"]["kernel"]
+  v = embedding.shape[0]
+  if text_vocab < v:
+    raise ValueError(f"text vocabulary {text_vocab} < the checkpoint's {v}")
+  grown = np.concatenate([embedding, np.repeat(embedding.mean(0, keepdims=True), text_vocab - v, 0),
+                          embedding[code_ids]], 0)
+  grown_head = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), text_vocab - v, 1), head[:, code_ids]], 1)
+  return {**params, "embed": {"embedding": grown}, "lm_head": {"kernel": grown_head}}
+
+
+def codes_out_of_vocabulary(params: dict, code_ids: np.ndarray, text_vocab: int, vocab: int) -> dict:
+  """`codes_into_vocabulary`'s inverse: the checkpoint's `vocab` rows, each code's (trained) row at its BPE id."""
+  embedding, head = np.asarray(params["embed"]["embedding"]), np.asarray(params["lm_head"]["kernel"])
+  codes = text_vocab + np.arange(len(code_ids))
+  out_embedding, out_head = embedding[:vocab].copy(), head[:, :vocab].copy()
+  out_embedding[code_ids], out_head[:, code_ids] = embedding[codes], head[:, codes]
+  return {**params, "embed": {"embedding": out_embedding}, "lm_head": {"kernel": out_head}}
+
+
+def export_vq(vq_params: dict, levels: int):
+  """(transformers name, float32 array) of what transformers' Chameleon VQ holds: the encoder, the quant
+  convs and the codebook (it has no decoder; unimm's trained decoder is not exported)."""
+  kept = {k: v for k, v in vq_params.items() if k != "decoder"}
+  yield from vqgan.export_tensors(kept, PREFIX, levels)

@@ -42,6 +42,10 @@ def _hf_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face model directory")
+  return _hf_config_file(path)
+
+
+def _hf_config_file(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
 
@@ -137,6 +141,8 @@ def import_any(source: str, workdir: str, base=None, **kwargs) -> dict:
   from unimm.convert import llama  # pylint: disable=g-import-not-at-top
   hf = _hf_config(source)
   model_type, class_name = hf.get("model_type"), hf.get("_class_name")
+  if model_type == "chameleon":
+    return import_chameleon(source, workdir, base, **kwargs)
   if model_type in llama.ARCHITECTURES:
     return import_lm(source, workdir, base, **kwargs)
   if model_type == "janus":
@@ -209,6 +215,73 @@ def import_lm(source: str, workdir: str, base=None, *, seq_len: int = 2048, scan
   return summary
 
 
+def _image_roles(config, source: str, markers: dict) -> int | None:
+  """Maps the roles of `markers` ({role: token}) the source's tokenizer.json has into
+  `config.data.tokenizer.special_tokens`; returns the tokenizer's id count (None: no tokenizer.json)."""
+  from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(source, "tokenizer.json")):
+    return None
+  vocabulary = tokenizer_lib.HFTokenizer.load(source).vocabulary()
+  roles = {role: token for role, token in markers.items() if token in vocabulary}
+  config.data.tokenizer.special_tokens.update(roles)
+  return tokenizer_lib.HFTokenizer.load(source, roles).vocab_size
+
+
+def import_chameleon(source: str, workdir: str, base=None, *, seq_len: int = 4096, scan: bool = True,
+                     vae: str | None = None, shard: bool = False) -> dict:
+  """A transformers `ChameleonForConditionalGeneration` directory → a Chameleon-family workdir:
+  `converted/0` (the LM over unimm's joint vocabulary: text ids, then code c at `text_vocab + c` with the
+  row of its BPE id), `converted_vq/0` (the VQGAN's encoder, quant convs and codebook; transformers has no
+  decoder, so the decoder starts fresh: train it with family vq before decoding images), config.json,
+  and `hf_config.json` (the source's config, which export writes back with the vocabulary map)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import configs.common as common  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from unimm.convert import chameleon, llama, safetensors_io  # pylint: disable=g-import-not-at-top
+  from unimm.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  if vae:
+    raise ValueError("--vae is for Transfusion workdirs; Chameleon writes its images with its own VQGAN")
+  t0 = time.time()
+  _fresh(os.path.join(workdir, CONVERTED_DIR))
+  _fresh(os.path.join(workdir, CONVERTED_VQ_DIR))
+  settings = chameleon.read_settings(_hf_config(source), seq_len)
+  spec = settings["spec"]
+  config = base or common.base_config("chameleon")
+  if config.model.family != "chameleon":
+    raise ValueError(f"a Chameleon checkpoint converts into a family-chameleon config, not {config.model.family!r}")
+  tokenizer_ids = _image_roles(config, source, chameleon.SPECIAL_TOKENS)
+  config = workdir_config(config, spec, source, tokenizer_ids, seq_len, scan)
+  config.model.backbone.bidirectional_images = False
+  config.model.image_token_range = settings["image_token_range"]
+  vq = vq_lib.VQConfig(**settings["vq"])
+  config.data.image_size = settings["image_size"]
+  config.data.image_slots = vq.num_codes((settings["image_size"],) * 2)
+  reader = safetensors_io.CheckpointReader(source)
+  vq_params = chameleon.import_vq(reader, len(vq.channel_mults))
+  image = np.zeros((1, settings["image_size"], settings["image_size"], int(config.data.image_channels)), np.uint8)
+  fresh = vq_lib.VQModel(vq, image.shape[-1]).init(jax.random.key(int(config.seed)), image)["params"]
+  vq_params["decoder"] = jax.tree.map(np.asarray, jax.tree.map(lambda x: getattr(x, "value", x), fresh["decoder"],
+                                                               is_leaf=lambda x: hasattr(x, "value")))
+  params = chameleon.codes_into_vocabulary(llama.import_params(reader, spec, scan=scan), settings["code_ids"],
+                                           int(config.model.vocab_size))
+  os.makedirs(workdir, exist_ok=True)
+  vq_dir = os.path.join(os.path.abspath(workdir), CONVERTED_VQ_DIR)
+  config.model.vq.update(settings["vq"], checkpoint=vq_dir)
+  config.train.init_from = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
+  save_params(vq_dir, {"vq": vq_params})
+  count = sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(params).values())
+  if shard:
+    params = place_for_mesh(config, params, tokenizer_ids)
+  save_params(config.train.init_from, params)
+  shutil.copy(os.path.join(source, "config.json"), os.path.join(workdir, "hf_config.json"))
+  config_record.write_record(workdir, config_record.make_record(config))
+  return {"workdir": workdir, "model_type": "chameleon", "params": count,
+          "vocab": [spec.vocab_size, int(config.model.vocab_size)], "codes": len(settings["code_ids"]),
+          "tokenizer": tokenizer_ids is not None, "vq_decoder": "fresh (transformers ships none)",
+          "seconds": round(time.time() - t0, 2)}
+
+
 def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, scan: bool = True,
                  vae: str | None = None, shard: bool = False) -> dict:
   """A transformers Janus / Janus-Pro directory → a Janus-family workdir: `converted/0` (language model, ViT,
@@ -217,7 +290,6 @@ def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, s
   tokenizer; `--config=configs/janus/pro_1b.py:stage2` keeps a recipe's data mix and schedule)."""
   import configs.common as common  # pylint: disable=g-import-not-at-top
   from unimm.convert import janus  # pylint: disable=g-import-not-at-top
-  from unimm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from unimm.train import config_record  # pylint: disable=g-import-not-at-top
   if vae:
     raise ValueError("--vae is for Transfusion workdirs; Janus writes its images with its own VQ tokenizer")
@@ -229,11 +301,7 @@ def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, s
   config = base or common.base_config("janus")
   if config.model.family != "janus":
     raise ValueError(f"a Janus checkpoint converts into a family-janus config, not {config.model.family!r}")
-  tokenizer_ids = None
-  if os.path.exists(os.path.join(source, "tokenizer.json")):
-    roles = janus.special_tokens(tokenizer_lib.HFTokenizer.load(source).vocabulary())
-    config.data.tokenizer.special_tokens.update(roles)
-    tokenizer_ids = tokenizer_lib.HFTokenizer.load(source, roles).vocab_size
+  tokenizer_ids = _image_roles(config, source, janus.SPECIAL_TOKENS)
   config = workdir_config(config, spec, source, tokenizer_ids, seq_len, scan)
   config.model.backbone.bidirectional_images = False
   config.model.vision.update(settings["vision"], checkpoint="")
@@ -258,12 +326,15 @@ def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, s
           "tokenizer": tokenizer_ids is not None, "seconds": round(time.time() - t0, 2)}
 
 
-def export_spec(config, tokenizer_ids: int | None):
-  """The Hugging Face LM a unimm config's text model is; refuses, by name, what the format cannot hold."""
+def export_spec(config, tokenizer_ids: int | None, *, chameleon: bool = False):
+  """The Hugging Face LM a unimm config's text model is; refuses, by name, what the format cannot hold
+  (`chameleon`: Chameleon's, whose per-head LayerNorm QK-norm and Swin norm order it can)."""
   from unimm.convert import llama  # pylint: disable=g-import-not-at-top
   b = config.model.backbone
-  unsupported = {"qk_norm": b.qk_norm, "norm_order": b.norm_order != "pre", "mot": tuple(b.get("mot", ())),
-                 "dropout": float(b.dropout) > 0}
+  chameleon_norm = chameleon and b.get("qk_norm_kind", "rms") == "head_layernorm"
+  unsupported = {"qk_norm": b.qk_norm and not chameleon_norm,
+                 "norm_order": b.norm_order not in (("pre", "swin") if chameleon else ("pre",)),
+                 "mot": tuple(b.get("mot", ())), "dropout": float(b.dropout) > 0}
   refused = [k for k, v in unsupported.items() if v]
   if refused:
     raise ValueError(f"the backbone's {refused} ({', '.join(f'{k}={b[k]!r}' for k in refused)}) cannot be written "
@@ -273,7 +344,7 @@ def export_spec(config, tokenizer_ids: int | None):
   source_vocab = int(hf.get("vocab_size", 0))
   vocab = max(source_vocab, tokenizer_ids or 0) or int(config.model.vocab_size)
   keys = ("num_layers", "dim", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden", "norm_eps", "qkv_bias",
-          "qk_norm", "norm_order", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+          "qk_norm", "qk_norm_kind", "norm_order", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
           "rope_high_freq_factor", "rope_original_max_positions")
   from unimm.models import backbone as backbone_lib  # pylint: disable=g-import-not-at-top
   defaults = dataclasses.asdict(backbone_lib.BackboneConfig(1, 1, 1))  # keys a workdir from before them lacks
@@ -302,17 +373,23 @@ def export(workdir: str, out: str, *, dtype: str | None = None, max_shard_bytes:
   config = config_record.load_config(workdir)
   if config.model.family == "janus":
     return export_janus(config, workdir, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  if config.model.family == "chameleon":
+    return export_chameleon(config, workdir, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
   return export_lm(workdir, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def _tokenizer_ids(config) -> int | None:
+  """How many ids the workdir's tokenizer emits (None: it has none on this machine)."""
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    return pipeline.load_tokenizer(config.data).vocab_size
+  except (FileNotFoundError, OSError):
+    return None
 
 
 def _text_model(config, workdir: str):
   """(spec, params as NumPy with padding rows dropped, step) of the workdir's text model."""
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
-  try:
-    tokenizer_ids = pipeline.load_tokenizer(config.data).vocab_size
-  except (FileNotFoundError, OSError):
-    tokenizer_ids = None
-  spec = export_spec(config, tokenizer_ids)
+  spec = export_spec(config, _tokenizer_ids(config))
   params, step = trained_or_converted_params(config, workdir)
   params = _to_numpy(params)
   params["embed"]["embedding"] = params["embed"]["embedding"][:spec.vocab_size]  # padding rows dropped
@@ -369,6 +446,50 @@ def export_janus(config, workdir: str, out: str, *, dtype: str | None = None,
   _copy_tokenizer(config, out)
   return {"out": out, "model_type": "janus", "step": step, "vocab": spec.vocab_size, "files": files,
           "seconds": round(time.time() - t0, 2)}
+
+
+def export_chameleon(config, workdir: str, out: str, *, dtype: str | None = None,
+                     max_shard_bytes: int = 5 * 2 ** 30) -> dict:
+  """A Chameleon workdir converted from transformers → a `ChameleonForConditionalGeneration` directory: each
+  code's row back at its BPE id, the VQ encoder, quant convs and codebook (not unimm's decoder), the source's
+  config.json with the sizes unimm may have changed."""
+  from unimm.convert import chameleon, llama, safetensors_io  # pylint: disable=g-import-not-at-top
+  from unimm.models import code_images  # pylint: disable=g-import-not-at-top
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  source_config = os.path.join(workdir, "hf_config.json")
+  if not os.path.exists(source_config):
+    raise ValueError(f"{workdir} was not converted from a transformers Chameleon (no hf_config.json): its "
+                     "vocabulary has no BPE ids for the codes to export to")
+  hf = _hf_config_file(source_config)
+  settings = chameleon.read_settings(hf, int(config.data.seq_len))
+  spec = export_spec(config, _tokenizer_ids(config), chameleon=True)
+  params, step = trained_or_converted_params(config, workdir)
+  params = chameleon.codes_out_of_vocabulary(_to_numpy(params), settings["code_ids"], int(config.model.vocab_size),
+                                             spec.vocab_size)
+  dtype = dtype or spec.torch_dtype
+  vq_params = _to_numpy(code_images.tokenizer_params(
+      checkpoint.Checkpointer(config.model.vq.checkpoint, async_save=False).restore_params()))
+  cast = llama.numpy_dtype(dtype)
+  spec = dataclasses.replace(spec, tied_embeddings=spec.tied_embeddings and llama.heads_tied(params))
+
+  def tensors():
+    yield from llama.export_tensors(params, spec, scan=bool(config.model.backbone.scan), dtype=cast)
+    for name, a in chameleon.export_vq(vq_params, len(config.model.vq.channel_mults)):
+      yield name, np.ascontiguousarray(a.astype(cast))
+
+  os.makedirs(out, exist_ok=True)
+  files = safetensors_io.write_sharded(out, tensors(), max_shard_bytes)
+  b = spec.backbone
+  hf.update(vocab_size=spec.vocab_size, hidden_size=b["dim"], intermediate_size=b["mlp_hidden"],
+            num_hidden_layers=b["num_layers"], num_attention_heads=b["num_heads"],
+            num_key_value_heads=b["num_kv_heads"], rms_norm_eps=b["norm_eps"], torch_dtype=dtype,
+            tie_word_embeddings=spec.tied_embeddings)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  _copy_tokenizer(config, out)
+  return {"out": out, "model_type": "chameleon", "step": step, "vocab": spec.vocab_size, "files": files,
+          "vq_decoder": "not exported (transformers' Chameleon has none)", "seconds": round(time.time() - t0, 2)}
 
 
 def export_beside(config, extra: dict, out: str) -> dict:

@@ -38,10 +38,12 @@ class CodeSampling(sampling.SamplingOptions):
   guidance: float | None = 3.0
 
 
-def mask_text(logits, text_vocab: int, specials, images_full):
-  """Outside images: no image code, no IMG/EOI/PAD, and no BOI where a row holds its last image."""
+def mask_text(logits, text_vocab: int, specials, images_full, image_tokens: tuple[int, int] = (0, 0)):
+  """Outside images: no image code, no IMG/EOI/PAD, no text id in `image_tokens` ([start, stop): a
+  converted Chameleon's image tokens), and no BOI where a row holds its last image."""
   ids = jnp.arange(logits.shape[-1])
   never = (ids >= text_vocab) | (ids == specials.eoi) | (ids == specials.img) | (ids == specials.pad)
+  never |= (ids >= image_tokens[0]) & (ids < image_tokens[1])
   return jnp.where(never | (images_full[:, None] & (ids == specials.boi)), -jnp.inf, logits)
 
 
@@ -102,7 +104,8 @@ class CodeStepper:
     return self._step(cache, rows)
 
   def mask(self, logits, images_full):
-    return mask_text(logits, self.task.codes.text_vocab, self.specials, images_full)
+    return mask_text(logits, self.task.codes.text_vocab, self.specials, images_full,
+                     getattr(self.task, "image_token_range", (0, 0)))
 
   def draw(self, cache, logits, first_slot: np.ndarray, image_index: np.ndarray, rng,
            options: CodeSampling) -> np.ndarray:

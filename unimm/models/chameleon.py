@@ -45,6 +45,7 @@ class ChameleonTask:
   codes: code_images.CodeImages  # the frozen image tokenizer; code c is token codes.text_vocab + c
   z_loss: float = 0.0
   tokenizer_ids: int = 0  # ids the text tokenizer emits; [tokenizer_ids, text_vocab) is padding, never sampled
+  image_token_range: tuple[int, int] = (0, 0)  # text ids that are a converted checkpoint's image tokens: never text
 
   def __post_init__(self):
     c = self.codes
