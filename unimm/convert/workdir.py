@@ -6,8 +6,8 @@
 Import writes a workdir: `config.json` (a Transfusion config whose text model is the checkpoint's, its
 tokenizer the checkpoint's `tokenizer.json`, `train.init_from` the converted weights; `--config=FILE`
 starts from another config, e.g. a recipe, whose backbone and vocabulary are then replaced) and
-`converted/0` (an orbax checkpoint of the `embed` / `decoder` / `lm_head` params). A SigLIP vision tower
-or a diffusers AutoencoderKL converts to `converted_vision/0` (resp. `converted_vae/0`) and prints the
+`converted/` (the `embed` / `decoder` / `lm_head` params, `save_params`). A SigLIP vision tower
+or a diffusers AutoencoderKL converts to `converted_vision/` (resp. `converted_vae/`) and prints the
 `config.model.vision` / `config.model.autoencoder` settings that read it. Every mode of
 `unimm.main` then works on the workdir alone (`--workdir=W`, no `--config`): `score`, `sample` and `eval`
 read the converted weights until training wrote its first checkpoint (the image layers start fresh);
@@ -32,7 +32,7 @@ from absl import logging
 from flax import traverse_util
 import numpy as np
 
-CONVERTED_DIR = "converted"  # the converted weights inside the workdir (an orbax checkpoints directory, step 0)
+CONVERTED_DIR = "converted"  # the converted weights inside the workdir (`save_params`)
 CONVERTED_VAE_DIR = "converted_vae"  # a converted AutoencoderKL (the Transfusion codec's `checkpoint`)
 CONVERTED_VISION_DIR = "converted_vision"  # a converted SigLIP tower (Janus's `model.vision.checkpoint`)
 CONVERTED_VQ_DIR = "converted_vq"  # a converted VQGAN (a code family's frozen `model.vq.checkpoint`)
@@ -88,30 +88,29 @@ def _fresh(directory: str) -> str:
 
 
 def save_params(directory: str, params: dict) -> None:
-  """A step-0 orbax checkpoint holding only `params` (what `Checkpointer.restore_params` reads). NumPy
-  leaves are replaced in place (in `params` itself) by arrays one at a time, each dropped once placed, and
-  orbax is asked to write about the largest array's size (≥ 1 GB) at once. Measured (bench/convert.py), its
-  save path still holds about a second copy at its peak."""
-  import math  # pylint: disable=g-import-not-at-top
+  """The converted weights `Checkpointer.restore_params` reads (what `train.init_from`, `model.vq.checkpoint`,
+  … name). A NumPy tree is streamed tensor by tensor into `params` safetensors under unimm's '/'-joined
+  param paths (`unimm.train.checkpoint.PARAMS_FILES`): nothing beyond the tree itself is held. A tree
+  already placed on a mesh (`--shard`) becomes a step-0 orbax checkpoint of that placement, whose save
+  holds about a second copy at its peak (bench/convert.py)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from unimm.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  flat = traverse_util.flatten_dict(params, sep="/")
+  if not any(isinstance(v, jax.Array) for v in flat.values()):
+    safetensors_io.write_sharded(directory, ((k, np.asarray(v)) for k, v in sorted(flat.items())),
+                                 metadata={"format": "unimm-params"})
+    checkpoint.mark_params_files(directory)
+    return
+  import math  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  _place_in_place(params)
   # orbax's limit (whole GB, 10⁹ bytes) must hold the largest array: a 128k × 2048 float32 embedding is 1.05.
-  limit = max(1, math.ceil(max(int(v.nbytes) for v in jax.tree.leaves(params)) / 1e9))
+  limit = max(1, math.ceil(max(int(v.nbytes) for v in flat.values()) / 1e9))
   with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=False),
                              item_handlers={"state": ocp.StandardCheckpointHandler(save_concurrent_gb=limit)}) as m:
     m.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
     m.wait_until_finished()
-
-
-def _place_in_place(tree: dict) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  for key in list(tree):
-    if isinstance(tree[key], dict):
-      _place_in_place(tree[key])
-    elif isinstance(tree[key], np.ndarray):
-      tree[key] = jax.device_put(tree[key])
 
 
 def import_vae(source: str, workdir: str) -> dict:
@@ -230,8 +229,8 @@ def _image_roles(config, source: str, markers: dict) -> int | None:
 def import_chameleon(source: str, workdir: str, base=None, *, seq_len: int = 4096, scan: bool = True,
                      vae: str | None = None, shard: bool = False) -> dict:
   """A transformers `ChameleonForConditionalGeneration` directory → a Chameleon-family workdir:
-  `converted/0` (the LM over unimm's joint vocabulary: text ids, then code c at `text_vocab + c` with the
-  row of its BPE id), `converted_vq/0` (the VQGAN's encoder, quant convs and codebook; transformers has no
+  `converted/` (the LM over unimm's joint vocabulary: text ids, then code c at `text_vocab + c` with the
+  row of its BPE id), `converted_vq/` (the VQGAN's encoder, quant convs and codebook; transformers has no
   decoder, so the decoder starts fresh: train it with family vq before decoding images), config.json,
   and `hf_config.json` (the source's config, which export writes back with the vocabulary map)."""
   import shutil  # pylint: disable=g-import-not-at-top
@@ -284,8 +283,8 @@ def import_chameleon(source: str, workdir: str, base=None, *, seq_len: int = 409
 
 def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, scan: bool = True,
                  vae: str | None = None, shard: bool = False) -> dict:
-  """A transformers Janus / Janus-Pro directory → a Janus-family workdir: `converted/0` (language model, ViT,
-  adaptors, generation embeddings and head), `converted_vq/0` (the frozen VQ tokenizer, as a family-vq run
+  """A transformers Janus / Janus-Pro directory → a Janus-family workdir: `converted/` (language model, ViT,
+  adaptors, generation embeddings and head), `converted_vq/` (the frozen VQ tokenizer, as a family-vq run
   holds it), config.json (`base`, default the Janus base config, with the checkpoint's sizes, switches and
   tokenizer; `--config=configs/janus/pro_1b.py:stage2` keeps a recipe's data mix and schedule)."""
   import configs.common as common  # pylint: disable=g-import-not-at-top

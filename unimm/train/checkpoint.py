@@ -121,6 +121,26 @@ class KeepLatestAndProtected:
     return [c.step in keep for c in checkpoints]
 
 
+PARAMS_FILES = "unimm_params.json"  # marks a directory of params as safetensors (unimm.convert's converted weights)
+
+
+def mark_params_files(directory: str) -> None:
+  """Marks `directory`'s safetensors (names: '/'-joined param paths) as a params tree `restore_params` reads."""
+  with open(os.path.join(directory, PARAMS_FILES), "w") as f:
+    json.dump({"format": "unimm-params", "names": "'/'-joined param paths", "version": 1}, f)
+
+
+def read_params_files(directory: str) -> dict:
+  """The params tree of a `mark_params_files` directory, each tensor placed on the default device as it is
+  read (one copy of the params held)."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from unimm.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  reader = safetensors_io.CheckpointReader(directory)
+  # Blocking on each placement lets its NumPy buffer go before the next is read.
+  return traverse_util.unflatten_dict({k: jax.device_put(reader.get(k)).block_until_ready() for k in reader.keys()},
+                                      sep="/")
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
@@ -144,8 +164,13 @@ class Checkpointer:
                       "resuming from the previous complete step.", self.directory, name, target)
 
   def all_steps(self) -> list[int]:
-    """Finalised steps, oldest first."""
+    """Finalised steps, oldest first (a directory of converted params files is step 0)."""
+    if self._params_files():
+      return [0]
     return sorted(s for s in self._manager.all_steps() if is_finalized(os.path.join(self.directory, str(s))))
+
+  def _params_files(self) -> bool:
+    return os.path.exists(os.path.join(self.directory, PARAMS_FILES))
 
   def latest_step(self) -> int | None:
     """The newest finalised step (None if there is none)."""
@@ -275,7 +300,10 @@ class Checkpointer:
                         if hasattr(m, "shape") and hasattr(m, "dtype") else m, metadata)
 
   def restore_params(self, step: int | None = None):
-    """Only the parameters (e.g. a frozen autoencoder or a previous stage), on the default device."""
+    """Only the parameters (e.g. a frozen autoencoder or a previous stage), on the default device. A
+    directory of converted weights (`PARAMS_FILES`, written by `unimm.convert`) is read tensor by tensor."""
+    if self._params_files() and step in (None, 0):
+      return read_params_files(self.directory)
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
