@@ -62,3 +62,31 @@ def test_a_converted_tower_is_janus_understanding_encoder(tmp_path):
   np.testing.assert_array_equal(started["vision_encoder"]["block_1"]["attn"]["q"]["kernel"],
                                 params["image_encoder"]["block_1"]["attn"]["q"]["kernel"])
   np.testing.assert_array_equal(started["vision_encoder"]["pos_embedding"], params["image_encoder"]["pos_embedding"])
+
+
+def test_a_siglip_workdir_exports_the_tower_it_started_from(tmp_path):
+  """A family-siglip run started from a converted tower (`train.init_from`) exports, before training, the
+  same tensors as a SiglipVisionModel (tower and MAP head) that transformers loads."""
+  import subprocess, sys, os  # pylint: disable=g-import-not-at-top,multiple-imports
+  from configs.siglip import tiny  # pylint: disable=g-import-not-at-top
+  from unimm.convert import safetensors_io, workdir as convert_workdir  # pylint: disable=g-import-not-at-top
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  config = transformers.SiglipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=4, hidden_act="gelu")
+  torch.manual_seed(3)
+  transformers.SiglipVisionModel(config).save_pretrained(str(tmp_path / "hf"))
+  summary = convert_workdir.import_any(str(tmp_path / "hf"), str(tmp_path / "w"))
+  c = tiny.get_config()
+  c.model.vision.update(summary["vision"], checkpoint="")
+  c.train.init_from = summary["vision"]["checkpoint"]
+  config_record.write_record(str(tmp_path / "w"), config_record.make_record(c))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "unimm.convert", "--to_hf", f"--workdir={tmp_path / 'w'}",
+                         f"--out={tmp_path / 'out'}"], cwd=repo, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  a, b = safetensors_io.CheckpointReader(str(tmp_path / "hf")), safetensors_io.CheckpointReader(str(tmp_path / "out"))
+  assert sorted(a.keys()) == sorted(b.keys())
+  for name in a.keys():
+    np.testing.assert_array_equal(a.get(name), b.get(name), err_msg=name)
+  reloaded = transformers.SiglipVisionModel.from_pretrained(str(tmp_path / "out"))
+  assert reloaded.config.hidden_act == "gelu" and reloaded.config.vision_use_head

@@ -123,14 +123,51 @@ def vit_config(settings: dict, **overrides):
   return vit.ViTConfig(**{k: settings[k] for k in keys}, **overrides)
 
 
+def _f32(a) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(a, np.float32))
+
+
+def _export_norm(prefix: str, node: dict):
+  yield f"{prefix}.weight", _f32(node["scale"])
+  yield f"{prefix}.bias", _f32(node["bias"])
+
+
+def _export_mlp(prefix: str, node: dict):
+  for fc in ("fc1", "fc2"):
+    yield f"{prefix}{fc}.weight", _f32(np.asarray(node[fc]["kernel"]).T)
+    yield f"{prefix}{fc}.bias", _f32(node[fc]["bias"])
+
+
+def export_head(head: dict, prefix: str = "vision_model."):
+  """(Hugging Face name, float32 array) of a MAP head (`map_head` params): `import_params`' inverse."""
+  attn = head["attn"]
+  yield f"{prefix}head.probe", _f32(head["probe"])
+  yield f"{prefix}head.attention.in_proj_weight", _f32(np.concatenate(
+      [llama.to_hf(attn[n]["kernel"], "in_heads") for n in "qkv"], 0))
+  yield f"{prefix}head.attention.in_proj_bias", _f32(np.concatenate([np.reshape(attn[f"{n}_bias"], -1) for n in "qkv"]))
+  yield f"{prefix}head.attention.out_proj.weight", _f32(llama.to_hf(attn["o"]["kernel"], "out_heads"))
+  yield f"{prefix}head.attention.out_proj.bias", _f32(attn["o_bias"])
+  yield from _export_norm(f"{prefix}head.layernorm", head["norm"])
+  yield from _export_mlp(f"{prefix}head.mlp.", head["mlp"])
+
+
+def hf_config(vision, image_size: int, channels: int, use_head: bool) -> dict:
+  """A SiglipVisionModel config.json for `config.model.vision` (a ViTConfig's keys)."""
+  return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+          "hidden_size": int(vision["width"]), "intermediate_size": int(vision["mlp_dim"]),
+          "num_hidden_layers": int(vision["depth"]), "num_attention_heads": int(vision["num_heads"]),
+          "patch_size": int(vision["patch_size"]), "image_size": int(image_size), "num_channels": int(channels),
+          "hidden_act": "gelu" if vision.get("gelu_exact", False) else "gelu_pytorch_tanh",
+          "layer_norm_eps": 1e-6, "vision_use_head": bool(use_head), "torch_dtype": "float32"}
+
+
 def export_tensors(vit: dict, prefix: str = "vision_model.", out_proj: str = "out_proj"):
   """(Hugging Face name, float32 array) for every tensor of a unimm ViT (`image_encoder` params): the
-  inverse of `import_params`' tower (no MAP head)."""
-  f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))  # noqa: E731
+  inverse of `import_params`' tower (the MAP head: `export_head`)."""
+  f32 = _f32
 
   def norm(name, node):
-    yield f"{prefix}{name}.weight", f32(node["scale"])
-    yield f"{prefix}{name}.bias", f32(node["bias"])
+    yield from _export_norm(f"{prefix}{name}", node)
 
   yield f"{prefix}embeddings.patch_embedding.weight", f32(np.asarray(vit["patch_embed"]["kernel"]).transpose(3, 2, 0, 1))
   yield f"{prefix}embeddings.patch_embedding.bias", f32(vit["patch_embed"]["bias"])
@@ -146,7 +183,5 @@ def export_tensors(vit: dict, prefix: str = "vision_model.", out_proj: str = "ou
       yield f"{prefix}{p}self_attn.{n}_proj.bias", f32(np.reshape(attn[f"{n}_bias"], -1))
     yield f"{prefix}{p}self_attn.{out_proj}.weight", f32(llama.to_hf(attn["o"]["kernel"], "out_heads"))
     yield f"{prefix}{p}self_attn.{out_proj}.bias", f32(attn["o_bias"])
-    for fc in ("fc1", "fc2"):
-      yield f"{prefix}{p}mlp.{fc}.weight", f32(np.asarray(block["mlp"][fc]["kernel"]).T)
-      yield f"{prefix}{p}mlp.{fc}.bias", f32(block["mlp"][fc]["bias"])
+    yield from _export_mlp(f"{prefix}{p}mlp.", block["mlp"])
   yield from norm("post_layernorm", vit["final_norm"])

@@ -374,6 +374,8 @@ def export(workdir: str, out: str, *, dtype: str | None = None, max_shard_bytes:
     return export_janus(config, workdir, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
   if config.model.family == "chameleon":
     return export_chameleon(config, workdir, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  if config.model.family == "siglip":
+    return export_siglip(config, workdir, out, max_shard_bytes=max_shard_bytes)
   return export_lm(workdir, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
@@ -489,6 +491,31 @@ def export_chameleon(config, workdir: str, out: str, *, dtype: str | None = None
   _copy_tokenizer(config, out)
   return {"out": out, "model_type": "chameleon", "step": step, "vocab": spec.vocab_size, "files": files,
           "vq_decoder": "not exported (transformers' Chameleon has none)", "seconds": round(time.time() - t0, 2)}
+
+
+def export_siglip(config, workdir: str, out: str, *, max_shard_bytes: int = 5 * 2 ** 30) -> dict:
+  """A family-siglip workdir's ViT and MAP head → a `SiglipVisionModel` directory (the text tower, which
+  transformers' vision model does not hold, is not exported)."""
+  from unimm.convert import safetensors_io, siglip  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  if int(config.model.vision.get("feature_layer", -1)) != -1:
+    raise ValueError(f"model.vision.feature_layer={config.model.vision.feature_layer}: a SiglipVisionModel's "
+                     "features are its last block's, final-normed")
+  params, step = trained_or_converted_params(config, workdir)
+  params = _to_numpy(params)
+
+  def tensors():
+    yield from siglip.export_tensors(params["image_encoder"], prefix="")  # as SiglipVisionModel saves itself
+    if "map_head" in params:
+      yield from siglip.export_head(params["map_head"], prefix="")
+
+  os.makedirs(out, exist_ok=True)
+  files = safetensors_io.write_sharded(out, tensors(), max_shard_bytes)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(siglip.hf_config(config.model.vision, int(config.data.image_size), int(config.data.image_channels),
+                               "map_head" in params), f, indent=2)
+  return {"out": out, "model_type": "siglip_vision_model", "step": step, "files": files,
+          "seconds": round(time.time() - t0, 2)}
 
 
 def export_beside(config, extra: dict, out: str) -> dict:
