@@ -1,5 +1,9 @@
 """Tiny Hugging Face reference models and tokenizers made here (nothing downloads), for the conversion tests."""
 
+import os
+import subprocess
+import sys
+
 import tokenizers
 import torch
 import transformers
@@ -40,10 +44,22 @@ def tiny_llama(directory: str, vocab_size: int, seed: int = 0, tokenizer=None, s
   return model
 
 
-def logits(directory: str, ids) -> "np.ndarray":  # noqa: F821
+def logits(directory: str, ids) -> "np.ndarray":  # noqa: F821  pylint: disable=undefined-variable
   model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
   with torch.no_grad():
     return model(torch.tensor([list(ids)], dtype=torch.long)).logits[0].numpy()
+
+
+def _random(cls, config, seed: int):
+  """A random `cls(config)` in eval mode whose norms are perturbed off 1/0 (a swapped scale and bias shows)."""
+  torch.manual_seed(seed)
+  model = cls(config).eval()
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.2 * torch.randn(p.shape, generator=generator))
+  return model
 
 
 JANUS_SPECIALS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<begin_of_image>", "<end_of_image>",
@@ -68,13 +84,8 @@ def tiny_janus(directory: str, seed: int = 0, vocab_size: int = 384):
             num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, initializer_range=0.2)
   config = transformers.JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=ids[5],
                                     tie_word_embeddings=False)
-  torch.manual_seed(seed)
-  model = transformers.JanusForConditionalGeneration(config).eval()
-  generator = torch.Generator().manual_seed(seed + 1)
+  model = _random(transformers.JanusForConditionalGeneration, config, seed)
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.add_(0.2 * torch.randn(p.shape, generator=generator))
     codebook = model.model.vqmodel.quantize.embedding.weight
     codebook.copy_(codebook / codebook.norm(dim=-1, keepdim=True))
   model.save_pretrained(directory)
@@ -99,13 +110,29 @@ def tiny_chameleon(directory: str, seed: int = 0, vocab_size: int = 384, swin: b
       eos_token_id=vocabulary["</s>"], pad_token_id=vocabulary["<pad>"], vocabulary_map=vocabulary,
       vq_config={"embed_dim": 8, "num_embeddings": 64, "latent_channels": 32, "resolution": 32, "base_channels": 32,
                  "channel_multiplier": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [8]})
-  torch.manual_seed(seed)
-  model = transformers.ChameleonForConditionalGeneration(config).eval()
-  generator = torch.Generator().manual_seed(seed + 1)
+  model = _random(transformers.ChameleonForConditionalGeneration, config, seed)
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.add_(0.2 * torch.randn(p.shape, generator=generator))
     model.lm_head.weight[list(silent)] = 0
   model.save_pretrained(directory)
   return model, tokenizer, {c: vocabulary[t] for c, t in enumerate(CHAMELEON_IMAGE_TOKENS)}
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module: str, *args) -> str:
+  """`python -m MODULE ARGS` in the repository; its output (it must succeed)."""
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  return proc.stdout + proc.stderr
+
+
+def convert_train_export(source: str, workdir: str, config: str, out: str, steps: int = 3) -> str:
+  """The README's path for a checkpoint: convert into `config`, train `steps` on the workdir alone, export to
+  `out`. Returns the training log."""
+  run_module("unimm.convert", f"--from_hf={source}", f"--workdir={workdir}", f"--config={config}", "--seq_len=256")
+  log = run_module("unimm.main", f"--workdir={workdir}", f"--config.train.num_steps={steps}",
+                   f"--config.train.checkpoint_every={steps}", "--config.train.final_eval_examples=0",
+                   "--config.train.sample_every=0")
+  run_module("unimm.convert", "--to_hf", f"--workdir={workdir}", f"--out={out}")
+  return log

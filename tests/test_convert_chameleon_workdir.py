@@ -101,21 +101,12 @@ def test_a_converted_chameleon_trains_then_exports(tmp_path):
   source, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
   hf_reference.tiny_chameleon(source, seed=3, vocab_size=VOCAB, swin=True)
 
-  def run(module, *args):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return proc.stdout + proc.stderr
-
-  run("unimm.convert", f"--from_hf={source}", f"--workdir={workdir}", "--config=configs/chameleon/tiny.py",
-      "--seq_len=256")
-  run("unimm.main", f"--workdir={workdir}", "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
-      "--config.train.final_eval_examples=0", "--config.train.sample_every=0")
   out = tmp_path / "exported"
-  run("unimm.convert", "--to_hf", f"--workdir={workdir}", f"--out={out}")
+  hf_reference.convert_train_export(source, workdir, "configs/chameleon/tiny.py", str(out))
   seq = [0, 90, 133, 120, 75]  # text ids (6..69 are image tokens: unimm writes them as codes)
   (tmp_path / "score.jsonl").write_text(json.dumps({"id": "s", "token_ids": seq}) + "\n")
-  run("unimm.main", "--mode=score", f"--workdir={workdir}", f"--inputs={tmp_path / 'score.jsonl'}",
-      f"--out={tmp_path / 'o'}")
+  hf_reference.run_module("unimm.main", "--mode=score", f"--workdir={workdir}", f"--inputs={tmp_path / 'score.jsonl'}",
+                          f"--out={tmp_path / 'o'}")
   trained = np.load(tmp_path / "o" / "s.npy")
   text_ids = np.r_[0:6, 70:VOCAB]
   exported = transformers.ChameleonForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()

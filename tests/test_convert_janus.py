@@ -134,27 +134,16 @@ def test_export_round_trip_gives_the_same_tensors_and_logits(janus, tmp_path):
 def test_a_converted_janus_trains_a_stage_then_exports(tmp_path):
   """The README's path: Janus into the tiny recipe's stage II (shapes data), three steps on the workdir
   alone, export; transformers' logits of the export are what `--mode=score` computes on the workdir."""
-  import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  import json  # pylint: disable=g-import-not-at-top
   source, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
   hf_reference.tiny_janus(source, seed=5, vocab_size=VOCAB)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-  def run(module, *args):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=repo, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return proc.stdout + proc.stderr
-
-  run("unimm.convert", f"--from_hf={source}", f"--workdir={workdir}", "--config=configs/janus/tiny.py:stage2",
-      "--seq_len=256")
-  log = run("unimm.main", f"--workdir={workdir}", "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
-            "--config.train.final_eval_examples=0", "--config.train.sample_every=0")
-  assert "62 of 62 params" in log  # every param from the checkpoint, none fresh
   out = tmp_path / "exported"
-  run("unimm.convert", "--to_hf", f"--workdir={workdir}", f"--out={out}")
+  log = hf_reference.convert_train_export(source, workdir, "configs/janus/tiny.py:stage2", str(out))
+  assert "62 of 62 params" in log  # every param from the checkpoint, none fresh
   seq = [0, 9, 33, 120, 7]
   (tmp_path / "score.jsonl").write_text(json.dumps({"id": "s", "token_ids": seq}) + "\n")
-  run("unimm.main", "--mode=score", f"--workdir={workdir}", f"--inputs={tmp_path / 'score.jsonl'}",
-      f"--out={tmp_path / 'o'}")
+  hf_reference.run_module("unimm.main", "--mode=score", f"--workdir={workdir}", f"--inputs={tmp_path / 'score.jsonl'}",
+                          f"--out={tmp_path / 'o'}")
   trained = np.load(tmp_path / "o" / "s.npy")
   exported = transformers.JanusForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
   original = transformers.JanusForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()

@@ -226,6 +226,25 @@ def _image_roles(config, source: str, markers: dict) -> int | None:
   return tokenizer_lib.HFTokenizer.load(source, roles).vocab_size
 
 
+def _write_code_family(workdir: str, config, params: dict, vq_params: dict, vq_settings: dict,
+                       tokenizer_ids: int | None, shard: bool) -> int:
+  """Writes a converted code-family workdir: the frozen tokenizer (`converted_vq/`, `model.vq.checkpoint`),
+  the model (`converted/`, `train.init_from`; placed on the config's mesh when `shard`), config.json.
+  Returns the model's parameter count."""
+  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  vq_dir = os.path.join(os.path.abspath(workdir), CONVERTED_VQ_DIR)
+  config.model.vq.update(vq_settings, checkpoint=vq_dir)
+  config.train.init_from = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
+  save_params(vq_dir, {"vq": vq_params})
+  count = sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(params).values())
+  if shard:
+    params = place_for_mesh(config, params, tokenizer_ids)
+  save_params(config.train.init_from, params)
+  config_record.write_record(workdir, config_record.make_record(config))
+  return count
+
+
 def import_chameleon(source: str, workdir: str, base=None, *, seq_len: int = 4096, scan: bool = True,
                      vae: str | None = None, shard: bool = False) -> dict:
   """A transformers `ChameleonForConditionalGeneration` directory → a Chameleon-family workdir:
@@ -238,7 +257,6 @@ def import_chameleon(source: str, workdir: str, base=None, *, seq_len: int = 409
   import jax  # pylint: disable=g-import-not-at-top
   from unimm.convert import chameleon, llama, safetensors_io  # pylint: disable=g-import-not-at-top
   from unimm.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
-  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
   if vae:
     raise ValueError("--vae is for Transfusion workdirs; Chameleon writes its images with its own VQGAN")
   t0 = time.time()
@@ -264,17 +282,8 @@ def import_chameleon(source: str, workdir: str, base=None, *, seq_len: int = 409
                                                                is_leaf=lambda x: hasattr(x, "value")))
   params = chameleon.codes_into_vocabulary(llama.import_params(reader, spec, scan=scan), settings["code_ids"],
                                            int(config.model.vocab_size))
-  os.makedirs(workdir, exist_ok=True)
-  vq_dir = os.path.join(os.path.abspath(workdir), CONVERTED_VQ_DIR)
-  config.model.vq.update(settings["vq"], checkpoint=vq_dir)
-  config.train.init_from = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
-  save_params(vq_dir, {"vq": vq_params})
-  count = sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(params).values())
-  if shard:
-    params = place_for_mesh(config, params, tokenizer_ids)
-  save_params(config.train.init_from, params)
+  count = _write_code_family(workdir, config, params, vq_params, settings["vq"], tokenizer_ids, shard)
   shutil.copy(os.path.join(source, "config.json"), os.path.join(workdir, "hf_config.json"))
-  config_record.write_record(workdir, config_record.make_record(config))
   return {"workdir": workdir, "model_type": "chameleon", "params": count,
           "vocab": [spec.vocab_size, int(config.model.vocab_size)], "codes": len(settings["code_ids"]),
           "tokenizer": tokenizer_ids is not None, "vq_decoder": "fresh (transformers ships none)",
@@ -289,7 +298,6 @@ def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, s
   tokenizer; `--config=configs/janus/pro_1b.py:stage2` keeps a recipe's data mix and schedule)."""
   import configs.common as common  # pylint: disable=g-import-not-at-top
   from unimm.convert import janus  # pylint: disable=g-import-not-at-top
-  from unimm.train import config_record  # pylint: disable=g-import-not-at-top
   if vae:
     raise ValueError("--vae is for Transfusion workdirs; Janus writes its images with its own VQ tokenizer")
   t0 = time.time()
@@ -311,16 +319,7 @@ def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, s
     config.hf.image_token_id = settings["image_token_id"]  # the text model's keys, and Janus's placeholder
   rows = int(config.model.vocab_size)
   params = grow_vocabulary(params, rows)
-  os.makedirs(workdir, exist_ok=True)
-  vq_dir = os.path.join(os.path.abspath(workdir), CONVERTED_VQ_DIR)
-  config.model.vq.update(settings["vq"], checkpoint=vq_dir)
-  config.train.init_from = os.path.join(os.path.abspath(workdir), CONVERTED_DIR)
-  save_params(vq_dir, {"vq": vq_params})
-  count = sum(int(np.prod(np.shape(v))) for v in traverse_util.flatten_dict(params).values())
-  if shard:
-    params = place_for_mesh(config, params, tokenizer_ids)
-  save_params(config.train.init_from, params)
-  config_record.write_record(workdir, config_record.make_record(config))
+  count = _write_code_family(workdir, config, params, vq_params, settings["vq"], tokenizer_ids, shard)
   return {"workdir": workdir, "model_type": "janus", "params": count, "vocab": [spec.vocab_size, rows],
           "tokenizer": tokenizer_ids is not None, "seconds": round(time.time() - t0, 2)}
 
