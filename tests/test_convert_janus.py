@@ -151,3 +151,15 @@ def test_a_converted_janus_trains_a_stage_then_exports(tmp_path):
     after, before = (m(input_ids=torch.tensor([seq])).logits[0].numpy() for m in (exported, original))
   assert np.abs(trained - after).max() <= TOL
   assert np.abs(trained - before).max() > 100 * TOL  # training moved the weights
+
+
+def test_export_refuses_what_transformers_janus_cannot_hold(janus):
+  """A Janus whose tokenizer is unimm's own layout (e.g. trained here from scratch) is refused by name."""
+  from unimm.convert import janus as janus_convert  # pylint: disable=g-import-not-at-top
+  config = config_record.load_config(janus[2])
+  spec = convert_workdir.export_spec(config, None)
+  assert janus_convert.hf_config(config, spec, dtype="float32")["model_type"] == "janus"
+  config.model.vq.layout = "unimm"
+  config.model.adaptor_gelu_exact = False
+  with pytest.raises(ValueError, match=r"model.vq.layout='unimm'.*model.adaptor_gelu_exact=False"):
+    janus_convert.hf_config(config, spec, dtype="float32")
