@@ -165,18 +165,14 @@ def export_tensors(vit: dict, prefix: str = "vision_model.", out_proj: str = "ou
   """(Hugging Face name, float32 array) for every tensor of a unimm ViT (`image_encoder` params): the
   inverse of `import_params`' tower (the MAP head: `export_head`)."""
   f32 = _f32
-
-  def norm(name, node):
-    yield from _export_norm(f"{prefix}{name}", node)
-
   yield f"{prefix}embeddings.patch_embedding.weight", f32(np.asarray(vit["patch_embed"]["kernel"]).transpose(3, 2, 0, 1))
   yield f"{prefix}embeddings.patch_embedding.bias", f32(vit["patch_embed"]["bias"])
   yield f"{prefix}embeddings.position_embedding.weight", f32(vit["pos_embedding"])
   depth = sum(1 for k in vit if k.startswith("block_"))
   for i in range(depth):
     block, p = vit[f"block_{i}"], f"encoder.layers.{i}."
-    yield from norm(p + "layer_norm1", block["attn_norm"])
-    yield from norm(p + "layer_norm2", block["mlp_norm"])
+    yield from _export_norm(f"{prefix}{p}layer_norm1", block["attn_norm"])
+    yield from _export_norm(f"{prefix}{p}layer_norm2", block["mlp_norm"])
     attn = block["attn"]
     for n in "qkv":
       yield f"{prefix}{p}self_attn.{n}_proj.weight", f32(llama.to_hf(attn[n]["kernel"], "in_heads"))
@@ -184,4 +180,4 @@ def export_tensors(vit: dict, prefix: str = "vision_model.", out_proj: str = "ou
     yield f"{prefix}{p}self_attn.{out_proj}.weight", f32(llama.to_hf(attn["o"]["kernel"], "out_heads"))
     yield f"{prefix}{p}self_attn.{out_proj}.bias", f32(attn["o_bias"])
     yield from _export_mlp(f"{prefix}{p}mlp.", block["mlp"])
-  yield from norm("post_layernorm", vit["final_norm"])
+  yield from _export_norm(f"{prefix}post_layernorm", vit["final_norm"])

@@ -26,6 +26,8 @@ _ATTN = {"norm": "norm", "q": "q", "k": "k", "v": "v", "proj_out": "proj"}
 _FIXED = {"conv_in": "stem", "norm_out": "out_norm", "conv_out": "out"}
 _TOP = {"quant_conv": "quant_proj", "post_quant_conv": "post_quant_proj", "quantize.embedding": "quantizer"}
 _MID = {"block_1": "mid", "attn_1": "mid_attn", "block_2": "mid2"}
+_INVERSE = {name: {v: k for k, v in table.items()} for name, table in
+            (("top", _TOP), ("fixed", _FIXED), ("mid", _MID), ("res", _RES), ("attn", _ATTN))}
 
 
 def our_path(stem: str, levels: int) -> str | None:
@@ -98,22 +100,20 @@ def import_params(reader, prefix: str, levels: int, *, parts=("encoder", "decode
 
 def _hf_stem(path: str, levels: int) -> str:
   """`our_path`'s inverse."""
-  inverse_top = {v: k for k, v in _TOP.items()}
-  if path in inverse_top:
-    return inverse_top[path]
+  inv = _INVERSE
+  if path in inv["top"]:
+    return inv["top"][path]
   part, module, *rest = path.split("/")
-  inverse_fixed = {v: k for k, v in _FIXED.items()}
-  if module in inverse_fixed:
-    return f"{part}.{inverse_fixed[module]}"
-  inverse_mid = {v: k for k, v in _MID.items()}
-  if module in inverse_mid:
-    table = _ATTN if module == "mid_attn" else _RES
-    return f"{part}.mid.{inverse_mid[module]}.{ {v: k for k, v in table.items()}[rest[0]]}"
+  if module in inv["fixed"]:
+    return f"{part}.{inv['fixed'][module]}"
+  if module in inv["mid"]:
+    leaf = inv["attn" if module == "mid_attn" else "res"][rest[0]]
+    return f"{part}.mid.{inv['mid'][module]}.{leaf}"
   m = re.fullmatch(r"(down|up)(\d+)_(\d+)(_attn)?", module)
   if m:
     index = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
-    kind, table = ("attn", _ATTN) if m[4] else ("block", _RES)
-    return f"{part}.{m[1]}.{index}.{kind}.{m[3]}.{ {v: k for k, v in table.items()}[rest[0]]}"
+    kind, leaf = ("attn", inv["attn"][rest[0]]) if m[4] else ("block", inv["res"][rest[0]])
+    return f"{part}.{m[1]}.{index}.{kind}.{m[3]}.{leaf}"
   m = re.fullmatch(r"(downsample|upsample)(\d+)", module)
   if m:
     index = int(m[2]) if m[1] == "downsample" else levels - 1 - int(m[2])

@@ -80,7 +80,7 @@ def workdir_config(base, spec, source: str, tokenizer_ids: int | None, seq_len: 
 
 def _fresh(directory: str) -> str:
   """`directory` (absolute) when it does not hold converted weights yet; a second conversion into the same
-  workdir is refused before any work (orbax would refuse step 0 at the end)."""
+  workdir is refused before any work (the writer would refuse at the end)."""
   directory = os.path.abspath(directory)
   if os.path.isdir(directory) and os.listdir(directory):
     raise FileExistsError(f"{directory} already holds converted weights: convert into a new --workdir (or remove it)")
@@ -114,7 +114,7 @@ def save_params(directory: str, params: dict) -> None:
 
 
 def import_vae(source: str, workdir: str) -> dict:
-  """A diffusers AutoencoderKL → `WORKDIR/converted_vae` (an orbax checkpoint of the KL-VAE's params); returns
+  """A diffusers AutoencoderKL → `WORKDIR/converted_vae` (the KL-VAE's params, `save_params`); returns
   the `config.model.autoencoder` settings that read it (layout diffusers, its pinned scale and shift)."""
   from unimm.convert import diffusers_vae  # pylint: disable=g-import-not-at-top
   directory = _fresh(os.path.join(workdir, CONVERTED_VAE_DIR))
@@ -226,6 +226,20 @@ def _image_roles(config, source: str, markers: dict) -> int | None:
   return tokenizer_lib.HFTokenizer.load(source, roles).vocab_size
 
 
+def _code_family_config(workdir: str, base, family: str, vae: str | None):
+  """The config a `family` checkpoint converts into (`base`, else the family's base config), once the
+  workdir is known to hold no converted weights; refuses `--vae` (code families write codes, not latents)."""
+  import configs.common as common  # pylint: disable=g-import-not-at-top
+  if vae:
+    raise ValueError(f"--vae is for Transfusion workdirs; {family} writes its images with its own VQ tokenizer")
+  _fresh(os.path.join(workdir, CONVERTED_DIR))
+  _fresh(os.path.join(workdir, CONVERTED_VQ_DIR))
+  config = base or common.base_config(family)
+  if config.model.family != family:
+    raise ValueError(f"a {family} checkpoint converts into a family-{family} config, not {config.model.family!r}")
+  return config
+
+
 def _write_code_family(workdir: str, config, params: dict, vq_params: dict, vq_settings: dict,
                        tokenizer_ids: int | None, shard: bool) -> int:
   """Writes a converted code-family workdir: the frozen tokenizer (`converted_vq/`, `model.vq.checkpoint`),
@@ -253,20 +267,14 @@ def import_chameleon(source: str, workdir: str, base=None, *, seq_len: int = 409
   decoder, so the decoder starts fresh: train it with family vq before decoding images), config.json,
   and `hf_config.json` (the source's config, which export writes back with the vocabulary map)."""
   import shutil  # pylint: disable=g-import-not-at-top
-  import configs.common as common  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from unimm.convert import chameleon, llama, safetensors_io  # pylint: disable=g-import-not-at-top
   from unimm.models import vq as vq_lib  # pylint: disable=g-import-not-at-top
-  if vae:
-    raise ValueError("--vae is for Transfusion workdirs; Chameleon writes its images with its own VQGAN")
   t0 = time.time()
-  _fresh(os.path.join(workdir, CONVERTED_DIR))
-  _fresh(os.path.join(workdir, CONVERTED_VQ_DIR))
+  config = _code_family_config(workdir, base, "chameleon", vae)
   settings = chameleon.read_settings(_hf_config(source), seq_len)
   spec = settings["spec"]
-  config = base or common.base_config("chameleon")
-  if config.model.family != "chameleon":
-    raise ValueError(f"a Chameleon checkpoint converts into a family-chameleon config, not {config.model.family!r}")
   tokenizer_ids = _image_roles(config, source, chameleon.SPECIAL_TOKENS)
   config = workdir_config(config, spec, source, tokenizer_ids, seq_len, scan)
   config.model.backbone.bidirectional_images = False
@@ -277,9 +285,8 @@ def import_chameleon(source: str, workdir: str, base=None, *, seq_len: int = 409
   reader = safetensors_io.CheckpointReader(source)
   vq_params = chameleon.import_vq(reader, len(vq.channel_mults))
   image = np.zeros((1, settings["image_size"], settings["image_size"], int(config.data.image_channels)), np.uint8)
-  fresh = vq_lib.VQModel(vq, image.shape[-1]).init(jax.random.key(int(config.seed)), image)["params"]
-  vq_params["decoder"] = jax.tree.map(np.asarray, jax.tree.map(lambda x: getattr(x, "value", x), fresh["decoder"],
-                                                               is_leaf=lambda x: hasattr(x, "value")))
+  fresh = nn.unbox(vq_lib.VQModel(vq, image.shape[-1]).init(jax.random.key(int(config.seed)), image)["params"])
+  vq_params["decoder"] = jax.tree.map(np.asarray, fresh["decoder"])
   params = chameleon.codes_into_vocabulary(llama.import_params(reader, spec, scan=scan), settings["code_ids"],
                                            int(config.model.vocab_size))
   count = _write_code_family(workdir, config, params, vq_params, settings["vq"], tokenizer_ids, shard)
@@ -296,18 +303,11 @@ def import_janus(source: str, workdir: str, base=None, *, seq_len: int = 4096, s
   adaptors, generation embeddings and head), `converted_vq/` (the frozen VQ tokenizer, as a family-vq run
   holds it), config.json (`base`, default the Janus base config, with the checkpoint's sizes, switches and
   tokenizer; `--config=configs/janus/pro_1b.py:stage2` keeps a recipe's data mix and schedule)."""
-  import configs.common as common  # pylint: disable=g-import-not-at-top
   from unimm.convert import janus  # pylint: disable=g-import-not-at-top
-  if vae:
-    raise ValueError("--vae is for Transfusion workdirs; Janus writes its images with its own VQ tokenizer")
   t0 = time.time()
-  _fresh(os.path.join(workdir, CONVERTED_DIR))
-  _fresh(os.path.join(workdir, CONVERTED_VQ_DIR))
+  config = _code_family_config(workdir, base, "janus", vae)
   settings, params, vq_params = janus.load(source, seq_len=seq_len, scan=scan)
   spec = settings["spec"]
-  config = base or common.base_config("janus")
-  if config.model.family != "janus":
-    raise ValueError(f"a Janus checkpoint converts into a family-janus config, not {config.model.family!r}")
   tokenizer_ids = _image_roles(config, source, janus.SPECIAL_TOKENS)
   config = workdir_config(config, spec, source, tokenizer_ids, seq_len, scan)
   config.model.backbone.bidirectional_images = False
@@ -397,6 +397,24 @@ def _text_model(config, workdir: str):
   return spec, params, step
 
 
+def _frozen_tokenizer(config) -> dict:
+  """A code family's frozen VQ tokenizer params (`model.vq.checkpoint`) as NumPy."""
+  from unimm import families  # pylint: disable=g-import-not-at-top
+  params = families.load_vq_tokenizer(config)
+  if params is None:
+    raise ValueError(f"family {config.model.family} names no model.vq.checkpoint: its VQ tokenizer cannot be exported")
+  return _to_numpy(params)
+
+
+def _write_hf(out: str, tensors, hf_config: dict, max_shard_bytes: int) -> list[str]:
+  """A Hugging Face directory: `tensors` streamed into safetensors, and `hf_config` as config.json."""
+  from unimm.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  files = safetensors_io.write_sharded(out, tensors, max_shard_bytes)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  return files
+
+
 def _copy_tokenizer(config, out: str) -> None:
   """The tokenizer travels with the model."""
   import shutil  # pylint: disable=g-import-not-at-top
@@ -426,23 +444,14 @@ def export_lm(workdir: str, out: str, *, dtype: str | None = None, max_shard_byt
 def export_janus(config, workdir: str, out: str, *, dtype: str | None = None,
                  max_shard_bytes: int = 5 * 2 ** 30) -> dict:
   """A Janus workdir → a `JanusForConditionalGeneration` directory (its frozen VQ tokenizer included)."""
-  from unimm.convert import janus, llama, safetensors_io  # pylint: disable=g-import-not-at-top
-  from unimm.models import code_images  # pylint: disable=g-import-not-at-top
-  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from unimm.convert import janus, llama  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   spec, params, step = _text_model(config, workdir)
   dtype = dtype or spec.torch_dtype
   hf = janus.hf_config(config, spec, dtype=dtype)  # refuses before anything is written
-  if not config.model.vq.checkpoint:
-    raise ValueError("the Janus workdir names no model.vq.checkpoint: its VQ tokenizer cannot be exported")
-  vq_params = _to_numpy(code_images.tokenizer_params(
-      checkpoint.Checkpointer(config.model.vq.checkpoint, async_save=False).restore_params()))
-  os.makedirs(out, exist_ok=True)
-  files = safetensors_io.write_sharded(out, janus.export_tensors(
-      params, vq_params, spec, config, scan=bool(config.model.backbone.scan), dtype=llama.numpy_dtype(dtype)),
-                                       max_shard_bytes)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
+  vq_params = _frozen_tokenizer(config)
+  files = _write_hf(out, janus.export_tensors(params, vq_params, spec, config, scan=bool(config.model.backbone.scan),
+                                              dtype=llama.numpy_dtype(dtype)), hf, max_shard_bytes)
   _copy_tokenizer(config, out)
   return {"out": out, "model_type": "janus", "step": step, "vocab": spec.vocab_size, "files": files,
           "seconds": round(time.time() - t0, 2)}
@@ -453,9 +462,7 @@ def export_chameleon(config, workdir: str, out: str, *, dtype: str | None = None
   """A Chameleon workdir converted from transformers → a `ChameleonForConditionalGeneration` directory: each
   code's row back at its BPE id, the VQ encoder, quant convs and codebook (not unimm's decoder), the source's
   config.json with the sizes unimm may have changed."""
-  from unimm.convert import chameleon, llama, safetensors_io  # pylint: disable=g-import-not-at-top
-  from unimm.models import code_images  # pylint: disable=g-import-not-at-top
-  from unimm.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from unimm.convert import chameleon, llama  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   source_config = os.path.join(workdir, "hf_config.json")
   if not os.path.exists(source_config):
@@ -468,8 +475,7 @@ def export_chameleon(config, workdir: str, out: str, *, dtype: str | None = None
   params = chameleon.codes_out_of_vocabulary(_to_numpy(params), settings["code_ids"], int(config.model.vocab_size),
                                              spec.vocab_size)
   dtype = dtype or spec.torch_dtype
-  vq_params = _to_numpy(code_images.tokenizer_params(
-      checkpoint.Checkpointer(config.model.vq.checkpoint, async_save=False).restore_params()))
+  vq_params = _frozen_tokenizer(config)
   cast = llama.numpy_dtype(dtype)
   spec = dataclasses.replace(spec, tied_embeddings=spec.tied_embeddings and llama.heads_tied(params))
 
@@ -478,15 +484,12 @@ def export_chameleon(config, workdir: str, out: str, *, dtype: str | None = None
     for name, a in chameleon.export_vq(vq_params, len(config.model.vq.channel_mults)):
       yield name, np.ascontiguousarray(a.astype(cast))
 
-  os.makedirs(out, exist_ok=True)
-  files = safetensors_io.write_sharded(out, tensors(), max_shard_bytes)
   b = spec.backbone
   hf.update(vocab_size=spec.vocab_size, hidden_size=b["dim"], intermediate_size=b["mlp_hidden"],
             num_hidden_layers=b["num_layers"], num_attention_heads=b["num_heads"],
             num_key_value_heads=b["num_kv_heads"], rms_norm_eps=b["norm_eps"], torch_dtype=dtype,
             tie_word_embeddings=spec.tied_embeddings)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
+  files = _write_hf(out, tensors(), hf, max_shard_bytes)
   _copy_tokenizer(config, out)
   return {"out": out, "model_type": "chameleon", "step": step, "vocab": spec.vocab_size, "files": files,
           "vq_decoder": "not exported (transformers' Chameleon has none)", "seconds": round(time.time() - t0, 2)}
@@ -495,7 +498,7 @@ def export_chameleon(config, workdir: str, out: str, *, dtype: str | None = None
 def export_siglip(config, workdir: str, out: str, *, max_shard_bytes: int = 5 * 2 ** 30) -> dict:
   """A family-siglip workdir's ViT and MAP head → a `SiglipVisionModel` directory (the text tower, which
   transformers' vision model does not hold, is not exported)."""
-  from unimm.convert import safetensors_io, siglip  # pylint: disable=g-import-not-at-top
+  from unimm.convert import siglip  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   if int(config.model.vision.get("feature_layer", -1)) != -1:
     raise ValueError(f"model.vision.feature_layer={config.model.vision.feature_layer}: a SiglipVisionModel's "
@@ -508,11 +511,9 @@ def export_siglip(config, workdir: str, out: str, *, max_shard_bytes: int = 5 * 
     if "map_head" in params:
       yield from siglip.export_head(params["map_head"], prefix="")
 
-  os.makedirs(out, exist_ok=True)
-  files = safetensors_io.write_sharded(out, tensors(), max_shard_bytes)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(siglip.hf_config(config.model.vision, int(config.data.image_size), int(config.data.image_channels),
-                               "map_head" in params), f, indent=2)
+  hf = siglip.hf_config(config.model.vision, int(config.data.image_size), int(config.data.image_channels),
+                        "map_head" in params)
+  files = _write_hf(out, tensors(), hf, max_shard_bytes)
   return {"out": out, "model_type": "siglip_vision_model", "step": step, "files": files,
           "seconds": round(time.time() - t0, 2)}
 
