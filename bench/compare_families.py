@@ -1,6 +1,9 @@
 """Transfusion vs Chameleon vs Janus at equal size and equal training FLOPs on shapes.
 
     python bench/compare_families.py --workdir=/tmp/compare [--steps=1200] [--parallel=2] [--families=janus]
+    python bench/compare_families.py --workdir=/tmp/compare_mot --tokenizer=/tmp/compare/tokenizer/checkpoints \
+        --siglip=/tmp/compare/siglip/checkpoints --set='model.backbone.mot=("qkv","out","mlp","norms")' \
+        --set=train.ema_decay=0.999 --raw_eval
 
 Trains the tiny VQ tokenizer first (configs/tokenizers/tiny.py:shapes, skipped when --tokenizer names
 a trained one's checkpoints) and, for Janus, the tiny SigLIP ViT (configs/siglip/tiny.py:shapes, skipped
@@ -11,14 +14,18 @@ trains `--steps` steps; the others as many as give the same model FLOPs
 image, are not counted). Janus runs its three stages in turn (each from the previous one's checkpoint),
 their steps split as configs/janus/tiny.py splits them; its data mix is each stage's (understanding :
 text : generation), the others' is caption-first 0.7. Each run ends with the standard evaluation
-(`--eval_examples` test examples; DDIM 50 steps, guidance 3 for Transfusion; CFG over codes for
-Chameleon (3) and Janus (5, its default)). `--reuse` keeps a family's finished run (its eval.json) in
-the workdir instead of training it again. Prints one JSON line per family, then a Markdown table.
+(`--eval_examples` test examples; 50 steps of the config's sampler, guidance 3 for Transfusion; CFG over
+codes for Chameleon (3) and Janus (5, its default)). `--set KEY=VALUE` (repeatable) overrides every
+family's config (every Janus stage's) the same way, e.g. Mixture-of-Transformers or an EMA; with an EMA,
+`--raw_eval` also evaluates the raw weights (`--mode=eval --ema=false`, the same training run) as a row of
+its own. `--reuse` keeps a family's finished run (its eval.json) in the workdir instead of training it
+again. Prints one JSON line per family, then a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -34,20 +41,33 @@ FAMILIES = {"transfusion": "configs/transfusion/tiny.py", "chameleon": "configs/
             "janus": "configs/janus/tiny.py"}
 
 
-def load_config(path: str, arg=None):
+def load_config(path: str, arg=None, sets=()):
+  """The config file's get_config(arg), with `sets` (KEY=VALUE, values as Python literals or strings) applied."""
   spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  config = module.get_config(arg)
+  for kv in sets:
+    key, _, text = kv.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
 
 
-def flops_per_token(config_path: str, text_vocab: int) -> tuple[float, int]:
+def flops_per_token(config_path: str, text_vocab: int, sets=()) -> tuple[float, int]:
   """(model FLOPs per trained token, parameters) of a config, from its abstract train state."""
   import jax  # pylint: disable=g-import-not-at-top
   from unimm.parallel import sharding  # pylint: disable=g-import-not-at-top
   from unimm.train import setup  # pylint: disable=g-import-not-at-top
   from unimm import families  # pylint: disable=g-import-not-at-top
-  config = load_config(config_path)
+  config = load_config(config_path, sets=sets)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, jax.devices()[:1])
   built = setup.build(config, mesh, vocab_size=text_vocab, frozen_codec=families.random_frozen_codec(config))
   return setup.flops_per_token(built, config), built.total_params
@@ -72,7 +92,7 @@ def pretrain(name: str, config: str, workdir: str, data: list[str]) -> str:
 
 
 def janus_commands(workdir: str, total_steps: int, eval_examples: int, encoders: list[str],
-                   data: list[str]) -> tuple[list[list[str]], str]:
+                   data: list[str], overrides: list[str]) -> tuple[list[list[str]], str]:
   """The three Janus stages, `total_steps` split as the tiny config splits them; (commands, last workdir)."""
   from configs.janus import tiny  # pylint: disable=g-import-not-at-top
   share = [tiny.STAGES[s][2] for s in (1, 2, 3)]
@@ -84,6 +104,7 @@ def janus_commands(workdir: str, total_steps: int, eval_examples: int, encoders:
     cmds.append([sys.executable, "-m", "unimm.main", f"--config={FAMILIES['janus']}:stage{stage}", f"--workdir={out}",
                  f"--config.train.num_steps={n}",
                  f"--config.train.final_eval_examples={eval_examples if stage == 3 else 0}", *encoders, *data,
+                 *overrides,
                  *([f"--config.train.init_from={previous}"] if previous else [])])
     previous = os.path.join(out, "checkpoints")
   return cmds, os.path.join(workdir, "stage3")
@@ -100,9 +121,12 @@ def main():
   parser.add_argument("--siglip", default="", help="a trained tiny shapes SigLIP run's checkpoints dir (Janus)")
   parser.add_argument("--families", default=",".join(FAMILIES), help="which to train (comma-separated)")
   parser.add_argument("--reuse", action="store_true", help="keep finished runs found in the workdir")
+  parser.add_argument("--set", action="append", default=[], help="KEY=VALUE overriding every family's config")
+  parser.add_argument("--raw_eval", action="store_true", help="with an EMA: also evaluate the raw weights")
   args = parser.parse_args()
   os.makedirs(args.workdir, exist_ok=True)
   data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
+  overrides = [f"--config.{kv}" for kv in args.set]
   chosen = [f for f in FAMILIES if f in args.families.split(",")]
   tokenizer = args.tokenizer or pretrain("tokenizer", "configs/tokenizers/tiny.py:shapes", args.workdir, data)
   siglip = args.siglip
@@ -114,7 +138,7 @@ def main():
   if args.data_dir:
     data_config.data_dir = args.data_dir
   text_vocab = pipeline.load_tokenizer(data_config).vocab_size
-  fpt = {name: flops_per_token(path, text_vocab) for name, path in FAMILIES.items()}
+  fpt = {name: flops_per_token(path, text_vocab, args.set) for name, path in FAMILIES.items()}
   steps = {name: round(args.steps * fpt["transfusion"][0] / fpt[name][0]) for name in FAMILIES}
   encoders = {"transfusion": [], "chameleon": [f"--config.model.vq.checkpoint={tokenizer}"],
               "janus": [f"--config.model.vq.checkpoint={tokenizer}", f"--config.model.vision.checkpoint={siglip}"]}
@@ -130,11 +154,13 @@ def main():
       name = pending.pop(0)
       workdir = os.path.join(args.workdir, name)
       if name == "janus":
-        cmds, _ = janus_commands(workdir, steps[name], args.eval_examples, encoders[name], data)
+        cmds, _ = janus_commands(workdir, steps[name], args.eval_examples, encoders[name], data, overrides)
       else:
         cmds = [[sys.executable, "-m", "unimm.main", f"--config={FAMILIES[name]}", f"--workdir={workdir}",
                  f"--config.train.num_steps={steps[name]}", f"--config.train.final_eval_examples={args.eval_examples}",
-                 *encoders[name], *data]]
+                 *encoders[name], *data, *overrides]]
+      if args.raw_eval:
+        cmds += raw_eval_commands(_eval_dir(name, workdir), args.eval_examples)
       os.makedirs(workdir, exist_ok=True)
       running.append((name, workdir, time.time(), run(cmds, os.path.join(workdir, "compare.log"))))
     time.sleep(2)
@@ -145,17 +171,35 @@ def main():
       running.remove(item)
       rows[name] = _row(name, workdir, steps, fpt, proc.returncode, round(time.time() - start, 1))
       print(json.dumps(rows[name]), flush=True)
-  print(table({name: rows[name] for name in FAMILIES if name in rows}))
+  for name in list(rows):
+    raw = _row(name, workdir=os.path.join(args.workdir, name), steps=steps, fpt=fpt, returncode=None, seconds=None,
+               eval_file=RAW_EVAL)
+    if "eval" in raw:
+      rows[f"{name} (raw weights)"] = raw
+  print(table({name: row for name, row in sorted(rows.items())}))
+
+
+RAW_EVAL = "eval_raw.json"
+
+
+def raw_eval_commands(eval_dir: str, eval_examples: int) -> list[list[str]]:
+  """--mode=eval of the raw weights into EVAL_DIR/eval_raw.json, eval.json (the EMA's) kept as it was."""
+  keep = os.path.join(eval_dir, "eval_ema.json")
+  return [["cp", os.path.join(eval_dir, "eval.json"), keep],
+          [sys.executable, "-m", "unimm.main", "--mode=eval", f"--workdir={eval_dir}", "--ema=false",
+           f"--eval_examples={eval_examples}", "--diffusion_steps=50"],
+          ["mv", os.path.join(eval_dir, "eval.json"), os.path.join(eval_dir, RAW_EVAL)],
+          ["mv", keep, os.path.join(eval_dir, "eval.json")]]
 
 
 def _eval_dir(name: str, workdir: str) -> str:
   return os.path.join(workdir, "stage3") if name == "janus" else workdir
 
 
-def _row(name, workdir, steps, fpt, returncode, seconds) -> dict:
+def _row(name, workdir, steps, fpt, returncode, seconds, eval_file="eval.json") -> dict:
   row = {"name": name, "returncode": returncode, "seconds": seconds, "steps": steps[name], "params": fpt[name][1],
          "flops_per_token": fpt[name][0]}
-  path = os.path.join(_eval_dir(name, workdir), "eval.json")
+  path = os.path.join(_eval_dir(name, workdir), eval_file)
   if os.path.exists(path):
     with open(path) as f:
       row["eval"] = flatten(json.load(f))

@@ -188,3 +188,42 @@ def test_lmfusion_trains_the_image_copies_from_a_frozen_text_lm(data_dir, tmp_pa
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "error" not in json.loads(open(tmp_path / "out" / "manifest.jsonl").readline())
+
+
+@pytest.mark.parametrize("path,arg", [("configs/chameleon/tiny.py", None), ("configs/janus/tiny.py", "stage2"),
+                                      ("configs/transfusion/tiny.py", None)])
+def test_every_family_routes_its_image_slots_to_the_copies(data_dir, path, arg):
+  """On a real packed batch of each family (Chameleon's code slots, Janus's SigLIP-read and code-written
+  slots, Transfusion's patches): copies equal to the text weights give the dense family's loss, and
+  moving only the copies moves the loss (so the family's image slots reach them)."""
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from unimm import families  # pylint: disable=g-import-not-at-top
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  def build(mot):
+    c = load_config(path, arg)
+    c.data.data_dir = data_dir
+    for source in c.data.sources.values():
+      if source.get("tfds_name") == "shapes":
+        source.builder_config = "small"
+    c.data.batch_size = 2
+    c.model.backbone.mot = mot
+    record = families.of(c)
+    tokenizer = pipeline.load_tokenizer(c.data)
+    return c, families.build_task(c, tokenizer.vocab_size, frozen_codec=record.random_frozen_codec(c, 0))
+
+  c, dense = build(())
+  _, mot = build(ALL)
+  batch = next(pipeline.build_pipeline(c, "train"))
+  assert (batch["image_ids"] > 0).any()
+  params = nn.meta.unbox(jax.jit(dense.init)(jax.random.key(0), batch))
+
+  def loss(task, p):
+    terms = jax.jit(task.loss_terms)(p, batch, jax.random.key(1), 0)
+    return float(task.combine(terms, task.loss_counts(batch))[0])
+
+  tied = backbone.with_image_copies(params, ALL)
+  assert loss(mot, tied) == pytest.approx(loss(dense, params), rel=1e-6)
+  moved = jax.tree_util.tree_map_with_path(
+      lambda k, p: p * 1.5 if backbone.is_image_copy("/".join(str(getattr(e, "key", e)) for e in k)) else p, tied)
+  assert abs(loss(mot, moved) - loss(dense, params)) > 1e-3
