@@ -55,9 +55,11 @@ def load_config(path: str, arg=None, sets=()):
       value = text
     *parents, leaf = key.split(".")
     node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+    for part in parents + [leaf]:
+      if part not in node:
+        raise ValueError(f"--set {kv}: {path} has no {key!r} ({part!r} is not among {sorted(node)})")
+      node, parent = node[part], node
+    parent[leaf] = value
   return config
 
 
@@ -127,6 +129,8 @@ def main():
   os.makedirs(args.workdir, exist_ok=True)
   data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
   overrides = [f"--config.{kv}" for kv in args.set]
+  for path in FAMILIES.values():  # a misspelt --set fails here, before any training
+    load_config(path, sets=args.set)
   chosen = [f for f in FAMILIES if f in args.families.split(",")]
   tokenizer = args.tokenizer or pretrain("tokenizer", "configs/tokenizers/tiny.py:shapes", args.workdir, data)
   siglip = args.siglip
