@@ -25,7 +25,6 @@ again. Prints one JSON line per family, then a Markdown table.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
 import os
@@ -42,24 +41,17 @@ FAMILIES = {"transfusion": "configs/transfusion/tiny.py", "chameleon": "configs/
 
 
 def load_config(path: str, arg=None, sets=()):
-  """The config file's get_config(arg), with `sets` (KEY=VALUE, values as Python literals or strings) applied."""
+  """The config file's get_config(arg), with `sets` (KEY=VALUE, as train_step.py's --override) applied."""
+  from train_step import apply_override  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg)
   for kv in sets:
-    key, _, text = kv.partition("=")
     try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents + [leaf]:
-      if part not in node:
-        raise ValueError(f"--set {kv}: {path} has no {key!r} ({part!r} is not among {sorted(node)})")
-      node, parent = node[part], node
-    parent[leaf] = value
+      apply_override(config, kv)
+    except KeyError as e:
+      raise SystemExit(f"--set {kv}: {path} has no such key ({e})") from e
   return config
 
 
