@@ -161,3 +161,35 @@ def test_remat_policies_change_what_is_saved_not_the_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, reference)
   sizes = {policy: saved(policy) for policy in sorted(backbone.REMAT_POLICIES)}
   assert sizes["full"] < sizes["qkv_proj"] < sizes["qkv_out_proj"] < sizes["dots_no_batch"] < sizes["none"], sizes
+
+
+def test_sincos_2d_matches_a_loop_over_rows_and_columns():
+  grid_h, grid_w, dim = 3, 5, 16
+  q = dim // 4
+  want = np.zeros((grid_h * grid_w, dim))
+  for r in range(grid_h):
+    for c in range(grid_w):
+      for i in range(q):
+        w = 10000.0 ** (-i / q)
+        want[r * grid_w + c, [i, q + i, 2 * q + i, 3 * q + i]] = (np.sin(r * w), np.cos(r * w), np.sin(c * w),
+                                                                  np.cos(c * w))
+  np.testing.assert_allclose(transfusion.patches.sincos_2d(grid_h, grid_w, dim), want, atol=1e-6)
+  with pytest.raises(ValueError, match="multiple of 4"):
+    transfusion.patches.sincos_2d(2, 2, 6)
+
+
+def test_linear_patch_position_adds_the_embedding_and_no_parameters():
+  latents = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 1))
+  t_emb = jax.random.normal(jax.random.key(1), (2, 3, 32))
+  plain = transfusion.patches.LinearPatch(4, 32, (8, 8, 1))
+  placed = transfusion.patches.LinearPatch(4, 32, (8, 8, 1), position="sincos")
+  params = plain.init(jax.random.key(2), latents, t_emb, method=plain.encode)
+  assert jax.tree.structure(placed.init(jax.random.key(2), latents, t_emb, method=placed.encode)) == \
+      jax.tree.structure(params)
+  without, _ = plain.apply(params, latents, t_emb, method=plain.encode)
+  with_pos, _ = placed.apply(params, latents, t_emb, method=placed.encode)
+  np.testing.assert_allclose(with_pos - without, np.broadcast_to(transfusion.patches.sincos_2d(2, 2, 32), without.shape),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="patch_position='learned'"):
+    transfusion.patches.LinearPatch(4, 32, (8, 8, 1), position="learned").init(jax.random.key(2), latents, t_emb,
+                                                                                method=plain.encode)

@@ -196,7 +196,7 @@ def transfusion_task(config, vocab_size: int, frozen_codec=None) -> transfusion.
       backbone=backbone.BackboneConfig.from_config(m.backbone),
       latent_shape=ae.latent_shape(image_shape),
       max_images=int(d.max_images_per_row),
-      patch_kind=m.patch_kind, patch_size=int(m.patch_size),
+      patch_kind=m.patch_kind, patch_size=int(m.patch_size), patch_position=str(m.patch_position),
       unet_channels=tuple(m.unet_channels), unet_blocks=int(m.unet_blocks))
   return transfusion.TransfusionTask(
       model=model, autoencoder=ae, schedule=diffusion.Schedule.cosine(int(m.num_timesteps)),
@@ -303,6 +303,7 @@ def transfusion_defaults(config) -> None:
   m, d = config.model, config.data
   m.patch_kind = "linear"  # linear | unet (the paper's U-Net down/up blocks)
   m.patch_size = mlc.FieldReference(2)  # latent patch side (k×k latent pixels per slot)
+  m.patch_position = "none"  # linear patches: none (1D RoPE only, the paper) | sincos (+ 2D sin-cos, DiT)
   m.unet_channels = (128, 256, 512)  # U-Net widths per level (log2(patch_size)+1 used)
   m.unet_blocks = 1
   m.autoencoder = autoencoder_node()

@@ -37,6 +37,7 @@ class TransfusionModel(nn.Module):
   max_images: int
   patch_kind: str = "linear"  # linear | unet
   patch_size: int = 2
+  patch_position: str = "none"  # linear patches: none | sincos (2D position embeddings, patches.LinearPatch)
   unet_channels: tuple[int, ...] = (64, 128, 256)
   unet_blocks: int = 1
   decode: bool = False  # run the backbone through its KV cache (inference)
@@ -47,7 +48,8 @@ class TransfusionModel(nn.Module):
     self.embed = layers.Embed(self.vocab_size, c.dim, dtype=dt)
     self.time = layers.TimestepMLP(c.dim, dtype=dt)
     if self.patch_kind == "linear":
-      self.patch = patches.LinearPatch(self.patch_size, c.dim, self.latent_shape, dtype=dt)
+      self.patch = patches.LinearPatch(self.patch_size, c.dim, self.latent_shape, position=self.patch_position,
+                                       dtype=dt)
     elif self.patch_kind == "unet":
       self.patch = patches.UNetPatch(self.patch_size, c.dim, self.latent_shape, channels=self.unet_channels,
                                      blocks_per_level=self.unet_blocks, dtype=dt)
