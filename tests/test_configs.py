@@ -1,5 +1,8 @@
 """Configs load, and the paper sizes have the paper's parameter counts (never materialised)."""
 
+import functools
+import importlib
+
 import jax
 import numpy as np
 import pytest
@@ -35,9 +38,25 @@ def test_paper_parameter_counts(path, billions):
 @pytest.mark.parametrize("arg", ["shapes", "digits"])
 def test_tiny_configs(arg):
   config = load_config("configs/transfusion/tiny.py", arg)
-  assert config.data.image_slots == (64 if arg == "shapes" else 16)
+  assert config.data.image_slots == 16  # shapes: 32×32 pixels in 8×8 patches; digits: 8×8 in 2×2
+  assert config.model.patch_position == ("sincos" if arg == "shapes" else "none")
   with pytest.raises(ValueError, match="shapes"):
     load_config("configs/transfusion/tiny.py", "cifar")
+
+
+@pytest.mark.parametrize("name", ["objective", "prediction", "flow_head", "shift", "weights", "ema", "lr", "patches"])
+def test_tiny_sweeps_name_keys_the_config_has(name):
+  """Each member of tiny.py's sweeps sets keys the config holds (a misspelt one would fail only at launch)."""
+  tiny = importlib.import_module("configs.transfusion.tiny")
+  for overrides in tiny.get_sweep(name):
+    config = load_config("configs/transfusion/tiny.py")
+    for key, value in overrides.items():
+      *parents, leaf = key.split(".")
+      node = functools.reduce(lambda n, p: n[p], parents, config)
+      assert leaf in node, key
+      node[leaf] = value
+    if name == "patches":  # the slots follow the patch side
+      assert config.data.image_slots == (32 // config.model.patch_size) ** 2
 
 
 def test_chameleon_7b_shape():
