@@ -1,6 +1,7 @@
 """The backbone obeys the attention rule: checked through the whole Transfusion model."""
 
 import contextlib
+import dataclasses
 import io
 import re
 
@@ -193,3 +194,8 @@ def test_linear_patch_position_adds_the_embedding_and_no_parameters():
   with pytest.raises(ValueError, match="patch_position='learned'"):
     transfusion.patches.LinearPatch(4, 32, (8, 8, 1), position="learned").init(jax.random.key(2), latents, t_emb,
                                                                                 method=plain.encode)
+  unet = dataclasses.replace(tiny_model(patch_kind="unet"), patch_position="sincos")
+  tokens, pos, seg, img = packed_example()
+  with pytest.raises(ValueError, match="patch_position='sincos' is for linear patches"):
+    unet.init(jax.random.key(0), packed.Rows(tokens, pos, seg, img), jnp.zeros((1, 2, 8, 8, 1)),
+              jnp.zeros((1, 2), jnp.int32))

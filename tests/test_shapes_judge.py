@@ -26,7 +26,7 @@ def test_score_counts_right_wrong_and_failed_requests(tmp_path):
   truth = json.load(open(prompts + ".truth.json"))
   lines = [json.loads(line) for line in open(prompts)]
   two = next(r for r in lines if len(truth[r["id"]]) == 2)
-  first, second = truth[two["id"]]
+  _, second = truth[two["id"]]
   assert two["parts"][0]["text"].startswith(f"a {second[0]} {second[1]} at the {shapes_judge.PLACES[second[2]]}")
   out = tmp_path / "out"
   out.mkdir()
@@ -36,7 +36,7 @@ def test_score_counts_right_wrong_and_failed_requests(tmp_path):
       manifest.append({"id": record["id"], "error": "boom"})
       continue
     objects = [shapes.Obj(c, s, q) for c, s, q in truth[record["id"]]]
-    if k == 0:  # one image drawn wrong: a square where the first object should be
+    if k == 0:  # one image drawn wrong: its first object in another shape
       objects[0] = shapes.Obj(objects[0].color, "triangle" if objects[0].shape == "square" else "square",
                               objects[0].quadrant)
     canvas = np.zeros((32, 32, 3), np.uint8)

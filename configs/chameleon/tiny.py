@@ -20,7 +20,7 @@ def get_config(arg=None):
   if variant not in ("shapes", "digits"):
     raise ValueError(f"chameleon/tiny.py takes ':shapes' or ':digits', got {arg!r}")
   c = common.base_config("chameleon")
-  dataset = tiny_tokenizer.set_tokenizer(c, variant)  # shapes: 8×8 codes (64 slots, as Transfusion's 4×4 patches)
+  dataset = tiny_tokenizer.set_tokenizer(c, variant)  # shapes: 8×8 codes, 64 slots an image
   common.tiny_recipe(c, dataset)
   c.model.backbone.update(bidirectional_images=False, qk_norm=True)
   c.model.z_loss = 1e-5  # the paper's stability measures (dropout and norm reordering are off at this size)

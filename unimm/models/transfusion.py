@@ -51,6 +51,9 @@ class TransfusionModel(nn.Module):
       self.patch = patches.LinearPatch(self.patch_size, c.dim, self.latent_shape, position=self.patch_position,
                                        dtype=dt)
     elif self.patch_kind == "unet":
+      if self.patch_position != "none":  # its convolutions see where they are; nothing to add positions to
+        raise ValueError(f"model.patch_position={self.patch_position!r} is for linear patches; with "
+                         "model.patch_kind='unet' leave it 'none'")
       self.patch = patches.UNetPatch(self.patch_size, c.dim, self.latent_shape, channels=self.unet_channels,
                                      blocks_per_level=self.unet_blocks, dtype=dt)
     else:
