@@ -41,7 +41,8 @@ def get_config(arg=None):
     c.model.patch_size = 2
   else:
     # 8×8 pixel patches (16 slots an image) with 2D sin-cos positions: with 4×4 patches each patch drew its own
-    # part of an edge, a pixel in or out of its neighbours', and squares read as circles (the README's table)
+    # part of an edge, a pixel in or out of its neighbours', and squares read as circles (the README's table;
+    # at 8×8 the positions change nothing measured, at 4×4 they lifted captioning 0.85 → 0.90)
     c.model.patch_size = 8
     c.model.patch_position = "sincos"
     c.data.max_images_per_row = 8  # 16-slot images: about 7 captioned images fill a 256-token row
