@@ -145,7 +145,7 @@ def test_transfusion_from_a_pretrained_llm_and_vae_trains_then_exports(tmp_path)
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   config = config_record.load_config(workdir)
-  assert (config.model.autoencoder.layout, config.data.image_slots) == ("diffusers", 16)  # 32 px, VAE /2, patch 4
+  assert (config.model.autoencoder.layout, config.data.image_slots) == ("diffusers", 4)  # 32 px, VAE /2, the demo's patch 8
   task = families.build_task(config, None, frozen_codec=families.load_frozen_codec(config))
   images = test_convert_vae._images(3)  # pylint: disable=protected-access
   with torch.no_grad():

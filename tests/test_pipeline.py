@@ -241,6 +241,8 @@ def test_mix_by_tokens_gives_the_token_ratio(shapes_config):
       "text": {"kind": "tfds", "tfds_name": "shapes", "builder_config": "small", "weight": 1.0, "text_only": True},
       "pairs": {"kind": "tfds", "tfds_name": "shapes", "builder_config": "small", "weight": 1.0}}
   shapes_config.data.batch_size = 8
+  shapes_config.model.patch_size = 4  # 64-slot images: a pair is ~80 tokens (the demo's 8×8 patches make it ~33)
+  shapes_config.data.max_images_per_row = 4
   by_documents = token_shares(shapes_config)
   shapes_config.data.mix_by = "tokens"
   by_tokens = token_shares(shapes_config)
